@@ -1,0 +1,1 @@
+"""Builders: ONNX export of the real architectures, precision preparation, TensorRT engines."""

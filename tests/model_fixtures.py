@@ -1,0 +1,1 @@
+"""Session-wide model fixtures (owned by the builders work; see builders/export.py)."""
