@@ -1,0 +1,124 @@
+import json
+
+import pytest
+
+from engine.errors import SpecError
+from engine.specs import (
+    AlphaMode,
+    Architecture,
+    ChannelOrder,
+    CropPosition,
+    OutputKind,
+    ResizeRule,
+    SpecRegistry,
+    Task,
+    spec_as_dict,
+)
+
+
+def test_builtin_specs_match_the_model_cards():
+    reg = SpecRegistry.builtin()
+    assert {s.key for s in reg} == {"gender/alpha", "gender/beta", "quality/baseline", "quality/head_crop"}
+    g = reg.get("gender")  # default variant
+    assert g.key == "gender/alpha" and g.architecture is Architecture.RESNET18
+    assert g.labels == ("female", "male")
+    assert g.preprocess.size == 224 and g.preprocess.crop is CropPosition.TOP_LEFT
+    assert reg.get(Task.GENDER, "beta").architecture is Architecture.RESNET50
+    q = reg.get("quality", "head_crop")
+    assert q.labels == ("poor", "ok", "good", "excellent")
+    assert q.preprocess.size == 384 and q.preprocess.crop is CropPosition.CENTER
+    assert q.preprocess.mean == (0.485, 0.456, 0.406) and q.preprocess.alpha is AlphaMode.WHITE
+    # what the cards do not confirm is marked, not hidden
+    assert {"output", "preprocess.channel_order", "preprocess.mean"} <= g.unconfirmed
+    assert "output" in q.unconfirmed
+    assert g.is_confirmed("labels")
+
+
+@pytest.mark.parametrize(
+    "hw, size, rule, expect",
+    [
+        ((1080, 1920), 384, ResizeRule.SHORT_SIDE, (384, 682)),  # int(1920*384/1080) = 682
+        ((1920, 1080), 224, ResizeRule.SHORT_SIDE, (398, 224)),
+        ((100, 100), 384, ResizeRule.SHORT_SIDE, (384, 384)),
+        ((50, 51), 224, ResizeRule.SHORT_SIDE, (224, 228)),
+        ((1080, 1920), 224, ResizeRule.SQUASH, (224, 224)),
+    ],
+)
+def test_resized_shape(hw, size, rule, expect):
+    import dataclasses
+
+    pre = dataclasses.replace(SpecRegistry.builtin().get("quality").preprocess, size=size, resize=rule)
+    assert pre.resized_shape(*hw) == expect
+
+
+def test_crop_origin():
+    reg = SpecRegistry.builtin()
+    assert reg.get("gender").preprocess.crop_origin(398, 224) == (0, 0)
+    assert reg.get("quality").preprocess.crop_origin(384, 682) == (0, 149)
+    with pytest.raises(ValueError):
+        reg.get("quality").preprocess.resized_shape(0, 10)
+
+
+def test_override_file_changes_fields_and_clears_unconfirmed(tmp_path):
+    f = tmp_path / "specs.toml"
+    f.write_text(
+        """
+[gender.alpha]
+output = "logits"
+[gender.alpha.preprocess]
+channel_order = "bgr"
+mean = [0.5, 0.5, 0.5]
+
+[quality.tuned]
+base = "quality/head_crop"
+labels = ["a", "b", "c", "d"]
+"""
+    )
+    reg = SpecRegistry.load(f)
+    g = reg.get("gender", "alpha")
+    assert g.output is OutputKind.LOGITS
+    assert g.preprocess.channel_order is ChannelOrder.BGR and g.preprocess.mean == (0.5, 0.5, 0.5)
+    assert "output" not in g.unconfirmed and "preprocess.mean" not in g.unconfirmed
+    assert "preprocess.std" in g.unconfirmed  # untouched facts stay marked
+    t = reg.get("quality", "tuned")
+    assert t.labels == ("a", "b", "c", "d") and t.preprocess.size == 384 and t.hub is None
+    # the built-ins are untouched
+    assert SpecRegistry.builtin().get("gender").output is OutputKind.PROBABILITIES
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[gender.alpha]\noutput = 'softmaxed'\n", "not one of"),
+        ("[gender.alpha]\ncolour = 1\n", "unknown field"),
+        ("[gender.alpha.preprocess]\nsize = 3\n", "between 8 and 4096"),
+        ("[gender.alpha.preprocess]\nstd = [0, 1, 1]\n", "positive"),
+        ("[gender.alpha.preprocess]\nmean = [0.5, 0.5]\n", "three numbers"),
+        ("[gender.new]\nlabels = ['x', 'y']\n", "base ="),
+        ("[gender.new]\nbase = 'quality/baseline'\n", "another task"),
+        ("[faces.alpha]\n", "task"),
+        ("[gender.alpha]\nlabels = ['a', 'a']\n", "unique"),
+        ("not toml = = =", "not valid TOML"),
+    ],
+)
+def test_bad_override_is_one_clear_error(tmp_path, text, message):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(SpecError, match=message):
+        SpecRegistry.load(f)
+
+
+def test_missing_override_file(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        SpecRegistry.load(tmp_path / "nope.toml")
+
+
+def test_unknown_variant():
+    with pytest.raises(SpecError, match="known: alpha, beta"):
+        SpecRegistry.builtin().get("gender", "gamma")
+
+
+def test_spec_as_dict_is_json():
+    d = spec_as_dict(SpecRegistry.builtin().get("quality"))
+    assert json.loads(json.dumps(d))["preprocess"]["interpolation"] == "bicubic"
+    assert d["key"] == "quality/baseline" and d["unconfirmed"] == ["output"]
