@@ -1,0 +1,231 @@
+"""Command line: parses arguments and calls the library, nothing more.
+
+Every user error (:class:`engine.errors.EngineError`) is printed as one line
+``engine: error: ...`` with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from engine import __version__
+from engine.errors import EngineError
+from engine.specs import DEFAULT_VARIANTS, SpecRegistry, Task, spec_as_dict
+
+log = logging.getLogger("engine")
+
+EPILOG = """\
+examples:
+  engine models                                   list the model specs and their unconfirmed points
+  engine run /data/frames --out results.parquet   classify every image (published models)
+  engine run examples/images --random-weights     smoke run with random-weight models (labels meaningless)
+  engine run /data/crops --quality-variant head_crop --gender-onnx my_gender.onnx
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec-file", type=Path, help="TOML file overriding or adding model specs (see `engine models`)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where exported/downloaded models are kept (default: $ENGINE_CACHE_DIR or ~/.cache/anime-batch-engine)",
+    )
+
+
+def _add_model_sources(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "models",
+        "Where each model comes from. Default: the published ONNX (downloaded once when online, "
+        "then cached). A user ONNX or a PyTorch checkpoint (safetensors or state dict) may be given "
+        "instead. --random-weights exports the real architectures with random weights, for smoke runs "
+        "only: every output then says so.",
+    )
+    for task in Task:
+        t = task.value
+        g.add_argument(f"--{t}-variant", help=f"{t} variant (default {DEFAULT_VARIANTS[task]}; see `engine models`)")
+        g.add_argument(f"--{t}-onnx", type=Path, metavar="FILE", help=f"use this ONNX file for the {t} model")
+        g.add_argument(
+            f"--{t}-checkpoint", type=Path, metavar="FILE", help=f"export the {t} model from this checkpoint"
+        )
+    g.add_argument(
+        "--only", choices=[t.value for t in Task], help="run one model only (default: both)"
+    )
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="use random-weight models where no ONNX/checkpoint is given (smoke runs; results are meaningless)",
+    )
+    g.add_argument("--no-download", action="store_true", help="never try to download the published models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engine",
+        description="Batch engine for two anime-frame classifiers: character gender (ResNet, 224x224) "
+        "and face quality (CAFormer-S36, 384x384). Results go to one parquet file, one row per image.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "models",
+        help="list the model specs",
+        description="List every model spec in force (built-in, plus --spec-file overrides): size, "
+        "preprocessing, labels, output kind, and which facts the public model cards do not confirm.",
+    )
+    p.add_argument("--json", action="store_true", help="print the specs as JSON")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "run",
+        help="classify every image in a folder and write parquet",
+        description="Classify every image under INPUT (recursively; PNG, JPEG, WebP, BMP, GIF, TIFF) with both "
+        "models and write one row per image to a parquet file. Files that cannot be decoded become rows "
+        "with an error and the run goes on. Results are written in parts as the run goes: rerunning the "
+        "same command resumes where it stopped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", type=Path, help="folder of images (searched recursively) or one image file")
+    p.add_argument("--out", type=Path, default=Path("results.parquet"), help="output parquet (default results.parquet)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
+    p.add_argument("--precision", default="fp32", choices=["fp32"], help="inference precision (default fp32)")
+    p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming into --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_sources(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX from a checkpoint (or random weights)",
+        description="Build the model's real architecture in PyTorch, load a checkpoint (safetensors or state "
+        "dict) or random weights, and export ONNX with a dynamic batch (input 'input', output 'output'). "
+        "Needs the 'torch' extra.",
+    )
+    p.add_argument("model", choices=[t.value for t in Task])
+    p.add_argument("--variant", help="spec variant (default: the task's default)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="safetensors or PyTorch state dict")
+    src.add_argument("--random-weights", action="store_true", help="random weights (labelled as such in the ONNX)")
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=17)
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _cache_dir(args) -> Path:
+    from engine.models import default_cache_dir
+
+    return args.cache_dir or default_cache_dir()
+
+
+def cmd_models(args) -> int:
+    registry = SpecRegistry.load(args.spec_file)
+    if args.json:
+        print(json.dumps([spec_as_dict(s) for s in registry], indent=2))
+        return 0
+    for s in registry:
+        pre = s.preprocess
+        mark = lambda name: " (unconfirmed)" if name in s.unconfirmed else ""  # noqa: E731
+        print(f"{s.key}  [{s.architecture.value}{mark('architecture')}]  published as {s.published_as}")
+        print(f"  labels: {', '.join(s.labels)}; output: {s.output.value}{mark('output')}")
+        print(
+            f"  input {pre.size}x{pre.size}: {pre.resize.value} resize, {pre.interpolation.value}, "
+            f"{pre.crop.value} crop, {pre.channel_order.value}{mark('preprocess.channel_order')}, "
+            f"alpha {pre.alpha.value}"
+        )
+        print(
+            f"  mean {list(pre.mean)}{mark('preprocess.mean')}, std {list(pre.std)}{mark('preprocess.std')}"
+        )
+        if s.hub:
+            print(f"  hub: {s.hub.repo} / {s.hub.filename}" + (" (path unconfirmed)" if {"hub.repo", "hub.filename"} & s.unconfirmed else ""))
+        if s.notes:
+            print(f"  notes: {s.notes}")
+        print()
+    return 0
+
+
+def cmd_run(args) -> int:
+    from engine.models import ModelSource
+    from engine.runner import ModelChoice, RunConfig, run
+
+    tasks = [Task(args.only)] if args.only else list(Task)
+    choices = []
+    for task in tasks:
+        t = task.value
+        source = ModelSource(
+            onnx=getattr(args, f"{t}_onnx"),
+            checkpoint=getattr(args, f"{t}_checkpoint"),
+            random_weights=args.random_weights,
+            download=not args.no_download,
+        )
+        choices.append(ModelChoice(task, getattr(args, f"{t}_variant"), source))
+    config = RunConfig(
+        input=args.input,
+        out=args.out,
+        models=tuple(choices),
+        cache_dir=_cache_dir(args),
+        spec_file=args.spec_file,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        precision=args.precision,
+        overwrite=args.overwrite,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    try:
+        summary = run(config)
+    except KeyboardInterrupt:
+        print(
+            f"engine: interrupted; finished rows are kept in {args.out}.parts/. "
+            f"Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from builders.export import export_onnx
+
+    registry = SpecRegistry.load(args.spec_file)
+    spec = registry.get(Task(args.model), args.variant)
+    path = export_onnx(
+        spec, args.out, checkpoint=args.checkpoint, random_seed=0 if args.random_weights else None, opset=args.opset
+    )
+    print(f"wrote {path}" + ("  (RANDOM weights: not the published model)" if args.random_weights else ""))
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "run": cmd_run, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except EngineError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""`engine run`: files -> decode/preprocess -> both models -> labels -> parquet.
+
+The CPU path: a reader thread reads file bytes and runs the DALI pipeline (CPU) for
+batch k+1 while the main thread runs ONNX Runtime on batch k; rows go to the
+:class:`~engine.writer.ResultWriter` as each batch finishes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import polars as pl
+
+from engine.discovery import iter_images
+from engine.errors import EngineError, InputError
+from engine.models import ModelSource, ResolvedModel, WeightsKind, resolve_model
+from engine.postprocess import classify
+from engine.specs import SpecRegistry, Task
+from engine.writer import ResultWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    task: Task
+    variant: str | None = None  # None: the task's default variant
+    source: ModelSource = field(default_factory=ModelSource)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: Path
+    out: Path
+    models: tuple[ModelChoice, ...]
+    cache_dir: Path
+    spec_file: Path | None = None
+    batch_size: int = 16
+    threads: int | None = None
+    precision: str = "fp32"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 4096:
+            raise InputError(f"batch size must be between 1 and 4096, got {self.batch_size}")
+        if not self.models:
+            raise InputError("no model selected")
+        tasks = [m.task for m in self.models]
+        if len(set(tasks)) != len(tasks):
+            raise InputError("each task can be run with one variant at a time")
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    images: int = 0
+    errors: int = 0
+    skipped: int = 0  # already in the output from an earlier run
+    elapsed_s: float = 0.0
+    backend: str = ""
+    precision: str = ""
+    models: list[str] = field(default_factory=list)
+    random_weights: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"wrote {self.out}",
+            f"images: {self.images} ({self.errors} errors), {self.skipped} already done from an earlier run",
+            f"speed: {self.images_per_s:.1f} images/s over {self.elapsed_s:.1f} s",
+            f"backend: {self.backend}, precision: {self.precision}",
+        ]
+        out += [f"model: {m}" for m in self.models]
+        if self.random_weights:
+            out.append("WARNING: random weights were used: these labels are meaningless (smoke run only)")
+        return out
+
+
+def display_path(path: Path) -> str:
+    """The path as stored in the output: absolute, symlinks kept, always valid UTF-8."""
+    raw = os.fsencode(os.path.abspath(path))
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def result_schema(models: Sequence[ResolvedModel]) -> dict[str, pl.DataType]:
+    schema: dict[str, pl.DataType] = {
+        "path": pl.String,
+        "error": pl.String,
+        "width": pl.Int32,
+        "height": pl.Int32,
+    }
+    for m in models:
+        t = m.spec.task.value
+        schema[f"{t}_label"] = pl.String
+        for label in m.spec.labels:
+            schema[f"{t}_p_{label}"] = pl.Float32
+    for m in models:
+        t = m.spec.task.value
+        schema[f"{t}_model"] = pl.String
+        schema[f"{t}_weights"] = pl.String
+    return schema
+
+
+def run_config_record(models: Sequence[ResolvedModel], precision: str) -> dict[str, object]:
+    """What produced the rows; an output is only resumed under the same record."""
+    return {
+        "precision": precision,
+        "models": [
+            {"spec": m.spec.key, "weights": m.weights.value, "detail": m.weights_detail, "onnx": m.onnx_path.name}
+            for m in models
+        ],
+    }
+
+
+@dataclass
+class _Batch:
+    paths: list[str]
+    result: object  # engine.preprocess.PreprocessResult
+    read_errors: dict[int, str]
+
+
+_DONE = object()
+
+
+class _Reader(threading.Thread):
+    """Reads files and preprocesses them one batch ahead of inference."""
+
+    def __init__(self, batches: Iterator[list[Path]], preprocessor, depth: int = 2) -> None:
+        super().__init__(name="engine-reader", daemon=True)
+        self._batches = batches
+        self._pre = preprocessor
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            for paths in self._batches:
+                if self._stop.is_set():
+                    return
+                payload, read_errors = [], {}
+                for i, p in enumerate(paths):
+                    try:
+                        payload.append(p.read_bytes())
+                    except OSError as exc:
+                        read_errors[i] = f"cannot read: {exc.strerror or exc}"
+                        payload.append(b"")
+                result = self._pre.process(payload)
+                self._put(_Batch([display_path(p) for p in paths], result, read_errors))
+            self._put(_DONE)
+        except BaseException as exc:  # hand any failure to the consumer, which re-raises it
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+
+def _batches(paths: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    while True:
+        chunk = list(itertools.islice(paths, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _rows(batch: _Batch, models: Sequence[ResolvedModel], outputs: dict[str, object], schema) -> pl.DataFrame:
+    res = batch.result
+    n = len(batch.paths)
+    cols: dict[str, list] = {name: [None] * n for name in schema}
+    cols["path"] = list(batch.paths)
+    errors = dict(res.errors)
+    errors.update(batch.read_errors)  # a read failure is the real cause, not the empty bytes
+    for i, msg in errors.items():
+        cols["error"][i] = msg
+    for j, i in enumerate(res.ok):
+        if i in batch.read_errors:
+            continue
+        h, w = res.sizes[j]
+        cols["height"][i], cols["width"][i] = int(h), int(w)
+    for m in models:
+        t = m.spec.task.value
+        c = outputs[m.spec.key]
+        for j, i in enumerate(res.ok):
+            if i in batch.read_errors:
+                continue
+            cols[f"{t}_label"][i] = c.labels[j]
+            for k, label in enumerate(m.spec.labels):
+                cols[f"{t}_p_{label}"][i] = float(c.probabilities[j, k])
+            cols[f"{t}_model"][i] = m.spec.key
+            cols[f"{t}_weights"][i] = m.weights.value
+    return pl.DataFrame(cols, schema=schema)
+
+
+def _progress(total: int | None, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
+
+
+def run(config: RunConfig) -> RunSummary:
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.preprocess.dali_pipeline import DaliPreprocessor
+
+    if config.precision != "fp32":
+        raise EngineError(f"precision {config.precision} is not available on the CPU path yet; use fp32")
+
+    # Fail fast on a missing input before any model work.
+    first = iter_images(config.input)
+    registry = SpecRegistry.load(config.spec_file)
+    models = [
+        resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models
+    ]
+    for m in models:
+        if m.weights is WeightsKind.RANDOM:
+            log.warning("%s uses RANDOM weights (%s): results are meaningless", m.spec.key, m.weights_detail)
+
+    schema = result_schema(models)
+    summary = RunSummary(out=config.out, precision=config.precision)
+    summary.models = [f"{m.spec.key} [{m.weights.value}: {m.weights_detail}] {m.onnx_path}" for m in models]
+    summary.random_weights = any(m.weights is WeightsKind.RANDOM for m in models)
+    threads = config.threads or os.cpu_count() or 1
+
+    with ExitStack() as stack:
+        writer = stack.enter_context(
+            ResultWriter(config.out, schema, run_config_record(models, config.precision), overwrite=config.overwrite)
+        )
+        summary.skipped = len(writer.done)
+        backends = {
+            m.spec.key: stack.enter_context(
+                OrtBackend(m.onnx_path, m.info.input, m.info.output, precision=config.precision, threads=threads)
+            )
+            for m in models
+        }
+        summary.backend = "onnxruntime " + "/".join(next(iter(backends.values())).providers)
+        pre = stack.enter_context(
+            DaliPreprocessor(
+                views=[(m.spec.key, m.spec.preprocess) for m in models],
+                max_batch=config.batch_size,
+                num_threads=threads,
+                device="cpu",
+            )
+        )
+        total = None
+        if config.progress:
+            total = sum(1 for p in iter_images(config.input) if display_path(p) not in writer.done)
+        todo = (p for p in first if display_path(p) not in writer.done)
+        reader = _Reader(_batches(todo, config.batch_size), pre)
+        bar = stack.enter_context(_progress(total, config.progress))
+        start = time.perf_counter()
+        reader.start()
+        try:
+            while True:
+                item = reader.queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                outputs = {}
+                for m in models:
+                    view = item.result.views[m.spec.key]
+                    raw = backends[m.spec.key].run(view) if len(view) else np.zeros((0, m.spec.num_classes))
+                    outputs[m.spec.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
+                df = _rows(item, models, outputs, schema)
+                writer.add(df)
+                summary.images += df.height
+                summary.errors += df["error"].is_not_null().sum()
+                bar.update(df.height)
+        finally:
+            reader.stop()
+            reader.join(timeout=5)
+            summary.elapsed_s = time.perf_counter() - start
+    return summary
