@@ -1,0 +1,274 @@
+"""Model resolution for the run path: from a spec and what the user passed to one
+checked ONNX file with a known origin.
+
+Where the weights come from, first match wins:
+
+1. a user's ONNX file (``--<task>-onnx``);
+2. a user's checkpoint (``--<task>-checkpoint``), exported once into the cache;
+3. random weights (``--random-weights``, smoke runs and tests), exported once;
+4. the published file: the cached copy, else a download (when allowed).
+
+Random weights are never used silently: any ONNX whose metadata says it holds random
+weights is reported as :attr:`WeightsKind.RANDOM`, wherever it came from, and a
+warning is logged. A fixed-batch graph is made dynamic in the cache when that is
+verified safe; otherwise it stays fixed and ``info.input.fixed_batch`` tells the runner.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from builders.export import (
+    DEFAULT_OPSET,
+    META_LABELS,
+    META_OUTPUT_KIND,
+    META_WEIGHTS,
+    META_WEIGHTS_DETAIL,
+    WEIGHTS_CHECKPOINT,
+    WEIGHTS_RANDOM,
+    export_onnx,
+    file_sha256,
+    random_weights_detail,
+)
+from builders.hub import alternatives_hint, download_published
+from builders.onnx_io import OnnxInfo, inspect_onnx, make_batch_dynamic
+from engine.errors import DependencyError, ModelError
+from engine.specs import ModelSpec, OutputKind
+
+logger = logging.getLogger(__name__)
+
+RANDOM_SEED = 0
+# Bump when the export code changes what it writes, so old cache entries are not reused.
+EXPORT_FORMAT = 1
+
+
+class WeightsKind(str, Enum):
+    PUBLISHED = "published"
+    CHECKPOINT = "checkpoint"
+    USER_ONNX = "user_onnx"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What the user asked for one model. At most one of ``onnx``, ``checkpoint`` and
+    ``random_weights``; none means the published file (downloaded if ``download``)."""
+
+    onnx: Path | None = None
+    checkpoint: Path | None = None
+    random_weights: bool = False
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        chosen = [
+            name
+            for name, on in (
+                ("an ONNX file", self.onnx is not None),
+                ("a checkpoint", self.checkpoint is not None),
+                ("random weights", self.random_weights),
+            )
+            if on
+        ]
+        if len(chosen) > 1:
+            raise ModelError(f"choose one source of weights per model, got {' and '.join(chosen)}")
+        if self.onnx is not None:
+            object.__setattr__(self, "onnx", Path(self.onnx).expanduser())
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint).expanduser())
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: ModelSpec
+    onnx_path: Path
+    weights: WeightsKind
+    weights_detail: str
+    output_kind: OutputKind
+    info: OnnxInfo
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights is WeightsKind.RANDOM
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ENGINE_CACHE_DIR", "").strip()
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "anime-batch-engine"
+
+
+def _torch_version() -> str:
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise DependencyError("torch", "torch", "Exporting models") from None
+
+
+def _export_path(spec: ModelSpec, cache_dir: Path, tag: str) -> Path:
+    size = spec.preprocess.size
+    name = (
+        f"{spec.architecture.value}-{spec.num_classes}cls-{size}px-{tag}-logits-"
+        f"opset{DEFAULT_OPSET}-torch{_torch_version()}-v{EXPORT_FORMAT}.onnx"
+    )
+    return cache_dir / "exports" / name
+
+
+def _cached_export(spec: ModelSpec, cache_dir: Path, *, checkpoint: Path | None, seed: int | None) -> Path:
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise ModelError(f"{spec.key}: checkpoint {checkpoint} does not exist")
+        sha = file_sha256(checkpoint)
+        path, detail = _export_path(spec, cache_dir, f"ckpt{sha[:24]}"), f"checkpoint sha256:{sha}"
+    else:
+        path, detail = _export_path(spec, cache_dir, f"seed{seed}"), random_weights_detail(int(seed))
+    if path.is_file():
+        try:
+            cached = inspect_onnx(path)
+        except ModelError as exc:
+            logger.warning("cached export %s is unusable (%s); exporting again", path, exc)
+        else:
+            if cached.metadata.get(META_WEIGHTS_DETAIL) == detail:
+                logger.info("%s: reusing cached export %s", spec.key, path)
+                return path
+            logger.warning("cached export %s holds other weights; exporting again", path)
+    try:
+        return export_onnx(spec, path, checkpoint=checkpoint, random_seed=seed if checkpoint is None else None)
+    except OSError as exc:
+        raise ModelError(f"cannot write the exported model to {path}: {exc.strerror or exc} (set ENGINE_CACHE_DIR)") from None
+
+
+def _published_path(spec: ModelSpec, source: ModelSource, cache_dir: Path) -> Path:
+    if spec.hub is None:
+        raise ModelError(f"{spec.key} has no published file: {alternatives_hint(spec)}")
+    folder = cache_dir / "published" / spec.hub.repo
+    cached = folder / spec.hub.filename
+    if cached.is_file():
+        return cached
+    if not source.download:
+        raise ModelError(
+            f"{spec.key}: the published {spec.hub.repo}/{spec.hub.filename} is not cached at {cached} "
+            f"and downloading is off: {alternatives_hint(spec)}"
+        )
+    return download_published(spec, folder)
+
+
+def _fmt_shape(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _check_matches_spec(spec: ModelSpec, info: OnnxInfo) -> None:
+    size = spec.preprocess.size
+    shape = info.input.shape
+    if (
+        len(shape) != 4
+        or shape[1] not in (None, 3)
+        or any(d is not None and d != size for d in shape[2:])
+    ):
+        raise ModelError(
+            f"{spec.key}: {info.path} takes input '{info.input.name}' of shape {_fmt_shape(shape)}, "
+            f"but the spec expects (N, 3, {size}, {size})"
+        )
+    if info.input.dtype.kind != "f":
+        raise ModelError(f"{spec.key}: {info.path} takes {info.input.dtype} input; a float input is expected")
+    out = info.output.shape
+    if len(out) != 2 or (out[1] is not None and out[1] != spec.num_classes):
+        raise ModelError(
+            f"{spec.key}: {info.path} gives output '{info.output.name}' of shape {_fmt_shape(out)}, "
+            f"but the spec has {spec.num_classes} labels {list(spec.labels)}"
+        )
+
+
+def _output_kind(spec: ModelSpec, info: OnnxInfo) -> OutputKind:
+    declared = info.metadata.get(META_OUTPUT_KIND)
+    if declared is None:
+        return spec.output
+    try:
+        return OutputKind(declared)
+    except ValueError:
+        logger.warning("%s: ignoring unknown %s=%r in its metadata", info.path, META_OUTPUT_KIND, declared)
+        return spec.output
+
+
+def _with_dynamic_batch(spec: ModelSpec, info: OnnxInfo, cache_dir: Path) -> OnnxInfo:
+    src = info.path
+    folder = cache_dir / "dynamic"
+    stem = f"{src.stem}-{file_sha256(src)[:16]}"
+    dst, marker = folder / f"{stem}.onnx", folder / f"{stem}.fixed"
+    if not dst.is_file() and not marker.is_file():
+        try:
+            if not make_batch_dynamic(src, dst):
+                folder.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{src} cannot run with a dynamic batch\n", encoding="utf-8")
+        except OSError as exc:
+            raise ModelError(f"cannot write the model cache {folder}: {exc.strerror or exc} (set ENGINE_CACHE_DIR)") from None
+    if dst.is_file():
+        logger.info("%s: %s has a fixed batch of %d; using its dynamic-batch copy %s", spec.key, src, info.input.fixed_batch, dst)
+        return inspect_onnx(dst)
+    logger.warning(
+        "%s: %s is pinned to a batch of %d and cannot be made dynamic; it runs at that batch",
+        spec.key,
+        src,
+        info.input.fixed_batch,
+    )
+    return info
+
+
+def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir: Path | None = None) -> ResolvedModel:
+    """Find, export or download the ONNX file for ``spec`` as ``source`` asks, check it
+    against the spec, and say where its weights come from."""
+    source = source or ModelSource()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+    if source.onnx is not None:
+        if not source.onnx.is_file():
+            raise ModelError(f"{spec.key}: ONNX file {source.onnx} does not exist")
+        path, weights, detail = source.onnx, WeightsKind.USER_ONNX, f"user ONNX {source.onnx}"
+    elif source.checkpoint is not None:
+        path = _cached_export(spec, cache_dir, checkpoint=source.checkpoint, seed=None)
+        weights, detail = WeightsKind.CHECKPOINT, f"checkpoint {source.checkpoint}"
+    elif source.random_weights:
+        path = _cached_export(spec, cache_dir, checkpoint=None, seed=RANDOM_SEED)
+        weights, detail = WeightsKind.RANDOM, random_weights_detail(RANDOM_SEED)
+    else:
+        path = _published_path(spec, source, cache_dir)
+        weights, detail = WeightsKind.PUBLISHED, f"published {spec.published_as} ({path})"
+
+    info = inspect_onnx(path)
+    meta = info.metadata
+    if meta.get(META_WEIGHTS) == WEIGHTS_RANDOM:
+        weights = WeightsKind.RANDOM
+        detail = meta.get(META_WEIGHTS_DETAIL) or random_weights_detail(RANDOM_SEED)
+    elif meta.get(META_WEIGHTS) == WEIGHTS_CHECKPOINT and META_WEIGHTS_DETAIL in meta:
+        detail = f"{detail} ({meta[META_WEIGHTS_DETAIL]})"
+    if weights is WeightsKind.USER_ONNX and META_LABELS in meta:
+        try:
+            labels = json.loads(meta[META_LABELS])
+        except ValueError:
+            labels = None
+        if labels is not None and list(labels) != list(spec.labels):
+            logger.warning("%s: %s was exported with labels %s, the spec says %s", spec.key, path, labels, list(spec.labels))
+
+    _check_matches_spec(spec, info)
+    if info.input.fixed_batch is not None:
+        info = _with_dynamic_batch(spec, info, cache_dir)
+
+    resolved = ResolvedModel(
+        spec=spec,
+        onnx_path=info.path,
+        weights=weights,
+        weights_detail=detail,
+        output_kind=_output_kind(spec, info),
+        info=info,
+    )
+    if resolved.is_random:
+        logger.warning("%s runs with RANDOM weights (%s): its predictions mean nothing", spec.key, detail)
+    else:
+        logger.info("%s: %s, %s output, %s", spec.key, detail, resolved.output_kind.value, info.path)
+    return resolved
