@@ -1,0 +1,208 @@
+"""ONNX export of the real architectures: parity with PyTorch, dynamic batch,
+metadata, checkpoints. The random-weight resnet18 and caformer_s36 exports come from
+the session fixture ``random_models`` (seed 0), so each is exported once per session."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from builders.export import (  # noqa: E402
+    build_random_model,
+    build_torch_model,
+    export_onnx,
+    file_sha256,
+    load_checkpoint,
+)
+from builders.onnx_io import inspect_onnx  # noqa: E402
+from engine.errors import ModelError  # noqa: E402
+from engine.specs import Architecture, SpecRegistry  # noqa: E402
+
+SPECS = SpecRegistry.builtin()
+LOGIT_TOLERANCE = 1e-3
+
+
+def _ort_session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _ort_run(path, x: np.ndarray) -> np.ndarray:
+    return _ort_session(path).run(["output"], {"input": x})[0]
+
+
+def _torch_run(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _images(batch: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def _check_parity(onnx_path, torch_model, size: int, classes: int) -> None:
+    sess = _ort_session(onnx_path)
+    for batch in (2, 3):  # two batch sizes other than the export's example batch of 1
+        x = _images(batch, size, seed=batch)
+        got, want = sess.run(["output"], {"input": x})[0], _torch_run(torch_model, x)
+        assert got.shape == want.shape == (batch, classes)
+        diff = float(np.abs(got - want).max())
+        assert diff < LOGIT_TOLERANCE, f"batch {batch}: max abs diff {diff}"
+        # The comparison means something only if the samples give different outputs.
+        assert float(np.abs(want - want[0]).max()) > 10 * LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("key", ["gender/alpha", "quality/baseline"], ids=["resnet18", "caformer_s36"])
+def test_random_export_matches_pytorch_at_two_batch_sizes(random_models, key):
+    resolved = random_models[key]
+    spec = resolved.spec
+    info = inspect_onnx(resolved.onnx_path)
+    assert info.input.name == "input" and info.output.name == "output"
+    assert info.input.shape == (None, 3, spec.preprocess.size, spec.preprocess.size)
+    assert info.output.shape[1] == spec.num_classes
+    assert info.opset == 17
+    reference = build_random_model(spec.architecture, spec.num_classes, seed=0)
+    _check_parity(resolved.onnx_path, reference, spec.preprocess.size, spec.num_classes)
+
+
+@pytest.mark.parametrize("key", ["gender/alpha", "quality/baseline"], ids=["resnet18", "caformer_s36"])
+def test_random_export_metadata(random_models, key):
+    resolved = random_models[key]
+    spec = resolved.spec
+    meta = inspect_onnx(resolved.onnx_path).metadata
+    assert meta["engine.task"] == spec.task.value
+    assert meta["engine.variant"] == spec.variant
+    assert meta["engine.architecture"] == spec.architecture.value
+    assert meta["engine.weights"] == "random"
+    assert meta["engine.weights_detail"] == "random weights, seed 0 - NOT the published model"
+    assert meta["engine.output_kind"] == "logits"
+    assert json.loads(meta["engine.labels"]) == list(spec.labels)
+    assert meta["engine.torch_version"] == torch.__version__
+    # One self-contained file: no weights stored outside it.
+    proto = onnx.load(str(resolved.onnx_path), load_external_data=False)
+    assert proto.graph.initializer
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def test_build_random_model_is_seeded_and_keeps_global_rng():
+    torch.manual_seed(1234)
+    before = torch.rand(1)
+    torch.manual_seed(1234)
+    a = build_random_model(Architecture.RESNET18, 2, seed=5)
+    after = torch.rand(1)
+    b = build_random_model(Architecture.RESNET18, 2, seed=5)
+    c = build_random_model(Architecture.RESNET18, 2, seed=6)
+    assert torch.equal(before, after)
+    assert torch.equal(a.fc.weight, b.fc.weight)
+    assert not torch.equal(a.fc.weight, c.fc.weight)
+    assert not a.training
+
+
+@pytest.fixture(scope="module")
+def resnet18_state():
+    """A resnet18 (2 classes) with seeded random weights, its state dict."""
+    model = build_random_model(Architecture.RESNET18, 2, seed=123)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_round_trip_safetensors(tmp_path, resnet18_state):
+    from safetensors.torch import save_file
+
+    model, state = resnet18_state
+    ckpt = tmp_path / "gender.safetensors"
+    save_file(state, str(ckpt))
+    out = export_onnx(SPECS.get("gender", "alpha"), tmp_path / "ckpt.onnx", checkpoint=ckpt)
+    meta = inspect_onnx(out).metadata
+    assert meta["engine.weights"] == "checkpoint"
+    assert meta["engine.weights_detail"] == f"checkpoint sha256:{file_sha256(ckpt)}"
+    x = _images(2, 224, seed=7)
+    diff = float(np.abs(_ort_run(out, x) - _torch_run(model, x)).max())
+    assert diff < LOGIT_TOLERANCE
+
+
+def test_checkpoint_round_trip_pt_with_module_prefix_and_softmax(tmp_path, resnet18_state):
+    model, state = resnet18_state
+    ckpt = tmp_path / "gender.pt"
+    torch.save({"module." + k: v for k, v in state.items()}, ckpt)
+    out = export_onnx(SPECS.get("gender", "alpha"), tmp_path / "p.onnx", checkpoint=ckpt, probabilities=True)
+    assert inspect_onnx(out).metadata["engine.output_kind"] == "probabilities"
+    x = _images(3, 224, seed=8)
+    got = _ort_run(out, x)
+    want = torch.softmax(torch.from_numpy(_torch_run(model, x)), dim=1).numpy()
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    assert float(np.abs(got - want).max()) < 1e-4
+
+
+def test_load_checkpoint_nested_state_dict_and_model_prefix(tmp_path, resnet18_state):
+    _, state = resnet18_state
+    ckpt = tmp_path / "nested.pth"
+    torch.save({"epoch": 3, "state_dict": {"model." + k: v for k, v in state.items()}}, ckpt)
+    fresh = build_random_model(Architecture.RESNET18, 2, seed=999)
+    assert not torch.equal(fresh.fc.weight, state["fc.weight"])
+    load_checkpoint(fresh, ckpt)
+    for k, v in state.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_checkpoint_for_wrong_architecture_is_model_error(tmp_path, resnet18_state):
+    from safetensors.torch import save_file
+
+    _, state = resnet18_state
+    ckpt = tmp_path / "r18.safetensors"
+    save_file(state, str(ckpt))
+    out = tmp_path / "beta.onnx"
+    with pytest.raises(ModelError) as err:
+        export_onnx(SPECS.get("gender", "beta"), out, checkpoint=ckpt)  # beta is resnet50
+    msg = str(err.value)
+    assert "resnet50" in msg and "missing" in msg and "layer1.0.conv3.weight" in msg
+    assert "\n" not in msg
+    assert not out.exists()
+
+
+def test_checkpoint_with_wrong_class_count_names_the_shapes(tmp_path):
+    state = build_torch_model(Architecture.RESNET18, 4).state_dict()
+    ckpt = tmp_path / "four.pt"
+    torch.save(state, ckpt)
+    with pytest.raises(ModelError, match=r"fc\.weight \(4, 512\) vs \(2, 512\)"):
+        load_checkpoint(build_torch_model(Architecture.RESNET18, 2), ckpt)
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("garbage.pt", b"not a checkpoint"),
+        ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"),
+        ("weights.h5", b"whatever"),
+    ],
+)
+def test_unreadable_checkpoints_are_model_errors(tmp_path, name, content):
+    ckpt = tmp_path / name
+    ckpt.write_bytes(content)
+    with pytest.raises(ModelError) as err:
+        load_checkpoint(build_torch_model(Architecture.RESNET18, 2), ckpt)
+    assert str(ckpt) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    ckpt = tmp_path / "unsafe.pt"
+    torch.save({"fc.weight": torch.zeros(2, 512), "cfg": _NotATensor()}, ckpt)
+    with pytest.raises(ModelError, match="weights_only"):
+        load_checkpoint(build_torch_model(Architecture.RESNET18, 2), ckpt)
+
+
+def test_export_needs_exactly_one_weight_source(tmp_path):
+    spec = SPECS.get("gender", "alpha")
+    with pytest.raises(ModelError, match="exactly one"):
+        export_onnx(spec, tmp_path / "x.onnx")
+    with pytest.raises(ModelError, match="exactly one"):
+        export_onnx(spec, tmp_path / "x.onnx", checkpoint=tmp_path / "c.pt", random_seed=0)
+    with pytest.raises(ModelError, match="does not exist"):
+        export_onnx(spec, tmp_path / "x.onnx", checkpoint=tmp_path / "c.pt")

@@ -1,0 +1,267 @@
+"""Model resolution: which file a run uses, what it reports about the weights, and the
+checks against the spec. Most cases use tiny hand-built ONNX graphs; the random-weight
+exports come from the session fixture."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+import engine.models as models
+from builders.onnx_io import inspect_onnx
+from engine.errors import ModelError
+from engine.models import ModelSource, ResolvedModel, WeightsKind, default_cache_dir, resolve_model
+from engine.specs import OutputKind, SpecRegistry
+from tests.model_fixtures import make_tiny_classifier
+
+SPECS = SpecRegistry.builtin()
+GENDER = SPECS.get("gender", "alpha")  # 224 px, 2 labels, published output: probabilities
+QUALITY = SPECS.get("quality", "baseline")
+
+
+def _published_file(cache_dir: Path, spec) -> Path:
+    return cache_dir / "published" / spec.hub.repo / spec.hub.filename
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail the test if anything tries to reach the hub."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("download_published must not be called")
+
+    monkeypatch.setattr(models, "download_published", refuse)
+
+
+@pytest.fixture
+def count_exports(monkeypatch):
+    calls = []
+    real = models.export_onnx
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].key)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "export_onnx", counting)
+    return calls
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("ENGINE_CACHE_DIR")
+    assert default_cache_dir() == Path.home() / ".cache" / "anime-batch-engine"
+
+
+def test_model_source_takes_one_source_of_weights(tmp_path):
+    with pytest.raises(ModelError, match="an ONNX file and random weights"):
+        ModelSource(onnx=tmp_path / "m.onnx", random_weights=True)
+    with pytest.raises(ModelError, match="an ONNX file and a checkpoint"):
+        ModelSource(onnx=tmp_path / "m.onnx", checkpoint=tmp_path / "c.pt")
+    src = ModelSource(onnx=str(tmp_path / "m.onnx"))
+    assert src.onnx == tmp_path / "m.onnx"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        src.download = False
+
+
+# ---------------------------------------------------------------- resolution order
+
+
+def test_user_onnx_wins_and_nothing_is_downloaded(tmp_path, no_download):
+    path = make_tiny_classifier(tmp_path / "mine.onnx", size=224, classes=2)
+    resolved = resolve_model(GENDER, ModelSource(onnx=path, download=True), tmp_path / "cache")
+    assert isinstance(resolved, ResolvedModel)
+    assert resolved.weights is WeightsKind.USER_ONNX and not resolved.is_random
+    assert resolved.onnx_path == path
+    assert str(path) in resolved.weights_detail
+    # No engine metadata: the spec's output kind applies.
+    assert resolved.output_kind is OutputKind.PROBABILITIES
+    assert resolved.info.input.shape == (None, 3, 224, 224)
+
+
+def test_metadata_output_kind_wins_over_the_spec(tmp_path):
+    path = make_tiny_classifier(tmp_path / "m.onnx", size=224, classes=2, metadata={"engine.output_kind": "logits"})
+    resolved = resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    assert GENDER.output is OutputKind.PROBABILITIES
+    assert resolved.output_kind is OutputKind.LOGITS
+
+
+def test_missing_user_onnx_is_one_line_error(tmp_path):
+    with pytest.raises(ModelError, match=r"gender/alpha: ONNX file .*nope\.onnx does not exist"):
+        resolve_model(GENDER, ModelSource(onnx=tmp_path / "nope.onnx"), tmp_path)
+
+
+def test_published_file_from_the_cache(tmp_path, no_download):
+    cache = tmp_path / "cache"
+    make_tiny_classifier(_published_file(cache, GENDER), size=224, classes=2)
+    resolved = resolve_model(GENDER, ModelSource(), cache)
+    assert resolved.weights is WeightsKind.PUBLISHED
+    assert resolved.onnx_path == _published_file(cache, GENDER)
+    assert GENDER.published_as in resolved.weights_detail
+
+
+def test_published_missing_and_download_off_says_what_to_pass(tmp_path, no_download):
+    with pytest.raises(ModelError) as err:
+        resolve_model(GENDER, ModelSource(download=False), tmp_path)
+    msg = str(err.value)
+    assert "--gender-onnx FILE" in msg and "--gender-checkpoint FILE" in msg and "--random-weights" in msg
+    assert "\n" not in msg
+
+
+def test_offline_download_is_a_clean_model_error(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stray copy from a real hub cache
+    with pytest.raises(ModelError) as err:
+        resolve_model(QUALITY, ModelSource(download=True), tmp_path / "cache")
+    msg = str(err.value)
+    assert msg.startswith("could not download deepghs-cv/cls-bangumibase-face-quality.caformer_s36/model.onnx")
+    assert "--quality-onnx FILE" in msg and "--random-weights" in msg
+    assert "\n" not in msg
+
+
+def test_spec_without_hub_file(tmp_path):
+    spec = dataclasses.replace(GENDER, variant="mine", hub=None)
+    with pytest.raises(ModelError, match="gender/mine has no published file"):
+        resolve_model(spec, ModelSource(), tmp_path)
+
+
+# ---------------------------------------------------------------- checks against the spec
+
+
+def test_input_size_mismatch(tmp_path):
+    path = make_tiny_classifier(tmp_path / "m.onnx", size=100, classes=2)
+    with pytest.raises(ModelError, match=r"shape \(\?, 3, 100, 100\), but the spec expects \(N, 3, 224, 224\)"):
+        resolve_model(GENDER, ModelSource(onnx=path), tmp_path)
+
+
+def test_class_count_mismatch(tmp_path):
+    path = make_tiny_classifier(tmp_path / "m.onnx", size=224, classes=3)
+    with pytest.raises(ModelError, match=r"\(\?, 3\), but the spec has 2 labels \['female', 'male'\]"):
+        resolve_model(GENDER, ModelSource(onnx=path), tmp_path)
+
+
+def test_quality_onnx_given_for_gender(tmp_path, random_models):
+    with pytest.raises(ModelError, match="gender/alpha"):
+        resolve_model(GENDER, ModelSource(onnx=random_models["quality/baseline"].onnx_path), tmp_path)
+
+
+# ---------------------------------------------------------------- fixed batch
+
+
+def test_fixed_batch_is_made_dynamic_once(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    path = make_tiny_classifier(tmp_path / "b1.onnx", size=224, classes=2, batch=1)
+    calls = []
+    real = models.make_batch_dynamic
+    monkeypatch.setattr(models, "make_batch_dynamic", lambda *a, **k: calls.append(a) or real(*a, **k))
+
+    first = resolve_model(GENDER, ModelSource(onnx=path), cache)
+    assert first.info.input.fixed_batch is None
+    assert first.onnx_path.parent == cache / "dynamic"
+    assert first.weights is WeightsKind.USER_ONNX
+    second = resolve_model(GENDER, ModelSource(onnx=path), cache)
+    assert second.onnx_path == first.onnx_path
+    assert len(calls) == 1
+
+
+def test_unbatchable_graph_keeps_its_fixed_batch(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    path = make_tiny_classifier(tmp_path / "b1.onnx", size=224, classes=2, batch=1, hardcoded_reshape=True)
+    calls = []
+    real = models.make_batch_dynamic
+    monkeypatch.setattr(models, "make_batch_dynamic", lambda *a, **k: calls.append(a) or real(*a, **k))
+
+    first = resolve_model(GENDER, ModelSource(onnx=path), cache)
+    assert first.onnx_path == path
+    assert first.info.input.fixed_batch == 1
+    second = resolve_model(GENDER, ModelSource(onnx=path), cache)
+    assert second.info.input.fixed_batch == 1
+    assert len(calls) == 1  # the verdict is remembered
+    assert not list((cache / "dynamic").glob("*.onnx"))
+
+
+# ---------------------------------------------------------------- random weights and checkpoints
+
+
+@pytest.mark.parametrize("key", ["gender/alpha", "quality/baseline"])
+def test_random_models_are_reported_as_random(random_models, key):
+    resolved = random_models[key]
+    assert resolved.spec.key == key
+    assert resolved.weights is WeightsKind.RANDOM and resolved.is_random
+    assert "NOT the published model" in resolved.weights_detail
+    assert resolved.output_kind is OutputKind.LOGITS  # our export's metadata beats the spec
+    assert resolved.info.input.fixed_batch is None
+    assert resolved.onnx_path.is_file()
+
+
+def test_random_onnx_passed_as_user_onnx_is_still_random(tmp_path, random_models):
+    copy = tmp_path / "looks_published.onnx"
+    shutil.copyfile(random_models["gender/alpha"].onnx_path, copy)
+    resolved = resolve_model(GENDER, ModelSource(onnx=copy), tmp_path / "cache")
+    assert resolved.weights is WeightsKind.RANDOM and resolved.is_random
+    assert "NOT the published model" in resolved.weights_detail
+
+
+def test_random_onnx_in_the_published_cache_is_still_random(tmp_path, random_models, no_download):
+    cache = tmp_path / "cache"
+    target = _published_file(cache, GENDER)
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(random_models["gender/alpha"].onnx_path, target)
+    assert resolve_model(GENDER, ModelSource(), cache).weights is WeightsKind.RANDOM
+
+
+def test_random_export_is_reused_from_the_cache(model_cache_dir, random_models, count_exports):
+    first = random_models["gender/alpha"]  # exported (once) by the session fixture
+    mtime = first.onnx_path.stat().st_mtime_ns
+    again = resolve_model(GENDER, ModelSource(random_weights=True), model_cache_dir)
+    assert count_exports == []
+    assert again.onnx_path == first.onnx_path
+    assert again.onnx_path.stat().st_mtime_ns == mtime
+
+
+def test_checkpoint_is_exported_once_and_reported(tmp_path, count_exports):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from builders.export import build_random_model, file_sha256
+
+    model = build_random_model(GENDER.architecture, 2, seed=42)
+    ckpt = tmp_path / "gender.safetensors"
+    save_file(model.state_dict(), str(ckpt))
+    cache = tmp_path / "cache"
+
+    first = resolve_model(GENDER, ModelSource(checkpoint=ckpt), cache)
+    assert first.weights is WeightsKind.CHECKPOINT and not first.is_random
+    assert f"sha256:{file_sha256(ckpt)}" in first.weights_detail
+    assert first.output_kind is OutputKind.LOGITS
+    assert first.onnx_path.parent == cache / "exports"
+    assert inspect_onnx(first.onnx_path).metadata["engine.weights"] == "checkpoint"
+    mtime = first.onnx_path.stat().st_mtime_ns
+
+    second = resolve_model(GENDER, ModelSource(checkpoint=ckpt), cache)
+    assert count_exports == ["gender/alpha"]
+    assert second.onnx_path == first.onnx_path
+    assert second.onnx_path.stat().st_mtime_ns == mtime
+
+    # The exported file holds the checkpoint's weights.
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    got = ort.InferenceSession(str(first.onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert float(np.abs(got - want).max()) < 1e-3
+
+
+def test_missing_checkpoint(tmp_path):
+    pytest.importorskip("torch")
+    with pytest.raises(ModelError, match="checkpoint .*missing.pt does not exist"):
+        resolve_model(GENDER, ModelSource(checkpoint=tmp_path / "missing.pt"), tmp_path)
