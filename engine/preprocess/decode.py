@@ -1,0 +1,206 @@
+"""Looking at encoded images without decoding them, and the host (PIL) decoder.
+
+:func:`probe` reads the container from the magic bytes and, from the headers alone,
+whether the image carries alpha (PNG colour type 4/6 or a ``tRNS`` chunk, WebP VP8X
+alpha flag or VP8L alpha hint, 32-bit BMP with an alpha mask) and whether it is
+animated. The DALI pipeline uses it to route each file: plain JPEG/PNG/WebP/BMP are
+decoded by DALI; images with alpha and the other formats are decoded here, by
+:func:`decode_rgba`, once, to RGBA.
+
+:func:`decode_rgba` returns the first frame as HxWx4 uint8 (alpha 255 where the file
+has none). 16-bit samples become 8-bit by ``round(v / 257)`` (what DALI does), palette
+and grey+alpha images are expanded, and the EXIF orientation is applied (as DALI's
+decoder does by default). Failures raise :class:`ImageDecodeError` with a one-line
+cause such as "truncated or corrupt JPEG" or "cannot decode: not an image (text)".
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class Container(str, Enum):
+    JPEG = "jpeg"
+    PNG = "png"
+    WEBP = "webp"
+    BMP = "bmp"
+    GIF = "gif"
+    TIFF = "tiff"
+    UNKNOWN = "unknown"
+
+
+# Containers the DALI CPU decoder takes; anything else goes to the host decoder.
+DALI_CONTAINERS = frozenset({Container.JPEG, Container.PNG, Container.WEBP, Container.BMP})
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageDecodeError(InputError):
+    """One file cannot be decoded; the message is the one-line cause."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the headers say, without decoding pixels."""
+
+    container: Container
+    has_alpha: bool
+    animated: bool  # read for WebP only (GIF goes to the host decoder whatever it holds)
+
+    @property
+    def dali_decodable(self) -> bool:
+        """True when DALI's decoder (output RGB) gives everything the views need."""
+        return self.container in DALI_CONTAINERS and not self.has_alpha and not self.animated
+
+
+def sniff(data: bytes | memoryview) -> Container:
+    """The container named by the file's magic bytes."""
+    head = bytes(data[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return Container.JPEG
+    if head.startswith(_PNG_MAGIC):
+        return Container.PNG
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return Container.WEBP
+    if head.startswith(b"BM") and len(data) >= 26:
+        return Container.BMP
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return Container.GIF
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return Container.TIFF
+    return Container.UNKNOWN
+
+
+def probe(data: bytes | memoryview) -> Probe:
+    """Container, alpha and animation read from the headers (malformed headers read
+    as "no alpha"; the decoder then reports what is wrong)."""
+    container = sniff(data)
+    has_alpha = animated = False
+    if container is Container.PNG:
+        has_alpha = _png_has_alpha(data)
+    elif container is Container.WEBP:
+        has_alpha, animated = _webp_flags(data)
+    elif container is Container.BMP:
+        has_alpha = _bmp_has_alpha(data)
+    return Probe(container, has_alpha, animated)
+
+
+def _png_has_alpha(data: bytes | memoryview) -> bool:
+    if len(data) < 33 or bytes(data[12:16]) != b"IHDR":
+        return False
+    if data[25] in (4, 6):  # grey + alpha, RGB + alpha
+        return True
+    pos = 8
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", bytes(data[pos : pos + 8]))
+        if ctype == b"tRNS":
+            return True
+        if ctype in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + length
+    return False
+
+
+def _webp_flags(data: bytes | memoryview) -> tuple[bool, bool]:
+    """(has_alpha, animated) of a WebP file."""
+    chunk = bytes(data[12:16])
+    if chunk == b"VP8X" and len(data) >= 21:
+        flags = data[20]
+        return bool(flags & 0x10), bool(flags & 0x02)
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(bytes(data[21:25]), "little")
+        return bool((bits >> 28) & 1), False
+    return False, False  # "VP8 ": lossy, no alpha
+
+
+def _bmp_has_alpha(data: bytes | memoryview) -> bool:
+    if len(data) < 34:
+        return False
+    header_size = int.from_bytes(bytes(data[14:18]), "little")
+    if header_size < 40:
+        return False  # OS/2 core header: no 32-bit alpha
+    bit_count = int.from_bytes(bytes(data[28:30]), "little")
+    compression = int.from_bytes(bytes(data[30:34]), "little")
+    if bit_count != 32:
+        return False
+    if compression == 6:  # BI_ALPHABITFIELDS
+        return True
+    if header_size >= 56 and len(data) >= 70:
+        return int.from_bytes(bytes(data[66:70]), "little") != 0  # V3+ alpha mask
+    return False
+
+
+def looks_like_text(data: bytes | memoryview) -> bool:
+    """True when the start of ``data`` reads as text (UTF-8, no NUL, mostly printable)."""
+    sample = bytes(data[:1024])
+    if not sample or b"\x00" in sample:
+        return False
+    text = sample.decode("utf-8", errors="replace")
+    printable = sum(1 for ch in text if ch.isprintable() or ch in "\t\r\n")
+    return printable >= 0.95 * len(text)
+
+
+def undecodable_cause(data: bytes | memoryview, container: Container | None = None) -> str:
+    """The one-line cause for a file no decoder accepts."""
+    if len(data) == 0:
+        return "empty file (0 bytes)"
+    container = container or sniff(data)
+    if container is Container.UNKNOWN:
+        kind = "text" if looks_like_text(data) else "unrecognised format"
+        return f"cannot decode: not an image ({kind})"
+    return f"truncated or corrupt {container.name}"
+
+
+def decode_rgba(data: bytes | memoryview) -> np.ndarray:
+    """Decode the first frame of ``data`` with PIL to HxWx4 uint8 RGBA."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if len(data) == 0:
+        raise ImageDecodeError(undecodable_cause(data))
+    container = sniff(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # the first frame
+            oriented = ImageOps.exif_transpose(im)
+            rgba = _to_rgba(oriented)
+    except UnidentifiedImageError:
+        if container is Container.UNKNOWN:
+            raise ImageDecodeError(undecodable_cause(data, container)) from None
+        raise ImageDecodeError(f"cannot decode: corrupt or unsupported {container.name} header") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        log.debug("host decode of a %s failed: %s", container.value, exc)
+        raise ImageDecodeError(undecodable_cause(data, container)) from None
+    if rgba.shape[0] == 0 or rgba.shape[1] == 0:
+        raise ImageDecodeError(f"image has no pixels ({rgba.shape[0]}x{rgba.shape[1]})")
+    return rgba
+
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def _to_rgba(im) -> np.ndarray:
+    if im.mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+        alpha = np.full_like(grey, 255)
+        return np.ascontiguousarray(np.stack([grey, grey, grey, alpha], axis=-1))
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        return np.ascontiguousarray(np.asarray(im.convert("RGBA"), dtype=np.uint8))
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    out = np.empty(rgb.shape[:2] + (4,), np.uint8)
+    out[..., :3] = rgb
+    out[..., 3] = 255
+    return out

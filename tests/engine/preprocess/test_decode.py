@@ -1,0 +1,153 @@
+"""Container sniffing, alpha from headers, and the host (PIL) decoder."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import EngineError
+from engine.preprocess.decode import Container, ImageDecodeError, decode_rgba, probe, sniff
+from tests.engine.preprocess import bmp_with_alpha, encode
+
+RNG = np.random.default_rng(7)
+RGB = RNG.integers(0, 256, (18, 26, 3), dtype=np.uint8)
+RGBA = RNG.integers(0, 256, (18, 26, 4), dtype=np.uint8)
+
+
+def _png_16bit_grey(values: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", values.astype(np.uint16))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize(
+    "data, container",
+    [
+        (encode(RGB, "JPEG"), Container.JPEG),
+        (encode(RGB, "PNG"), Container.PNG),
+        (encode(RGB, "WEBP"), Container.WEBP),
+        (encode(RGB, "BMP"), Container.BMP),
+        (encode(RGB, "GIF"), Container.GIF),
+        (encode(RGB, "TIFF"), Container.TIFF),
+        (b"hello, this is a text file\n", Container.UNKNOWN),
+        (b"", Container.UNKNOWN),
+        (b"BM", Container.UNKNOWN),  # too short for a BMP header
+    ],
+)
+def test_sniff(data, container):
+    assert sniff(data) is container
+
+
+# (file, has_alpha, animated, decodable by DALI)
+PROBES = {
+    "png rgb": (encode(RGB, "PNG"), False, False, True),
+    "png rgba": (encode(RGBA, "PNG"), True, False, False),
+    "png grey+alpha": (encode(Image.fromarray(RGBA[..., :2], "LA"), "PNG"), True, False, False),
+    "png rgb + tRNS": (encode(RGB, "PNG", transparency=(1, 2, 3)), True, False, False),
+    "png palette": (encode(Image.fromarray(RGB).quantize(16), "PNG"), False, False, True),
+    "png palette + tRNS": (encode(Image.fromarray(RGB).quantize(16), "PNG", transparency=0), True, False, False),
+    "webp lossy": (encode(RGB, "WEBP"), False, False, True),
+    "webp lossless": (encode(RGB, "WEBP", lossless=True), False, False, True),
+    "webp lossy + alpha (VP8X)": (encode(RGBA, "WEBP"), True, False, False),
+    "webp lossless + alpha (VP8L)": (encode(RGBA, "WEBP", lossless=True), True, False, False),
+    "webp animated": (
+        encode(RGB, "WEBP", save_all=True, append_images=[Image.fromarray(RGB[::-1])]),
+        False,
+        True,
+        False,
+    ),
+    "bmp 24-bit": (encode(RGB, "BMP"), False, False, True),
+    "bmp 32-bit, no alpha mask": (encode(RGBA, "BMP"), False, False, True),
+    "bmp 32-bit V4 with alpha mask": (bmp_with_alpha(RGBA), True, False, False),
+    "jpeg": (encode(RGB, "JPEG"), False, False, True),
+    "gif": (encode(RGB, "GIF"), False, False, False),
+}
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_probe_reads_alpha_from_headers(name):
+    data, has_alpha, animated, dali = PROBES[name]
+    info = probe(data)
+    assert (info.has_alpha, info.animated, info.dali_decodable) == (has_alpha, animated, dali)
+
+
+def test_decode_rgb_png_is_exact_with_opaque_alpha():
+    out = decode_rgba(encode(RGB, "PNG"))
+    assert out.shape == (18, 26, 4) and out.dtype == np.uint8
+    assert np.array_equal(out[..., :3], RGB)
+    assert (out[..., 3] == 255).all()
+
+
+def test_decode_rgba_keeps_stored_colour_and_alpha():
+    assert np.array_equal(decode_rgba(encode(RGBA, "PNG")), RGBA)
+    assert np.array_equal(decode_rgba(encode(RGBA, "WEBP", lossless=True, exact=True)), RGBA)
+    assert np.array_equal(decode_rgba(bmp_with_alpha(RGBA)), RGBA)
+
+
+def test_decode_grey_and_grey_alpha():
+    grey = RGB[..., 0]
+    out = decode_rgba(encode(grey, "PNG"))
+    assert np.array_equal(out[..., :3], np.repeat(grey[..., None], 3, axis=2))
+    la = decode_rgba(encode(Image.fromarray(RGBA[..., :2], "LA"), "PNG"))
+    assert np.array_equal(la[..., 0], RGBA[..., 0]) and np.array_equal(la[..., 2], RGBA[..., 0])
+    assert np.array_equal(la[..., 3], RGBA[..., 1])
+
+
+def test_decode_palette_with_transparency():
+    pal = Image.fromarray(RGB).quantize(16)
+    index = np.asarray(pal)
+    out = decode_rgba(encode(pal, "PNG", transparency=0))
+    assert np.array_equal(out[..., 3] == 0, index == 0)
+    colours = np.asarray(pal.getpalette(), np.uint8).reshape(-1, 3)
+    assert np.array_equal(out[..., :3], colours[index])
+
+
+def test_decode_16bit_grey_rounds_like_dali():
+    values = np.array([[0, 128, 129, 257, 32767], [32896, 65278, 65279, 65534, 65535]], np.uint16)
+    out = decode_rgba(_png_16bit_grey(values))
+    expected = np.round(values / 257.0).astype(np.uint8)
+    assert np.array_equal(out[..., 0], expected)
+    assert out[0, 2, 0] == 1 and out[1, 2, 0] == 254  # not the clipping PIL's convert() does
+
+
+def test_decode_gif_takes_the_first_frame():
+    first = np.zeros((10, 12, 3), np.uint8)
+    first[:, :6] = 255
+    second = 255 - first
+    data = encode(Image.fromarray(first), "GIF", save_all=True, append_images=[Image.fromarray(second)])
+    out = decode_rgba(data)
+    assert np.array_equal(out[..., :3], first)
+
+
+def test_decode_applies_exif_orientation():
+    img = Image.fromarray(RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif)
+    out = decode_rgba(buf.getvalue())
+    assert out.shape[:2] == (26, 18)
+    assert np.array_equal(out[..., :3], np.rot90(RGB, k=-1))
+
+
+@pytest.mark.parametrize(
+    "data, cause",
+    [
+        (b"", "empty file (0 bytes)"),
+        (b"name,score\nalice,3\nbob,4\n", "cannot decode: not an image (text)"),
+        (bytes(range(256)) * 4, "cannot decode: not an image (unrecognised format)"),
+        (encode(RGB, "JPEG")[:200], "truncated or corrupt JPEG"),
+        (encode(RGB, "PNG")[:60], "truncated or corrupt PNG"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "cannot decode: corrupt or unsupported PNG header"),
+    ],
+)
+def test_decode_failures_have_one_line_causes(data, cause):
+    with pytest.raises(ImageDecodeError) as info:
+        decode_rgba(data)
+    assert str(info.value) == cause
+    assert isinstance(info.value, EngineError)
