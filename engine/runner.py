@@ -145,15 +145,15 @@ class _Reader(threading.Thread):
         self._batches = batches
         self._pre = preprocessor
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
         try:
             for paths in self._batches:
-                if self._stop.is_set():
+                if self._halt.is_set():
                     return
                 payload, read_errors = [], {}
                 for i, p in enumerate(paths):
@@ -169,7 +169,7 @@ class _Reader(threading.Thread):
             self._put(exc)
 
     def _put(self, item) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.queue.put(item, timeout=0.2)
                 return
@@ -232,10 +232,6 @@ def run(config: RunConfig) -> RunSummary:
     models = [
         resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models
     ]
-    for m in models:
-        if m.weights is WeightsKind.RANDOM:
-            log.warning("%s uses RANDOM weights (%s): results are meaningless", m.spec.key, m.weights_detail)
-
     schema = result_schema(models)
     summary = RunSummary(out=config.out, precision=config.precision)
     summary.models = [f"{m.spec.key} [{m.weights.value}: {m.weights_detail}] {m.onnx_path}" for m in models]

@@ -1,0 +1,167 @@
+"""`engine run` end to end on a folder the test creates: both real architectures
+(random weights), DALI CPU preprocessing, ONNX Runtime, parquet."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from engine.cli import main
+from engine.postprocess import softmax
+from engine.preprocess import DaliPreprocessor
+
+GOOD = {
+    "frames/f1.png": ("PNG", (96, 54), "RGB"),
+    "frames/f2.jpg": ("JPEG", (80, 45), "RGB"),
+    "frames/sub/f3.webp": ("WEBP", (64, 64), "RGB"),
+    "heads/h1.bmp": ("BMP", (40, 48), "RGB"),
+    "heads/h2 gray.png": ("PNG", (50, 50), "L"),
+    "heads/h3_rgba.png": ("PNG", (48, 40), "RGBA"),
+}
+BAD = {
+    "bad/empty.png": b"",
+    "bad/text.jpg": b"hello, I am not a picture\n",
+    "bad/truncated.png": None,  # filled below: first bytes of a real PNG
+}
+
+
+def _image(size, mode, seed):
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1).astype(np.uint8)
+    base = np.clip(base.astype(int) + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(base)
+    if mode == "L":
+        return img.convert("L")
+    if mode == "RGBA":
+        a = np.where(xx < w // 2, 255, 0).astype(np.uint8)
+        return Image.fromarray(np.dstack([base, a]), "RGBA")
+    return img
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frames")
+    for i, (rel, (fmt, size, mode)) in enumerate(GOOD.items()):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _image(size, mode, i).save(p, format=fmt)
+    buf = io.BytesIO()
+    _image((64, 64), "RGB", 99).save(buf, format="PNG")
+    BAD["bad/truncated.png"] = buf.getvalue()[:120]
+    for rel, data in BAD.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (root / "notes.txt").write_text("not collected: wrong extension")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_result(folder, random_models, model_cache_dir, tmp_path_factory):
+    for key in random_models:  # export both once (session cache), reused by --random-weights
+        random_models[key]
+    out = tmp_path_factory.mktemp("out") / "results.parquet"
+    code = main(
+        ["run", str(folder), "--out", str(out), "--random-weights", "--no-download",
+         "--cache-dir", str(model_cache_dir), "--batch-size", "4", "--no-progress"]
+    )
+    assert code == 0
+    return out
+
+
+def test_one_row_per_file_with_schema(run_result, folder):
+    df = pl.read_parquet(run_result)
+    assert df.height == len(GOOD) + len(BAD)
+    assert set(df["path"]) == {os.path.abspath(folder / rel) for rel in [*GOOD, *BAD]}
+    expected = ["path", "error", "width", "height", "gender_label", "gender_p_female", "gender_p_male",
+                "quality_label", "quality_p_poor", "quality_p_ok", "quality_p_good", "quality_p_excellent",
+                "gender_model", "gender_weights", "quality_model", "quality_weights"]
+    assert df.columns == expected
+    assert df.schema["gender_p_female"] == pl.Float32 and df.schema["width"] == pl.Int32
+
+
+def test_good_rows_have_valid_probabilities_and_labels(run_result, folder):
+    df = pl.read_parquet(run_result).filter(pl.col("error").is_null())
+    assert df.height == len(GOOD)
+    g = df.select("gender_p_female", "gender_p_male").to_numpy()
+    q = df.select("quality_p_poor", "quality_p_ok", "quality_p_good", "quality_p_excellent").to_numpy()
+    for p in (g, q):
+        assert ((p >= 0) & (p <= 1)).all()
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert set(df["gender_label"]) <= {"female", "male"}
+    assert set(df["quality_label"]) <= {"poor", "ok", "good", "excellent"}
+    # the label is the argmax of the row's probabilities
+    assert (np.array(["female", "male"])[g.argmax(1)] == df["gender_label"].to_numpy()).all()
+    assert set(df["gender_weights"]) == {"random"} and set(df["quality_model"]) == {"quality/baseline"}
+    sizes = {os.path.basename(p): (w, h) for p, w, h in df.select("path", "width", "height").iter_rows()}
+    assert sizes["f1.png"] == (96, 54) and sizes["h2 gray.png"] == (50, 50)
+
+
+def test_bad_files_are_error_rows(run_result):
+    df = pl.read_parquet(run_result).filter(pl.col("error").is_not_null())
+    by_name = dict(zip((os.path.basename(p) for p in df["path"]), df["error"]))
+    assert set(by_name) == {"empty.png", "text.jpg", "truncated.png"}
+    assert "empty" in by_name["empty.png"]
+    assert df["gender_label"].is_null().all() and df["quality_p_ok"].is_null().all()
+
+
+def test_rows_match_each_image_processed_alone(run_result, random_models):
+    """Batching and reordering must not mix rows up: recompute every good file on its own."""
+    import onnxruntime as ort
+
+    df = pl.read_parquet(run_result).filter(pl.col("error").is_null())
+    views = [(k, random_models[k].spec.preprocess) for k in random_models]
+    sessions = {k: ort.InferenceSession(str(random_models[k].onnx_path)) for k in random_models}
+    with DaliPreprocessor(views=views, max_batch=1, num_threads=1, device="cpu") as pre:
+        for row in df.iter_rows(named=True):
+            with open(row["path"], "rb") as f:
+                res = pre.process([f.read()])
+            assert res.ok == [0]
+            for key, cols in (("gender/alpha", ["gender_p_female", "gender_p_male"]),
+                              ("quality/baseline", ["quality_p_poor", "quality_p_ok", "quality_p_good", "quality_p_excellent"])):
+                logits = sessions[key].run(None, {"input": res.views[key]})[0]
+                np.testing.assert_allclose([row[c] for c in cols], softmax(logits)[0], atol=2e-4)
+
+
+def test_summary_says_random_weights(folder, model_cache_dir, tmp_path, capsys, random_models):
+    random_models["gender/alpha"]
+    out = tmp_path / "g.parquet"
+    code = main(["run", str(folder / "heads"), "--out", str(out), "--only", "gender", "--random-weights",
+                 "--cache-dir", str(model_cache_dir), "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "random weights were used" in text and "images: 3 (0 errors)" in text
+    df = pl.read_parquet(out)
+    assert not any(c.startswith("quality_") for c in df.columns)
+    # rerun: everything is already there, nothing is redone and nothing is duplicated
+    assert main(["run", str(folder / "heads"), "--out", str(out), "--only", "gender", "--random-weights",
+                 "--cache-dir", str(model_cache_dir), "--no-progress"]) == 0
+    assert "3 already done" in capsys.readouterr().out
+    assert pl.read_parquet(out).height == 3
+
+
+def test_missing_input_is_one_line_error(tmp_path, capsys):
+    code = main(["run", str(tmp_path / "nope"), "--out", str(tmp_path / "r.parquet"), "--random-weights"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("engine: error: input not found") and "\n" not in err
+
+
+def test_missing_model_offline_is_one_line_error(folder, tmp_path, capsys):
+    code = main(["run", str(folder), "--out", str(tmp_path / "r.parquet"), "--no-download",
+                 "--cache-dir", str(tmp_path / "empty-cache")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--random-weights" in err and "\n" not in err
+    assert not (tmp_path / "r.parquet").exists()
+
+
+def test_models_command_marks_unconfirmed(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "gender/alpha" in out and "quality/head_crop" in out and "(unconfirmed)" in out
