@@ -1,0 +1,377 @@
+"""Precision preparation on the real architectures (random weights), checked on the CPU.
+
+The calibration images are the repository's example frames and head crops (plus a
+broken file that must be skipped), preprocessed by the models' own DALI pipeline.
+Agreement bounds are tight enough to fail: FP16 or INT8 graphs that lost precision
+(FP16 LayerNorm/Softmax, quantised logits, asymmetric or per-tensor weights) would not
+meet them on these models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from builders.calibration import (
+    DEFAULT_CALIBRATION_IMAGES,
+    CalibrationSet,
+    find_calibration_images,
+    load_calibration_set,
+)
+from builders.precision import (
+    FP32_OPS,
+    AgreementBounds,
+    Precision,
+    compare_outputs,
+    measure_cpu_speed,
+    prepare,
+    run_cpu,
+    topological_sort,
+)
+from engine.errors import InputError, ModelError
+from engine.specs import OutputKind
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
+
+
+@pytest.fixture(scope="module")
+def calib_paths() -> list[Path]:
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"example images missing ({EXAMPLES})")
+    return find_calibration_images(EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def gender(random_models):
+    return random_models["gender/alpha"]
+
+
+@pytest.fixture(scope="module")
+def gender_calib(gender, calib_paths) -> CalibrationSet:
+    return load_calibration_set(calib_paths, gender.spec, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prepared")
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _io_types(model: onnx.ModelProto) -> set[int]:
+    return {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+# --------------------------------------------------------------------------- calibration set
+
+
+def test_calibration_folder_selection(tmp_path, calib_paths):
+    assert len(calib_paths) == 7  # six images and broken.jpg
+    many = tmp_path / "frames"
+    for ep in ("ep01", "ep02"):
+        (many / ep).mkdir(parents=True)
+        for i in range(10):
+            shutil.copy(EXAMPLES / "frame_0002.jpg", many / ep / f"f{i:03d}.jpg")
+    (many / "notes.txt").write_text("not an image")
+    picked = find_calibration_images(many, limit=4)
+    assert len(picked) == 4
+    assert {p.parent.name for p in picked} == {"ep01", "ep02"}  # spread over the folder
+    assert picked == find_calibration_images(many, limit=4)  # deterministic
+    assert DEFAULT_CALIBRATION_IMAGES >= 32
+    with pytest.raises(InputError, match="does not exist"):
+        find_calibration_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        find_calibration_images(tmp_path / "empty")
+
+
+def test_calibration_set_uses_the_model_pipeline_and_skips_broken_files(gender, gender_calib, calib_paths):
+    size = gender.spec.preprocess.size
+    assert gender_calib.tensors.shape == (6, 3, size, size)
+    assert gender_calib.tensors.dtype == np.float32
+    assert any("broken.jpg" in s for s in gender_calib.skipped)
+    # gender spec: /255 and no mean/std, so values stay in [0, 1]; quality would be ImageNet-normalised
+    assert 0.0 <= gender_calib.tensors.min() and gender_calib.tensors.max() <= 1.0
+    assert gender_calib.tensors.std() > 0.05  # real image content, not a constant
+
+
+def test_calibration_set_with_no_usable_image(tmp_path, gender):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match="none of the 1 calibration images"):
+        load_calibration_set([bad], gender.spec)
+
+
+# --------------------------------------------------------------------------- graph passes and metrics
+
+
+def test_topological_sort_restores_order():
+    nodes = [
+        helper.make_node("Relu", ["a"], ["b"], name="second"),
+        helper.make_node("Neg", ["x"], ["a"], name="first"),
+        helper.make_node("Add", ["b", "a"], ["y"], name="third"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    topological_sort(model)
+    onnx.checker.check_model(model)
+    assert [n.name for n in model.graph.node] == ["first", "second", "third"]
+
+
+def test_compare_outputs_metrics_and_bounds():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((16, 4)).astype(np.float32) * 3
+    same = compare_outputs(logits, logits.copy(), OutputKind.LOGITS)
+    assert same.argmax_agreement == 1.0 and same.max_abs_dp == 0.0 and same.mean_kl == pytest.approx(0.0, abs=1e-12)
+    assert same.softmax_applied
+
+    flipped = logits.copy()
+    flipped[0] = flipped[0][::-1]  # reverse one image's class order
+    worse = compare_outputs(logits, flipped, OutputKind.LOGITS)
+    assert worse.argmax_agreement == pytest.approx(15 / 16)
+    assert worse.max_abs_dp > 0.1 and worse.mean_kl > 1e-3
+    assert len(worse.violations(AgreementBounds.default(Precision.FP16))) == 3
+
+    broken = logits.copy()
+    broken[3, 1] = np.nan
+    bad = compare_outputs(logits, broken, OutputKind.LOGITS)
+    assert bad.nonfinite == 1 and bad.argmax_agreement < 1.0
+    assert "NaN/Inf" in bad.violations(AgreementBounds.default(Precision.INT8))[0]
+
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    on_probs = compare_outputs(probs, probs, OutputKind.PROBABILITIES)
+    assert not on_probs.softmax_applied
+    # declared probabilities that are not: compared after a softmax, and said so
+    assert compare_outputs(logits, logits, OutputKind.PROBABILITIES).softmax_applied
+
+
+# --------------------------------------------------------------------------- ResNet-18 (gender)
+
+
+@pytest.fixture(scope="module")
+def gender_fp16(gender, gender_calib, prepared_dir):
+    return prepare(gender.onnx_path, gender.spec, Precision.FP16, None, prepared_dir, calib=gender_calib)
+
+
+@pytest.fixture(scope="module")
+def gender_int8(gender, gender_calib, prepared_dir):
+    return prepare(gender.onnx_path, gender.spec, Precision.INT8, None, prepared_dir, calib=gender_calib)
+
+
+def test_fp32_is_the_model_as_is(gender, prepared_dir):
+    prepared = prepare(gender.onnx_path, gender.spec, "fp32", None, prepared_dir)
+    assert prepared.path == gender.onnx_path and prepared.agreement is None
+    assert prepared.sha256 == prepared.source_sha256
+
+
+def test_fp16_resnet18_graph_and_agreement(gender_fp16):
+    model = onnx.load(str(gender_fp16.path))
+    assert _io_types(model) == {TensorProto.FLOAT}  # FP32 I/O
+    types = _value_types(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(types[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    pools = [n for n in model.graph.node if n.op_type in FP32_OPS]
+    assert pools and all(types[n.input[0]] == TensorProto.FLOAT for n in pools)  # reductions stay FP32
+
+    a = gender_fp16.agreement
+    assert a is not None and a.images == 6 and a.nonfinite == 0
+    assert a.argmax_agreement == 1.0
+    assert a.max_abs_dp < 2e-3
+    assert a.mean_kl < 1e-5
+    assert not a.violations(AgreementBounds.default(Precision.FP16))
+
+
+def _check_int8_graph(model: onnx.ModelProto) -> None:
+    inits = _initializers(model)
+    producers = _producers(model)
+    quantised = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert quantised
+    weight_ops = 0
+    for node in quantised:
+        for name in node.input[:2]:
+            if name in inits:
+                pytest.fail(f"{node.op_type} {node.name} still has a float weight {name}")
+            dq = producers[name]
+            assert dq.op_type == "DequantizeLinear", f"{node.name} input {name} is not dequantised"
+            if dq.input[0] in inits:  # a weight: int8, per-channel over the output channels
+                weight_ops += 1
+                q = numpy_helper.to_array(inits[dq.input[0]])
+                scale = numpy_helper.to_array(inits[dq.input[1]])
+                assert q.dtype == np.int8
+                assert scale.ndim == 1 and scale.size > 1 or q.shape[0] == 1
+            zero_point = numpy_helper.to_array(inits[dq.input[2]])
+            assert zero_point.dtype == np.int8 and not zero_point.any()  # symmetric
+        if len(node.input) > 2 and node.input[2]:  # bias left unquantised
+            assert node.input[2] in inits and inits[node.input[2]].data_type != TensorProto.INT32
+    assert weight_ops >= len([n for n in quantised if n.op_type != "MatMul"])
+    # outputs of the quantised ops are not re-quantised for their own sake: a Q/DQ on one
+    # only appears as the input of another quantised op; the logits stay in float
+    quantised_outputs = {o for n in quantised for o in n.output}
+    q_to_dq = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in quantised_outputs:
+            dq_outs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0]}
+            users = [n for n in model.graph.node if set(n.input) & dq_outs]
+            assert users and all(u.op_type in ("Conv", "MatMul", "Gemm") for u in users), node.name
+    tensor = model.graph.output[0].name
+    while tensor in producers and producers[tensor].op_type == "Cast":
+        tensor = producers[tensor].input[0]
+    assert producers[tensor].op_type in ("Gemm", "MatMul", "Add", "Softmax"), producers[tensor].op_type
+    assert tensor not in q_to_dq
+    assert _io_types(model) == {TensorProto.FLOAT}
+
+
+def test_int8_resnet18_explicit_qdq_and_agreement(gender_int8):
+    model = onnx.load(str(gender_int8.path))
+    _check_int8_graph(model)
+    # FP16 in the unquantised layers: Q/DQ scales are FP16 and the graph is opset >= 19
+    assert gender_int8.fp16_in_int8
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 19
+    inits = _initializers(model)
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(s.data_type == TensorProto.FLOAT16 for s in scales)
+
+    a = gender_int8.agreement
+    assert a is not None and a.images == 6 and a.nonfinite == 0
+    assert a.argmax_agreement == 1.0
+    assert a.max_abs_dp < 0.02
+    assert a.mean_kl < 2e-4
+    assert gender_int8.calibration_images == 6
+
+
+def test_int8_without_fp16_keeps_fp32_scales(gender, gender_calib, tmp_path):
+    prepared = prepare(
+        gender.onnx_path, gender.spec, Precision.INT8, None, tmp_path, calib=gender_calib, fp16_in_int8=False
+    )
+    model = onnx.load(str(prepared.path))
+    _check_int8_graph(model)
+    assert not prepared.fp16_in_int8
+    inits = _initializers(model)
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(s.data_type == TensorProto.FLOAT for s in scales)
+    assert prepared.agreement.argmax_agreement == 1.0 and prepared.agreement.max_abs_dp < 0.02
+
+
+def test_strict_bounds_fail_loudly(gender, gender_calib, tmp_path):
+    impossible = AgreementBounds(min_argmax_agreement=1.0, max_abs_dp=0.0, max_mean_kl=0.0)
+    with pytest.raises(ModelError, match="disagrees with FP32 beyond bounds: max \\|dp\\|"):
+        prepare(
+            gender.onnx_path, gender.spec, Precision.FP16, None, tmp_path, calib=gender_calib,
+            bounds=impossible, strict=True,
+        )
+
+
+def test_int8_needs_calibration_images(gender, tmp_path):
+    with pytest.raises(InputError, match="INT8 needs calibration images"):
+        prepare(gender.onnx_path, gender.spec, Precision.INT8, None, tmp_path)
+    with pytest.raises(ModelError, match="does not exist"):
+        prepare(tmp_path / "missing.onnx", gender.spec, Precision.FP16, None, tmp_path)
+
+
+def test_prepared_files_are_reused_until_something_changes(gender, calib_paths, tmp_path, caplog):
+    images = [p for p in calib_paths if "broken" not in p.name][:4]
+    first = prepare(gender.onnx_path, gender.spec, Precision.FP16, images, tmp_path)
+    assert not first.from_cache and first.agreement is not None
+    record = json.loads(first.path.with_suffix(".prep.json").read_text())
+    assert record["key"]["calibration_sha256"] == first.calibration_sha256
+
+    again = prepare(gender.onnx_path, gender.spec, Precision.FP16, list(reversed(images)), tmp_path)
+    assert again.from_cache and again.agreement == first.agreement and again.sha256 == first.sha256
+
+    with caplog.at_level(logging.INFO, logger="builders.precision"):
+        other_set = prepare(gender.onnx_path, gender.spec, Precision.FP16, images[:3], tmp_path)
+        assert not other_set.from_cache and other_set.agreement.images == 3
+        other_set.path.write_bytes(other_set.path.read_bytes() + b"\0")
+        tampered = prepare(gender.onnx_path, gender.spec, Precision.FP16, images[:3], tmp_path)
+        assert not tampered.from_cache
+    assert "stale" in caplog.text and "modified after preparation" in caplog.text
+
+    forced = prepare(gender.onnx_path, gender.spec, Precision.FP16, images[:3], tmp_path, force=True)
+    assert not forced.from_cache
+
+
+def test_cpu_path_runs_every_precision_and_reports_speed(gender, gender_fp16, gender_int8, gender_calib):
+    size = gender.spec.preprocess.size
+    reference = run_cpu(gender.onnx_path, gender_calib.tensors)
+    for prepared in (gender_fp16, gender_int8):
+        out = run_cpu(prepared.path, gender_calib.tensors)
+        assert out.shape == reference.shape and out.dtype == np.float32
+        assert (out.argmax(axis=1) == reference.argmax(axis=1)).all()
+    for path, precision in ((gender.onnx_path, "fp32"), (gender_fp16.path, "fp16"), (gender_int8.path, "int8")):
+        speed = measure_cpu_speed(path, size, precision=precision, batch_size=2, min_seconds=0.2, max_iterations=3)
+        assert speed.images_per_s > 0 and speed.precision == precision and speed.iterations >= 1
+
+
+# --------------------------------------------------------------------------- CAFormer-S36 (quality)
+
+
+@pytest.fixture(scope="module")
+def quality_prepared(random_models, calib_paths, tmp_path_factory):
+    quality = random_models["quality/baseline"]
+    images = [p for p in calib_paths if "broken" not in p.name][:4]
+    calib = load_calibration_set(images, quality.spec, batch_size=4)
+    out = tmp_path_factory.mktemp("quality")
+    fp16 = prepare(quality.onnx_path, quality.spec, Precision.FP16, None, out, calib=calib)
+    int8 = prepare(quality.onnx_path, quality.spec, Precision.INT8, None, out, calib=calib)
+    return quality, fp16, int8
+
+
+@pytest.mark.slow
+def test_fp16_caformer_keeps_layernorm_and_softmax_fp32(quality_prepared):
+    _, fp16, _ = quality_prepared
+    model = onnx.load(str(fp16.path))
+    assert _io_types(model) == {TensorProto.FLOAT}
+    types = _value_types(model)
+    sensitive = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert len(sensitive) > 50
+    assert all(types[n.input[0]] == TensorProto.FLOAT for n in sensitive)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert all(types[n.input[0]] == TensorProto.FLOAT16 for n in matmuls)
+
+    a = fp16.agreement
+    assert a.argmax_agreement == 1.0 and a.nonfinite == 0
+    assert a.max_abs_dp < 5e-3
+    assert a.mean_kl < 1e-5
+
+
+@pytest.mark.slow
+def test_int8_caformer_qdq_fp16_and_agreement(quality_prepared):
+    _, _, int8 = quality_prepared
+    model = onnx.load(str(int8.path))
+    _check_int8_graph(model)
+    assert int8.fp16_in_int8
+    a = int8.agreement
+    assert a.nonfinite == 0
+    assert a.argmax_agreement >= 0.75
+    assert a.max_abs_dp < 0.08
+    assert a.mean_kl < 5e-3
