@@ -1,0 +1,267 @@
+"""The benchmark's image set: generated (reproducible from a seed) or a user's folder.
+
+The generated set imitates the real workload rather than being noise: 16:9 frames
+(1920x1080 by default) and small head crops, half PNG and half JPEG, drawn as flat
+cel-shaded regions over gradient skies, with outlined shapes, a character head with hair
+and eyes, and mild sensor-like noise. Compression ratio and decode cost therefore sit
+near those of real anime frames, which matters more to a throughput figure than the
+content itself.
+
+Every image has its own random generator seeded from ``(seed, kind, index)``, so adding
+images never changes the earlier ones; a manifest in the folder records the spec and the
+files' SHA-256, and a folder whose manifest matches is reused instead of redrawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+JPEG_QUALITY = 90
+CROP_SIDES = (96, 320)  # head crops: short side drawn from this range
+
+
+class ImageKind(str, Enum):
+    FRAME = "frame"
+    CROP = "crop"
+
+
+@dataclass(frozen=True)
+class ImageSetSpec:
+    frames: int
+    crops: int
+    frame_size: tuple[int, int]  # (width, height)
+    seed: int
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "frame_size": list(self.frame_size), "generator_version": GENERATOR_VERSION}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """What the benchmark runs over (paths in a fixed order) and how it was made."""
+
+    root: Path
+    paths: tuple[Path, ...]
+    source: str  # "generated" or "folder"
+    spec: ImageSetSpec | None
+    total_bytes: int
+    counts: dict[str, int]  # by kind and format, e.g. {"frame.png": 16, ...}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "root": str(self.root),
+            "count": len(self.paths),
+            "total_bytes": self.total_bytes,
+            "counts": dict(self.counts),
+            "generator": self.spec.to_json() if self.spec else None,
+        }
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _gradient(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A two-colour sky-like gradient along a random direction, float32 HxWx3 in 0..255."""
+    top = rng.uniform(40, 255, 3)
+    bottom = rng.uniform(40, 255, 3)
+    angle = rng.uniform(0, np.pi)
+    yy = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
+    xx = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
+    t = np.clip(np.sin(angle) * yy + np.cos(angle) * xx * 0.5, 0.0, 1.0)
+    return (top[None, None, :] * (1 - t[..., None]) + bottom[None, None, :] * t[..., None]).astype(np.float32)
+
+
+def _colour(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(lo, hi, 3))
+
+
+def _draw_scene(draw, rng: np.random.Generator, w: int, h: int, count: int) -> None:
+    """Flat-coloured background shapes (buildings, hills, props) with dark outlines."""
+    outline = max(1, round(min(w, h) / 300))
+    for _ in range(count):
+        kind = rng.integers(0, 3)
+        x0, y0 = float(rng.uniform(-0.1, 1.0) * w), float(rng.uniform(0.2, 1.0) * h)
+        x1, y1 = x0 + float(rng.uniform(0.05, 0.4) * w), y0 + float(rng.uniform(0.05, 0.6) * h)
+        fill = _colour(rng, 30, 230)
+        if kind == 0:
+            draw.rectangle([x0, y0, x1, y1], fill=fill, outline=(20, 20, 30), width=outline)
+        elif kind == 1:
+            draw.ellipse([x0, y0, x1, y1], fill=fill, outline=(20, 20, 30), width=outline)
+        else:
+            pts = [(float(rng.uniform(x0, x1)), float(rng.uniform(y0, y1))) for _ in range(int(rng.integers(3, 7)))]
+            draw.polygon(pts, fill=fill, outline=(20, 20, 30))
+
+
+def _draw_head(draw, rng: np.random.Generator, cx: float, cy: float, r: float) -> None:
+    """A cel-shaded character head: hair mass, face, eyes with highlights, mouth."""
+    line = max(1, round(r / 40))
+    ink = (25, 20, 30)
+    hair = _colour(rng, 20, 240)
+    skin = (int(rng.integers(225, 256)), int(rng.integers(190, 225)), int(rng.integers(170, 205)))
+    shade = tuple(max(0, c - 35) for c in skin)
+    # Hair behind the face, then the face, its shadow side, then the fringe.
+    draw.ellipse([cx - 1.25 * r, cy - 1.3 * r, cx + 1.25 * r, cy + 1.1 * r], fill=hair, outline=ink, width=line)
+    draw.ellipse([cx - 0.85 * r, cy - 0.8 * r, cx + 0.85 * r, cy + 1.0 * r], fill=skin, outline=ink, width=line)
+    draw.chord([cx - 0.85 * r, cy - 0.8 * r, cx + 0.85 * r, cy + 1.0 * r], 300, 60, fill=shade)
+    fringe = [(cx - 0.95 * r, cy - 0.2 * r)]
+    for k in range(7):
+        fx = cx - 0.95 * r + (k + 0.5) * (1.9 * r / 7)
+        fringe += [(fx, cy - 0.9 * r), (fx + 0.13 * r, cy - float(rng.uniform(0.1, 0.45)) * r)]
+    fringe.append((cx + 0.95 * r, cy - 0.2 * r))
+    draw.polygon(fringe, fill=hair, outline=ink)
+    iris = _colour(rng, 20, 220)
+    for side in (-1, 1):
+        ex = cx + side * 0.38 * r
+        ey = cy + 0.15 * r
+        draw.ellipse([ex - 0.2 * r, ey - 0.26 * r, ex + 0.2 * r, ey + 0.26 * r], fill=(250, 250, 250), outline=ink, width=line)
+        draw.ellipse([ex - 0.15 * r, ey - 0.2 * r, ex + 0.15 * r, ey + 0.24 * r], fill=iris)
+        draw.ellipse([ex - 0.06 * r, ey - 0.15 * r, ex + 0.03 * r, ey - 0.04 * r], fill=(255, 255, 255))
+    draw.arc([cx - 0.15 * r, cy + 0.5 * r, cx + 0.15 * r, cy + 0.7 * r], 20, 160, fill=ink, width=line)
+
+
+def draw_image(rng: np.random.Generator, width: int, height: int, kind: ImageKind) -> np.ndarray:
+    """One synthetic anime-style RGB image, uint8 HxWx3."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    base = _gradient(rng, height, width)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    if kind is ImageKind.FRAME:
+        _draw_scene(draw, rng, width, height, int(rng.integers(4, 12)))
+        for _ in range(int(rng.integers(1, 3))):
+            r = float(rng.uniform(0.08, 0.22) * height)
+            _draw_head(draw, rng, float(rng.uniform(0.15, 0.85) * width), float(rng.uniform(0.3, 0.7) * height), r)
+    else:
+        _draw_scene(draw, rng, width, height, int(rng.integers(0, 3)))
+        r = float(rng.uniform(0.3, 0.45) * min(width, height))  # tight or loose framing
+        _draw_head(draw, rng, width / 2 + float(rng.normal(0, 0.05 * width)), height / 2 + 0.1 * r, r)
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.4, 1.0))))  # soft line art
+    arr = np.asarray(img, dtype=np.float32)
+    arr += rng.normal(0.0, float(rng.uniform(1.0, 4.0)), arr.shape).astype(np.float32)  # grain
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def encode(arr: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(arr, "RGB")
+    if fmt == "png":
+        img.save(buf, format="PNG")  # Pillow's default zlib level, like most frame dumpers
+    else:
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- sets
+
+
+def _planned(spec: ImageSetSpec) -> list[tuple[str, ImageKind, int, str]]:
+    """(file name, kind, index, format) of every image the spec asks for."""
+    out = []
+    for kind, count in ((ImageKind.FRAME, spec.frames), (ImageKind.CROP, spec.crops)):
+        for i in range(count):
+            fmt = "png" if i % 2 == 0 else "jpg"
+            out.append((f"{kind.value}_{i:05d}.{fmt}", kind, i, fmt))
+    return out
+
+
+def _crop_size(rng: np.random.Generator) -> tuple[int, int]:
+    short = int(rng.integers(CROP_SIDES[0], CROP_SIDES[1] + 1))
+    aspect = float(rng.uniform(0.8, 1.25))
+    return (short, max(8, round(short * aspect))) if aspect >= 1 else (max(8, round(short / aspect)), short)
+
+
+def generate_image_set(root: Path, spec: ImageSetSpec) -> ImageSet:
+    """Write (or reuse) the generated image set under ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / MANIFEST_NAME
+    planned = _planned(spec)
+    manifest = _read_manifest(manifest_path)
+    if manifest is not None and manifest.get("spec") == spec.to_json() and _files_match(root, manifest):
+        log.info("reusing the generated image set in %s", root)
+    else:
+        start = time.perf_counter()
+        log.info("generating %d frames and %d crops in %s (seed %d)", spec.frames, spec.crops, root, spec.seed)
+        files = {}
+        kind_codes = {ImageKind.FRAME: 0, ImageKind.CROP: 1}
+        for name, kind, i, fmt in planned:
+            rng = np.random.default_rng([spec.seed, kind_codes[kind], i])
+            if kind is ImageKind.FRAME:
+                w, h = spec.frame_size
+            else:
+                w, h = _crop_size(rng)
+            data = encode(draw_image(rng, w, h, kind), fmt)
+            (root / name).write_bytes(data)
+            files[name] = hashlib.sha256(data).hexdigest()
+        for stale in root.iterdir():
+            if stale.is_file() and stale.name != MANIFEST_NAME and stale.name not in files:
+                stale.unlink()
+        manifest = {"spec": spec.to_json(), "files": files}
+        manifest_path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        log.info("generated %d images in %.1f s", len(planned), time.perf_counter() - start)
+    paths = tuple(root / name for name, *_ in planned)
+    counts: dict[str, int] = {}
+    for name, kind, _, fmt in planned:
+        counts[f"{kind.value}.{fmt}"] = counts.get(f"{kind.value}.{fmt}", 0) + 1
+    return ImageSet(root, paths, "generated", spec, sum(p.stat().st_size for p in paths), counts)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable image-set manifest %s (%s); regenerating", path, exc)
+        return None
+
+
+def _files_match(root: Path, manifest: dict) -> bool:
+    for name, digest in manifest.get("files", {}).items():
+        p = root / name
+        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+            return False
+    return bool(manifest.get("files"))
+
+
+def folder_image_set(folder: Path, max_images: int | None = None) -> ImageSet:
+    """The user's images (recursively, in the engine's discovery order)."""
+    from engine.discovery import iter_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"benchmark image folder {folder} does not exist or is not a folder")
+    paths = []
+    for p in iter_images(folder):
+        if max_images is not None and len(paths) >= max_images:
+            break
+        if p.is_file():
+            paths.append(p)
+    if not paths:
+        raise InputError(f"benchmark image folder {folder} holds no images")
+    counts: dict[str, int] = {}
+    for p in paths:
+        key = p.suffix.lower().lstrip(".")
+        counts[key] = counts.get(key, 0) + 1
+    return ImageSet(folder, tuple(paths), "folder", None, sum(p.stat().st_size for p in paths), counts)
