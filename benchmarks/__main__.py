@@ -1,0 +1,65 @@
+"""``python -m benchmarks run|compare|plot|schema``: the suite without the engine CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from engine.errors import EngineError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmarks import compare, suite
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Benchmark suite of the batch engine.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run the benchmark (engine vs PyTorch reference)")
+    suite.add_arguments(p)
+    p = sub.add_parser("compare", help="compare a results file with a baseline; fail on a regression")
+    compare.add_arguments(p)
+    p = sub.add_parser("plot", help="draw the plot of an existing results file")
+    p.add_argument("results", type=Path)
+    p.add_argument("--out", type=Path, help="PNG to write (default: next to the results)")
+    sub.add_parser("schema", help="print the JSON Schema of the results file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "run":
+            from benchmarks.suite import main as run_main
+
+            return run_main(args)
+        if args.command == "compare":
+            from benchmarks.compare import main as compare_main
+
+            return compare_main(args)
+        if args.command == "plot":
+            from benchmarks.plot import plot_results
+            from benchmarks.suite import load_results
+
+            out = plot_results(load_results(args.results), args.out or args.results.with_suffix(".png"))
+            print(f"wrote {out}")
+            return 0
+        from benchmarks.schema import RESULT_SCHEMA
+
+        print(json.dumps(RESULT_SCHEMA, indent=2))
+        return 0
+    except EngineError as exc:
+        print(f"benchmarks: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

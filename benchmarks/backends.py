@@ -1,0 +1,158 @@
+"""The engine backends the suite measures: one registry entry per backend.
+
+Adding a backend is one line in :data:`BACKENDS`: a name, the device it runs on, the
+precisions it offers, and ``"module:function"`` of a factory with the signature of
+:data:`BackendFactory` that returns an :class:`engine.backends.base.Backend` (a context
+manager with ``run(batch) -> output``). Optionally ``"module:function"`` of an
+availability check returning ``None`` when usable here, else the reason it is not.
+Both are imported only when the backend is measured, so this module stays light.
+
+For instance, when the TensorRT backend and the PyTorch-on-CUDA executor land (other
+issues), their lines will read::
+
+    BackendEntry("tensorrt", "cuda", (FP16, INT8, FP32), "engine.backends.tensorrt:bench_factory",
+                 available="engine.backends.tensorrt:unavailable_reason"),
+    BackendEntry("torch-cuda", "cuda", (FP16, FP32), "engine.backends.torch_cuda:bench_factory",
+                 available="engine.backends.torch_cuda:unavailable_reason"),
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from benchmarks.config import Device, Precision
+from engine.errors import InputError
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
+    from engine.models import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+FP32, FP16, INT8 = Precision.FP32, Precision.FP16, Precision.INT8
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What a factory may need beyond the model: threads, batch size, a folder for
+    prepared graphs or engines, and images to calibrate on (INT8)."""
+
+    threads: int
+    batch_size: int
+    work_dir: Path
+    calibration_images: tuple[Path, ...] = ()
+
+
+class BackendFactory(Protocol):
+    def __call__(self, model: "ResolvedModel", precision: Precision, context: BackendContext) -> "Backend": ...
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    device: Device
+    precisions: tuple[Precision, ...]
+    factory: str  # "module:function", a BackendFactory
+    available: str | None = None  # "module:function" -> None or the reason it is unusable here
+    preprocess_device: Device = "cpu"  # where the DALI pipeline runs for this backend
+    runner: bool = False  # `engine run` (engine.runner.run) drives exactly this backend at FP32
+
+    def config_id(self, precision: Precision) -> str:
+        return f"engine/{self.name}/{self.device}/{precision.value}"
+
+    def unavailable_reason(self) -> str | None:
+        if self.available is None:
+            return None
+        return _load(self.available)()
+
+    def create(self, model: "ResolvedModel", precision: Precision, context: BackendContext) -> "Backend":
+        return _load(self.factory)(model, precision, context)
+
+
+def _load(ref: str) -> Callable:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def ort_cpu_unavailable() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed"
+    return None
+
+
+def ort_cuda_unavailable() -> str | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    return None
+
+
+def _prepared_onnx(model: "ResolvedModel", precision: Precision, context: BackendContext) -> Path:
+    """The model's ONNX with ``precision`` decided in the graph (builders.precision)."""
+    if precision is Precision.FP32:
+        return model.onnx_path
+    from builders.precision import prepare
+
+    calib = list(context.calibration_images) if precision is Precision.INT8 else None
+    if precision is Precision.INT8 and not calib:
+        raise InputError("INT8 needs calibration images; the benchmark passes its own image set")
+    prepared = prepare(
+        model.onnx_path,
+        model.spec,
+        precision.value,
+        calib,
+        context.work_dir / "prepared",
+        # On ONNX Runtime the unquantised INT8 layers stay FP32: FP16 there is for
+        # TensorRT's strongly typed builds and only slows the CPU down.
+        fp16_in_int8=False,
+        batch_size=min(context.batch_size, 8),
+    )
+    return prepared.path
+
+
+def ort_cpu_factory(model: "ResolvedModel", precision: Precision, context: BackendContext) -> "Backend":
+    from engine.backends.onnxruntime import OrtBackend
+
+    path = _prepared_onnx(model, precision, context)
+    return OrtBackend(path, model.info.input, model.info.output, precision=precision.value, threads=context.threads)
+
+
+def ort_cuda_factory(model: "ResolvedModel", precision: Precision, context: BackendContext) -> "Backend":
+    from engine.backends.onnxruntime import OrtBackend
+
+    path = _prepared_onnx(model, precision, context)
+    return OrtBackend(
+        path,
+        model.info.input,
+        model.info.output,
+        precision=precision.value,
+        threads=context.threads,
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+
+
+BACKENDS: tuple[BackendEntry, ...] = (
+    # INT8 (Q/DQ) is not offered on the CPU: ONNX Runtime ran the calibrated resnet18 at
+    # half its FP32 speed on the CI box (27 vs 57 images/s); it is a TensorRT precision.
+    BackendEntry("onnxruntime", "cpu", (FP32,), "benchmarks.backends:ort_cpu_factory", "benchmarks.backends:ort_cpu_unavailable", runner=True),
+    BackendEntry("onnxruntime-cuda", "cuda", (FP32, FP16), "benchmarks.backends:ort_cuda_factory", "benchmarks.backends:ort_cuda_unavailable"),
+)
+
+
+def find_backend(name: str) -> BackendEntry:
+    for entry in BACKENDS:
+        if entry.name == name:
+            return entry
+    raise InputError(f"unknown benchmark backend '{name}' (known: {', '.join(e.name for e in BACKENDS)})")

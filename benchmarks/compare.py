@@ -1,0 +1,234 @@
+"""Regression check: a new results file against a stored baseline.
+
+Figures are paired by (configuration, stage, scenario, model). A pair regresses when
+the new median images/s is below ``baseline * (1 - tolerance)``; with a memory
+tolerance, also when peak host memory grew above ``baseline * (1 + tolerance)``.
+Per-stage tolerances override the default (inference is steadier than end to end,
+which shares the CPU with decoding). A figure in the baseline but not in the new file
+is reported as missing and fails the check unless ``allow_missing``: a configuration
+that silently stopped being measured is a regression of the suite itself.
+
+Baselines are only meaningful on the same hardware: a different GPU (or, for CPU
+runs, CPU model) fails the check unless ``ignore_machine``.
+
+Library: :func:`compare` -> :class:`Comparison`. CLI: :func:`add_arguments` and
+:func:`main` (``python -m benchmarks compare NEW BASELINE``); exit status 0 when no
+regression, 1 on a regression, 2 on a user error (unreadable file, other schema).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Mapping
+
+from benchmarks.schema import SCHEMA_VERSION
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 0.10
+EXIT_REGRESSION = 1
+
+Key = tuple[str, str, "str | None", "str | None"]  # config, stage, scenario, model
+
+
+class Verdict(str, Enum):
+    OK = "ok"
+    IMPROVED = "improved"
+    REGRESSED = "regressed"
+    MISSING = "missing"  # in the baseline, not in the new results
+    NEW = "new"  # in the new results only (never a failure)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    throughput: float = DEFAULT_TOLERANCE  # allowed relative drop of median images/s
+    per_stage: Mapping[str, float] = field(default_factory=dict)
+    memory: float | None = None  # allowed relative growth of peak host memory; None: not checked
+
+    def __post_init__(self) -> None:
+        for name, value in [("throughput", self.throughput), *self.per_stage.items()] + (
+            [("memory", self.memory)] if self.memory is not None else []
+        ):
+            if not 0.0 <= value < 10.0:
+                raise InputError(f"tolerance {name} must be a fraction between 0 and 10, got {value}")
+
+    def for_stage(self, stage: str) -> float:
+        return self.per_stage.get(stage, self.throughput)
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: Key
+    verdict: Verdict
+    baseline: float | None  # median images/s
+    new: float | None
+    change: float | None  # new / baseline - 1
+    tolerance: float
+    detail: str = ""
+
+    def line(self) -> str:
+        config, stage, scenario, model = self.key
+        what = f"{config} {stage} {model or scenario or ''}".strip()
+        if self.verdict in (Verdict.MISSING, Verdict.NEW):
+            return f"{self.verdict.value.upper():9} {what}"
+        pct = f"{self.change:+.1%}" if self.change is not None else "?"
+        text = f"{self.verdict.value.upper():9} {what}: {self.baseline:.3g} -> {self.new:.3g} images/s ({pct}, tolerance -{self.tolerance:.0%})"
+        return text + (f"; {self.detail}" if self.detail else "")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    findings: tuple[Finding, ...]
+    machine_problems: tuple[str, ...]
+    allow_missing: bool
+
+    @property
+    def regressions(self) -> list[Finding]:
+        bad = {Verdict.REGRESSED} | (set() if self.allow_missing else {Verdict.MISSING})
+        return [f for f in self.findings if f.verdict in bad]
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions and not self.machine_problems
+
+    def lines(self) -> list[str]:
+        out = [f"machine mismatch: {p}" for p in self.machine_problems]
+        out += [f.line() for f in self.findings]
+        n = len([f for f in self.findings if f.verdict not in (Verdict.NEW, Verdict.MISSING)])
+        if self.passed:
+            out.append(f"PASS: {n} figure(s) compared, no drop beyond tolerance")
+        else:
+            out.append(
+                f"FAIL: {len(self.regressions)} regression(s)"
+                + (f", machine mismatch ({len(self.machine_problems)})" if self.machine_problems else "")
+                + f" among {n} figure(s) compared"
+            )
+        return out
+
+
+def _index(doc: Mapping) -> dict[Key, Mapping]:
+    return {(r["config"], r["stage"], r["scenario"], r["model"]): r for r in doc["results"]}
+
+
+def machine_mismatches(baseline: Mapping, new: Mapping) -> list[str]:
+    """Why the two files were not measured on comparable hardware (empty if they were)."""
+    a, b = baseline["machine"], new["machine"]
+    problems = []
+    ga, gb = a.get("gpu"), b.get("gpu")
+    if (ga is None) != (gb is None):
+        problems.append(f"baseline {'GPU ' + ga['name'] if ga else 'CPU only'}, new {'GPU ' + gb['name'] if gb else 'CPU only'}")
+    elif ga is not None and ga["name"] != gb["name"]:
+        problems.append(f"GPU differs: baseline {ga['name']}, new {gb['name']}")
+    if ga is None and gb is None:
+        if a["cpu"] != b["cpu"] or a["usable_cpus"] != b["usable_cpus"]:
+            problems.append(
+                f"CPU differs: baseline {a['cpu']} x{a['usable_cpus']}, new {b['cpu']} x{b['usable_cpus']}"
+            )
+    return problems
+
+
+def compare(
+    baseline: Mapping,
+    new: Mapping,
+    tolerances: Tolerances | None = None,
+    *,
+    allow_missing: bool = False,
+    ignore_machine: bool = False,
+) -> Comparison:
+    """Compare two validated results documents (see :func:`benchmarks.suite.load_results`)."""
+    tol = tolerances or Tolerances()
+    for name, doc in (("baseline", baseline), ("new results", new)):
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise InputError(
+                f"{name} use schema version {doc.get('schema_version')}, this compare reads {SCHEMA_VERSION}"
+            )
+    base_idx, new_idx = _index(baseline), _index(new)
+    findings: list[Finding] = []
+    for key, b in base_idx.items():
+        t = tol.for_stage(key[1])
+        n = new_idx.get(key)
+        if n is None:
+            findings.append(Finding(key, Verdict.MISSING, b["images_per_s"]["median"], None, None, t))
+            continue
+        bm, nm = b["images_per_s"]["median"], n["images_per_s"]["median"]
+        change = nm / bm - 1.0
+        verdict = Verdict.OK
+        detail = ""
+        if nm < bm * (1.0 - t):
+            verdict = Verdict.REGRESSED
+        elif change > t:
+            verdict = Verdict.IMPROVED
+        if tol.memory is not None and n["peak_host_mb"] > b["peak_host_mb"] * (1.0 + tol.memory):
+            verdict = Verdict.REGRESSED
+            detail = (
+                f"peak host memory {b['peak_host_mb']:.0f} -> {n['peak_host_mb']:.0f} MB "
+                f"(tolerance +{tol.memory:.0%})"
+            )
+        findings.append(Finding(key, verdict, bm, nm, change, t, detail))
+    for key, n in new_idx.items():
+        if key not in base_idx:
+            findings.append(Finding(key, Verdict.NEW, None, n["images_per_s"]["median"], None, tol.for_stage(key[1])))
+    problems = [] if ignore_machine else machine_mismatches(baseline, new)
+    return Comparison(tuple(findings), tuple(problems), allow_missing)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _stage_tolerance(text: str) -> tuple[str, float]:
+    from benchmarks.schema import STAGES
+
+    stage, sep, value = text.partition("=")
+    if not sep or stage not in STAGES:
+        raise argparse.ArgumentTypeError(f"expected STAGE=FRACTION with STAGE one of {STAGES}, got {text!r}")
+    try:
+        return stage, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("new", type=Path, help="results.json of the run to check")
+    parser.add_argument("baseline", type=Path, help="stored baseline results.json")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"allowed drop of median images/s, as a fraction (default {DEFAULT_TOLERANCE})",
+    )
+    parser.add_argument(
+        "--stage-tolerance",
+        type=_stage_tolerance,
+        action="append",
+        default=[],
+        metavar="STAGE=FRACTION",
+        help="tolerance for one stage (repeatable), e.g. end_to_end=0.15",
+    )
+    parser.add_argument("--memory-tolerance", type=float, help="also fail when peak host memory grows by more than this fraction")
+    parser.add_argument("--allow-missing", action="store_true", help="figures absent from the new run do not fail the check")
+    parser.add_argument("--ignore-machine", action="store_true", help="compare even if CPU/GPU differ from the baseline's")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the comparison; 0 if it passes, 1 on a regression or machine mismatch.
+    Unreadable or invalid files raise :class:`engine.errors.InputError` (exit 2 in the CLI)."""
+    from benchmarks.suite import load_results
+
+    tolerances = Tolerances(
+        throughput=args.tolerance, per_stage=dict(args.stage_tolerance), memory=args.memory_tolerance
+    )
+    result = compare(
+        load_results(args.baseline),
+        load_results(args.new),
+        tolerances,
+        allow_missing=args.allow_missing,
+        ignore_machine=args.ignore_machine,
+    )
+    for line in result.lines():
+        print(line)
+    return 0 if result.passed else EXIT_REGRESSION

@@ -1,0 +1,671 @@
+"""The benchmark suite: what ``engine bench`` runs.
+
+Library entry point: ``run_bench(BenchConfig(...)) -> dict`` (the results document,
+also written to ``<out_dir>/results.json`` with a plot and a Markdown summary). CLI
+entry points: :func:`add_arguments` adds the options to an ``argparse`` parser and
+:func:`main` runs with the parsed arguments; ``engine bench`` and
+``python -m benchmarks run`` both use them.
+
+What is measured, per configuration (reference: PyTorch as the cards use the models;
+engine: DALI plus each available backend and precision), with warm-up batches first
+and then ``repeats`` timed repetitions over the whole image set:
+
+* ``preprocess``: file read, decode, resize/crop/normalise, per scenario (the views the
+  scenario's models need), no model;
+* ``inference``: one model on the preprocessed host batches (host in, host out);
+* ``end_to_end``: files to probabilities, per scenario (gender, quality, both);
+* ``engine_run``: ``engine run`` itself (parquet written, models loaded each time),
+  where the measured backend is the one it drives.
+
+Speedups are engine over reference medians from the same run on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from benchmarks.backends import BACKENDS, BackendContext
+from benchmarks.config import BenchConfig, Pipeline, Precision, Scenario, Stage
+from benchmarks.derive import compute_agreement, compute_headline, compute_speedups
+from benchmarks.images import ImageSet, ImageSetSpec, folder_image_set, generate_image_set
+from benchmarks.measure import MemorySampler, Throughput, time_repeated
+from benchmarks.schema import SCHEMA_VERSION, validate_results
+from engine import __version__
+from engine.errors import DependencyError, EngineError, InputError
+from engine.specs import ModelSpec, SpecRegistry, Task
+
+if TYPE_CHECKING:
+    from benchmarks.engine_pipeline import EngineConfig, EnginePipeline
+    from benchmarks.torch_reference import ReferencePipeline
+    from engine.models import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+RESULTS_PLOT = "results.png"
+RESULTS_SUMMARY = "summary.md"
+RANDOM_WEIGHTS_NOTE = (
+    "All models run with RANDOM weights (the real architectures, seeded; the same weights on "
+    "both sides): throughput is representative, predictions are meaningless and this is NOT "
+    "the published model."
+)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+class _Recorder:
+    """Collects configurations, results and skipped items; times each stage."""
+
+    def __init__(self, cfg: BenchConfig, device_memory: bool) -> None:
+        self.cfg = cfg
+        self.device_memory = device_memory
+        self.configs: list[dict] = []
+        self.results: list[dict] = []
+        self.skipped: list[dict] = []
+        self.outputs: dict[tuple[str, str], tuple[dict[str, np.ndarray], list[int]]] = {}
+
+    def add_config(self, cid: str, pipeline: Pipeline, backend: str, device: str, precision: Precision, label: str, details: dict) -> None:
+        self.configs.append(
+            {
+                "id": cid,
+                "pipeline": pipeline.value,
+                "backend": backend,
+                "device": device,
+                "precision": precision.value,
+                "label": label,
+                "details": details,
+            }
+        )
+
+    def skip(self, cid: str, reason: str) -> None:
+        log.warning("skipping %s: %s", cid, reason)
+        self.skipped.append({"id": cid, "reason": reason})
+
+    def stage(
+        self,
+        cid: str,
+        stage: Stage,
+        scenario: Scenario | None,
+        model: str | None,
+        run_once: Callable[[], int],
+        warmup: Callable[[], object] | None,
+        note: str | None = None,
+    ) -> dict:
+        what = f"{cid} {stage.value}" + (f" {scenario.value}" if scenario else "") + (f" {model}" if model else "")
+        if warmup is not None and self.cfg.warmup_batches > 0:
+            warmup()
+        with MemorySampler(device=self.device_memory) as mem:
+            tp: Throughput = time_repeated(run_once, self.cfg.repeats)
+        if tp.images < 1:
+            raise InputError(f"{what}: no image was processed")
+        record = {
+            "config": cid,
+            "scenario": scenario.value if scenario else None,
+            "stage": stage.value,
+            "model": model,
+            "images": tp.images,
+            "batch_size": self.cfg.batch_size,
+            **tp.as_dict(),
+            "peak_host_mb": round(mem.peak_host_mb, 1),
+            "peak_device_mb": round(mem.peak_device_mb, 1) if mem.peak_device_mb is not None else None,
+            "host_memory_metric": mem.metric,
+            "note": note,
+        }
+        stats = record["images_per_s"]
+        log.info("%s: %.2f images/s (median of %d, spread %.0f%%)", what, stats["median"], self.cfg.repeats, stats["spread_pct"])
+        self.results.append(record)
+        return record
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+def _measure_reference(
+    rec: _Recorder, pipe: "ReferencePipeline", paths: Sequence[Path], specs: Sequence[ModelSpec]
+) -> None:
+    cfg = rec.cfg
+    cid = pipe.config.config_id
+    w = cfg.warmup_batches
+    inputs: dict[str, list] = {}
+
+    for scenario in cfg.scenarios:
+        keys = _keys(scenario, specs)
+        collect = [k for k in keys if k not in inputs]
+        for k in collect:
+            inputs[k] = []
+        first = {"pass": True}
+
+        def pre_once(keys=keys, collect=collect, first=first) -> int:
+            n = 0
+            for batch in pipe.iterate(paths, keys):
+                n += len(batch["index"])
+                if first["pass"]:
+                    for k in collect:
+                        inputs[k].append(batch[k])
+            first["pass"] = False
+            return n
+
+        rec.stage(cid, Stage.PREPROCESS, scenario, None, pre_once, lambda keys=keys: list(pipe.iterate(paths, keys, w)))
+
+    for key in _keys_in_order(cfg, specs):
+        batches = inputs[key]
+
+        def inf_once(key=key, batches=batches) -> int:
+            n = 0
+            for x in batches:
+                n += len(pipe.infer(key, x))
+            pipe.synchronize()
+            return n
+
+        rec.stage(cid, Stage.INFERENCE, None, key, inf_once, lambda key=key, batches=batches: [pipe.infer(key, x) for x in batches[:w]])
+    inputs.clear()
+
+    for scenario in cfg.scenarios:
+        keys = _keys(scenario, specs)
+        last: dict = {}
+
+        def e2e_once(keys=keys, last=last, limit=None) -> int:
+            n = 0
+            probs: dict[str, list] = {k: [] for k in keys}
+            ok: list[int] = []
+            for batch in pipe.iterate(paths, keys, limit):
+                n += len(batch["index"])
+                good = batch["ok"].numpy().astype(bool)
+                ok.extend(int(i) for i in batch["index"].numpy()[good])
+                for k in keys:
+                    probs[k].append(pipe.infer(k, batch[k])[good])
+            pipe.synchronize()
+            last["outputs"] = ({k: np.concatenate(v) if v else np.zeros((0, 1)) for k, v in probs.items()}, ok)
+            return n
+
+        rec.stage(cid, Stage.END_TO_END, scenario, None, e2e_once, lambda e2e_once=e2e_once: e2e_once(limit=w))
+        rec.outputs[(cid, scenario.value)] = last["outputs"]
+
+
+def _measure_engine(
+    rec: _Recorder,
+    pipe: "EnginePipeline",
+    image_set: ImageSet,
+    specs: Sequence[ModelSpec],
+    models: Mapping[str, "ResolvedModel"],
+) -> None:
+    cfg = rec.cfg
+    cid = pipe.config.config_id
+    w = cfg.warmup_batches
+    paths = image_set.paths
+    inputs: dict[str, list[np.ndarray]] = {}
+
+    for scenario in cfg.scenarios:
+        keys = _keys(scenario, specs)
+        collect = [k for k in keys if k not in inputs]
+        for k in collect:
+            inputs[k] = []
+        first = {"pass": True}
+
+        def pre_once(keys=keys, collect=collect, first=first) -> int:
+            n = 0
+            for result in pipe.preprocess(paths, keys):
+                n += len(result)
+                if first["pass"]:
+                    for k in collect:
+                        inputs[k].append(result.views[k])
+            first["pass"] = False
+            return n
+
+        pipe.preprocessor(keys)  # pipeline build is set-up, not preprocessing
+        rec.stage(cid, Stage.PREPROCESS, scenario, None, pre_once, lambda keys=keys: list(pipe.preprocess(paths, keys, w)))
+
+    for key in _keys_in_order(cfg, specs):
+        batches = [b for b in inputs[key] if len(b)]
+
+        def inf_once(key=key, batches=batches) -> int:
+            return sum(len(pipe.infer(key, x)) for x in batches)
+
+        rec.stage(cid, Stage.INFERENCE, None, key, inf_once, lambda key=key, batches=batches: [pipe.infer(key, x) for x in batches[:w]])
+    inputs.clear()
+
+    for scenario in cfg.scenarios:
+        keys = _keys(scenario, specs)
+        last: dict = {}
+
+        def e2e_once(keys=keys, last=last) -> int:
+            n, probs, ok = pipe.end_to_end(paths, keys)
+            last["outputs"] = (probs, ok)
+            return n
+
+        rec.stage(cid, Stage.END_TO_END, scenario, None, e2e_once, lambda keys=keys: pipe.end_to_end(paths, keys, w))
+        rec.outputs[(cid, scenario.value)] = last["outputs"]
+
+    if cfg.engine_run_check and pipe.config.entry.runner and pipe.config.precision is Precision.FP32:
+        _measure_engine_run(rec, cid, image_set, specs, models)
+
+
+def _measure_engine_run(
+    rec: _Recorder, cid: str, image_set: ImageSet, specs: Sequence[ModelSpec], models: Mapping[str, "ResolvedModel"]
+) -> None:
+    """Time `engine run` itself: the product path, parquet included."""
+    from engine.models import ModelSource
+    from engine.runner import ModelChoice, RunConfig, run
+
+    cfg = rec.cfg
+    if image_set.source == "folder" and cfg.max_images is not None:
+        rec.skip(f"{cid} engine_run", "`engine run` takes a whole folder; --max-images limits the benchmark set")
+        return
+    scenarios = [Scenario.BOTH] if Scenario.BOTH in cfg.scenarios else list(cfg.scenarios)
+    work = cfg.out_dir / "engine-run"
+    for scenario in scenarios:
+        keys = _keys(scenario, specs)
+        choices = tuple(
+            ModelChoice(models[k].spec.task, models[k].spec.variant, ModelSource(onnx=models[k].onnx_path)) for k in keys
+        )
+        out = work / f"{scenario.value}.parquet"
+
+        def once(choices=choices, out=out) -> int:
+            summary = run(
+                RunConfig(
+                    input=image_set.root,
+                    out=out,
+                    models=choices,
+                    cache_dir=cfg.cache_dir or work / "cache",
+                    spec_file=cfg.spec_file,
+                    batch_size=cfg.batch_size,
+                    threads=cfg.effective_threads,
+                    overwrite=True,
+                    progress=False,
+                )
+            )
+            return summary.images
+
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            rec.stage(
+                cid,
+                Stage.ENGINE_RUN,
+                scenario,
+                None,
+                once,
+                None,
+                note="whole `engine run` per repetition: model load, pipeline build and parquet writing included",
+            )
+        except Exception as exc:  # a broken `engine run` must not void the other figures; it is reported
+            log.exception("`engine run` failed during the benchmark")
+            rec.skip(f"{cid} engine_run {scenario.value}", f"`engine run` failed: {type(exc).__name__}: {exc}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _keys(scenario: Scenario, specs: Sequence[ModelSpec]) -> list[str]:
+    return [s.key for s in specs if s.task in scenario.tasks]
+
+
+def _keys_in_order(cfg: BenchConfig, specs: Sequence[ModelSpec]) -> list[str]:
+    return [s.key for s in specs if s.task in cfg.tasks]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def resolve_device(choice: str) -> str:
+    from benchmarks.machine import cuda_device_present
+
+    present = cuda_device_present()
+    if choice == "cuda" and not present:
+        raise InputError("--device cuda: no CUDA device is visible on this machine")
+    if choice == "auto":
+        return "cuda" if present else "cpu"
+    return choice
+
+
+def prepare_images(cfg: BenchConfig) -> ImageSet:
+    if cfg.images is not None:
+        return folder_image_set(cfg.images, cfg.max_images)
+    spec = ImageSetSpec(cfg.frames, cfg.crops, cfg.frame_size, cfg.seed)
+    return generate_image_set(cfg.out_dir / "images", spec)
+
+
+def _settings(cfg: BenchConfig, device: str) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (Scenario, Pipeline, Precision)):
+            return v.value
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    out = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    out.update(device=device, workers=cfg.effective_workers, threads=cfg.effective_threads)
+    return out
+
+
+def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
+    return {
+        "key": spec.key,
+        "task": spec.task.value,
+        "variant": spec.variant,
+        "architecture": spec.architecture.value,
+        "input_size": spec.preprocess.size,
+        "labels": list(spec.labels),
+        "weights": resolved.weights.value if resolved else "random",
+        "weights_detail": resolved.weights_detail if resolved else "random weights, seed 0 - NOT the published model",
+        "onnx": str(resolved.onnx_path) if resolved else None,
+    }
+
+
+def _engine_configs(cfg: BenchConfig, device: str, rec: _Recorder) -> list["EngineConfig"]:
+    from benchmarks.backends import find_backend
+    from benchmarks.engine_pipeline import EngineConfig
+
+    for name in cfg.backends:
+        find_backend(name)  # unknown names are a user error
+    out = []
+    for entry in BACKENDS:
+        if cfg.backends and entry.name not in cfg.backends:
+            continue
+        if entry.device != device:
+            continue
+        reason = entry.unavailable_reason()
+        for precision in entry.precisions:
+            cid = entry.config_id(precision)
+            if cfg.precisions and precision not in cfg.precisions:
+                continue
+            if reason is not None:
+                rec.skip(cid, reason)
+                continue
+            out.append(EngineConfig(entry, precision))
+    return out
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    models: Mapping[str, "ResolvedModel"] | None = None,
+    torch_models: Mapping[str, Any] | None = None,
+) -> dict:
+    """Run the suite; write ``results.json``, ``results.png`` (with matplotlib) and
+    ``summary.md`` under ``config.out_dir``; return the results document.
+
+    ``models`` (ResolvedModel by spec key) and ``torch_models`` (eager CPU modules by spec
+    key) let a caller reuse models it already has (the tests do); by default the engine
+    exports random-weight ONNX into the cache and the reference builds the same
+    architectures with the same seed.
+    """
+    from benchmarks.machine import git_commit, machine_info, package_versions
+
+    started = time.perf_counter()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    cfg = config
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    registry = SpecRegistry.load(cfg.spec_file)
+    variants = {Task.GENDER: cfg.gender_variant, Task.QUALITY: cfg.quality_variant}
+    specs = [registry.get(t, variants[t]) for t in cfg.tasks]
+    image_set = prepare_images(cfg)
+    log.info("benchmark on %s: %d images (%s), %s", device, len(image_set), image_set.source, ", ".join(s.key for s in specs))
+
+    rec = _Recorder(cfg, device_memory=device == "cuda")
+    notes = [RANDOM_WEIGHTS_NOTE]
+    resolved: dict[str, ResolvedModel] = {}
+
+    if Pipeline.ENGINE in cfg.pipelines:
+        resolved = _resolve_engine_models(cfg, specs, models)
+        for ec in _engine_configs(cfg, device, rec):
+            context = BackendContext(
+                threads=cfg.effective_threads,
+                batch_size=cfg.batch_size,
+                work_dir=(cfg.cache_dir or cfg.out_dir / "cache"),
+                calibration_images=tuple(image_set.paths[:32]),
+            )
+            _run_engine_config(rec, ec, resolved, context, image_set, specs)
+
+    if Pipeline.REFERENCE in cfg.pipelines:
+        _run_reference(rec, cfg, device, specs, image_set.paths, torch_models)
+
+    configs = rec.configs
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "suite": {"name": "anime-batch-engine benchmark", "engine_version": __version__, "git_commit": git_commit()},
+        "created_utc": created,
+        "duration_s": 0.0,
+        "machine": machine_info(),
+        "packages": package_versions(),
+        "settings": _settings(cfg, device),
+        "images": image_set.describe(),
+        "models": [_model_record(s, resolved.get(s.key)) for s in specs],
+        "configs": configs,
+        "skipped": rec.skipped,
+        "results": rec.results,
+        "speedups": compute_speedups(configs, rec.results),
+        "agreement": compute_agreement(configs, rec.outputs),
+        "headline": compute_headline(configs, rec.results),
+        "notes": notes,
+        "outputs": {
+            "json": str(cfg.out_dir / RESULTS_JSON),
+            "plot": None,
+            "plot_skipped": None,
+            "summary": str(cfg.out_dir / RESULTS_SUMMARY),
+        },
+    }
+    if device == "cpu":
+        notes.append("CPU run: no GPU figures; FP16/INT8 and the GPU backends were not measured.")
+    if cfg.plot:
+        from benchmarks.plot import plot_results
+
+        try:
+            plot_results(doc, cfg.out_dir / RESULTS_PLOT)
+            doc["outputs"]["plot"] = str(cfg.out_dir / RESULTS_PLOT)
+        except DependencyError as exc:
+            doc["outputs"]["plot_skipped"] = str(exc)
+            log.warning("no plot: %s", exc)
+    else:
+        doc["outputs"]["plot_skipped"] = "disabled (--no-plot)"
+    doc["duration_s"] = round(time.perf_counter() - started, 3)
+    validate_results(doc)
+    write_json(doc, cfg.out_dir / RESULTS_JSON)
+    from benchmarks.report import markdown_summary
+
+    (cfg.out_dir / RESULTS_SUMMARY).write_text(markdown_summary(doc), encoding="utf-8")
+    log.info("benchmark finished in %.1f s; results in %s", doc["duration_s"], cfg.out_dir)
+    return doc
+
+
+def _resolve_engine_models(
+    cfg: BenchConfig, specs: Sequence[ModelSpec], given: Mapping[str, "ResolvedModel"] | None
+) -> dict[str, "ResolvedModel"]:
+    from engine.models import ModelSource, default_cache_dir, resolve_model
+
+    out = {}
+    for spec in specs:
+        if given is not None and spec.key in given:
+            out[spec.key] = given[spec.key]
+        else:
+            out[spec.key] = resolve_model(spec, ModelSource(random_weights=True), cfg.cache_dir or default_cache_dir())
+    return out
+
+
+def _run_engine_config(
+    rec: _Recorder,
+    ec: "EngineConfig",
+    resolved: Mapping[str, "ResolvedModel"],
+    context: BackendContext,
+    image_set: ImageSet,
+    specs: Sequence[ModelSpec],
+) -> None:
+    from benchmarks.engine_pipeline import EnginePipeline
+
+    cid = ec.config_id
+    log.info("engine configuration %s: setting up", cid)
+    try:
+        pipe = EnginePipeline(ec, resolved, context)
+    except EngineError as exc:  # e.g. a precision the graph cannot be prepared for
+        rec.skip(cid, str(exc))
+        return
+    with pipe:
+        details = {
+            "threads": context.threads,
+            "preprocess_device": ec.entry.preprocess_device,
+            "backend_details": {k: getattr(b, "providers", None) and list(b.providers) for k, b in pipe.backends.items()},
+        }
+        rec.add_config(cid, Pipeline.ENGINE, ec.entry.name, ec.device, ec.precision, ec.label(), details)
+        _measure_engine(rec, pipe, image_set, specs, resolved)
+    gc.collect()
+
+
+def _run_reference(
+    rec: _Recorder,
+    cfg: BenchConfig,
+    device: str,
+    specs: Sequence[ModelSpec],
+    paths: Sequence[Path],
+    torch_models: Mapping[str, Any] | None,
+) -> None:
+    from benchmarks.torch_reference import ReferencePipeline, build_reference_models, card_views, reference_configs
+
+    selected = [rc for rc in reference_configs(device) if not cfg.precisions or rc.precision in cfg.precisions]
+    if not selected:
+        rec.skip(f"reference/torch/{device}", "no selected precision is a reference precision on this device")
+        return
+    missing = [s for s in specs if torch_models is None or s.key not in torch_models]
+    modules = dict(torch_models or {})
+    if missing:
+        log.info("building reference models: %s", ", ".join(s.key for s in missing))
+        modules.update(build_reference_models(missing))
+    for rc in selected:
+        log.info("reference configuration %s: setting up", rc.config_id)
+        with ReferencePipeline(
+            rc, modules, specs, batch_size=cfg.batch_size, workers=cfg.effective_workers, threads=cfg.effective_threads
+        ) as pipe:
+            details = {
+                "workers": cfg.effective_workers,
+                "threads": cfg.effective_threads,
+                "channels_last": rc.channels_last,
+                "libraries": {key: lib for key, _, lib in card_views(specs)},
+            }
+            rec.add_config(rc.config_id, Pipeline.REFERENCE, "torch", rc.device, rc.precision, rc.label(), details)
+            _measure_reference(rec, pipe, paths, specs)
+        gc.collect()
+
+
+def write_json(doc: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_results(path: Path) -> dict:
+    """Read and validate a results file (user errors as :class:`InputError`)."""
+    from benchmarks.schema import SchemaError
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read benchmark results {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"benchmark results {path} are not valid JSON: {exc}") from None
+    try:
+        validate_results(doc)
+    except SchemaError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return doc
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    return w, h
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = True) -> None:
+    """Add the suite's options to ``parser``. With ``include_common=False`` the caller
+    provides ``--cache-dir`` and ``--spec-file`` itself (as the engine CLI does)."""
+    g = parser.add_argument_group("images")
+    g.add_argument("--images", type=Path, help="benchmark on this folder of images instead of a generated set")
+    g.add_argument("--max-images", type=int, help="use at most this many images of --images")
+    g.add_argument("--frames", type=int, default=32, help="generated 16:9 frames (default 32)")
+    g.add_argument("--crops", type=int, default=32, help="generated small head crops (default 32)")
+    g.add_argument("--frame-size", type=_frame_size, default=(1920, 1080), metavar="WxH", help="generated frame size (default 1920x1080)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the generated set (default 0)")
+    g = parser.add_argument_group("what to measure")
+    g.add_argument("--scenario", action="append", choices=[s.value for s in Scenario], help="gender, quality or both (repeatable; default all three)")
+    g.add_argument("--pipeline", action="append", choices=[p.value for p in Pipeline], help="reference or engine (repeatable; default both)")
+    g.add_argument("--backend", action="append", choices=[e.name for e in BACKENDS], help="engine backend (repeatable; default every one available)")
+    g.add_argument("--precision", action="append", choices=[p.value for p in Precision], help="precision (repeatable; default every one available)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where a GPU is visible, else CPU")
+    g.add_argument("--gender-variant", help="gender spec variant (default: the task's default)")
+    g.add_argument("--quality-variant", help="quality spec variant (default: the task's default)")
+    g.add_argument("--no-engine-run", action="store_true", help="do not time `engine run` itself")
+    g = parser.add_argument_group("how")
+    g.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    g.add_argument("--repeats", type=int, default=3, help="timed repetitions per figure (default 3)")
+    g.add_argument("--warmup-batches", type=int, default=2, help="untimed batches before each figure (default 2)")
+    g.add_argument("--workers", type=int, help="DataLoader workers of the reference (default min(4, cores))")
+    g.add_argument("--threads", type=int, help="intra-op and decode threads (default: all cores)")
+    g.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
+    g.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
+    if include_common:
+        parser.add_argument("--cache-dir", type=Path, help="where exported models are kept")
+        parser.add_argument("--spec-file", type=Path, help="TOML file overriding model specs")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        out_dir=args.out,
+        images=args.images,
+        max_images=args.max_images,
+        frames=args.frames,
+        crops=args.crops,
+        frame_size=tuple(args.frame_size),
+        seed=args.seed,
+        scenarios=tuple(Scenario(s) for s in _unique(args.scenario)) or tuple(Scenario),
+        pipelines=tuple(Pipeline(p) for p in _unique(args.pipeline)) or tuple(Pipeline),
+        backends=tuple(_unique(args.backend)),
+        precisions=tuple(Precision(p) for p in _unique(args.precision)),
+        device=args.device,
+        gender_variant=args.gender_variant,
+        quality_variant=args.quality_variant,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup_batches=args.warmup_batches,
+        workers=args.workers,
+        threads=args.threads,
+        cache_dir=getattr(args, "cache_dir", None),
+        spec_file=getattr(args, "spec_file", None),
+        engine_run_check=not args.no_engine_run,
+        plot=not args.no_plot,
+    )
+
+
+def _unique(values: Iterable[str] | None) -> list[str]:
+    return list(dict.fromkeys(values or []))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the suite from parsed arguments and print the headline; 0 on success.
+    User errors propagate as :class:`engine.errors.EngineError` for the CLI to print."""
+    doc = run_bench(config_from_args(args))
+    from benchmarks.report import headline_lines
+
+    for line in headline_lines(doc):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m benchmarks run` is the entry point
+    sys.exit("use: python -m benchmarks run [options]")
