@@ -1,0 +1,214 @@
+"""TensorRT engine builds.
+
+Everything before the TensorRT calls (profiles, shapes, manifest planning, timing-cache
+naming, behaviour without TensorRT or a GPU) runs everywhere. The builds themselves
+run only under the ``gpu`` marker with the real ``tensorrt`` package; nothing here
+stands in for TensorRT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from builders.calibration import find_calibration_images, load_calibration_set
+from builders.manifest import BuildTarget, EngineCache
+from builders.precision import Precision, prepare
+from builders.trt_build import (
+    BatchProfile,
+    BuildOptions,
+    TensorRTUnavailable,
+    build_engine,
+    default_profile,
+    input_shape_range,
+    plan_manifest,
+    tensorrt_unavailable_reason,
+    timing_cache_path,
+)
+from engine.errors import DependencyError, EngineError, ModelError
+from engine.specs import SpecRegistry
+from tests.model_fixtures import make_tiny_classifier
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
+TARGET = BuildTarget("NVIDIA H100 80GB HBM3", "9.0", "11.4.0.1")
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def specs() -> SpecRegistry:
+    return SpecRegistry.builtin()
+
+
+@pytest.fixture(scope="module")
+def gender(random_models):
+    return random_models["gender/alpha"]
+
+
+@pytest.fixture(scope="module")
+def gender_fp16(gender, tmp_path_factory):
+    return prepare(gender.onnx_path, gender.spec, Precision.FP16, None, tmp_path_factory.mktemp("prep"))
+
+
+# --------------------------------------------------------------------------- plain Python
+
+
+def test_batch_profile_parse_and_validation():
+    assert BatchProfile.parse("1,32,64") == BatchProfile(1, 32, 64)
+    assert BatchProfile.parse(" 2:8:8 ") == BatchProfile(2, 8, 8)
+    for bad in ("1,2", "a,b,c", "1,2,3,4"):
+        with pytest.raises(ModelError, match="three integers"):
+            BatchProfile.parse(bad)
+    with pytest.raises(ModelError, match="min <= opt <= max"):
+        BatchProfile(4, 2, 8)
+    with pytest.raises(ModelError, match="min <= opt <= max"):
+        BatchProfile(0, 2, 8)
+
+
+def test_default_profiles_per_model(specs):
+    gender, quality = default_profile(specs.get("gender")), default_profile(specs.get("quality"))
+    assert gender.min == quality.min == 1
+    assert gender.max > quality.max  # the 224 ResNet takes bigger batches than CAFormer at 384
+    assert quality.opt <= quality.max
+
+
+def test_build_options_validation():
+    with pytest.raises(ModelError, match="workspace"):
+        BuildOptions(workspace_bytes=1024)
+    with pytest.raises(ModelError, match="optimisation level"):
+        BuildOptions(optimization_level=6)
+
+
+def test_input_shape_range_from_graph(tmp_path, specs):
+    spec = dataclasses.replace(
+        specs.get("gender"), preprocess=dataclasses.replace(specs.get("gender").preprocess, size=8)
+    )
+    dynamic = make_tiny_classifier(tmp_path / "dyn.onnx", size=8)
+    shape = input_shape_range(dynamic, spec, BatchProfile(1, 4, 16))
+    assert (shape.name, shape.min, shape.opt, shape.max) == ("input", (1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))
+
+    fixed = make_tiny_classifier(tmp_path / "fixed.onnx", size=8, batch=1)
+    with pytest.raises(ModelError, match="batch is fixed at 1"):
+        input_shape_range(fixed, spec, BatchProfile(1, 4, 16))
+    assert input_shape_range(fixed, spec, BatchProfile(1, 1, 1)).max == (1, 3, 8, 8)
+
+    with pytest.raises(ModelError, match="expects N x 3 x 224 x 224"):
+        input_shape_range(dynamic, specs.get("gender"), BatchProfile(1, 4, 16))
+
+
+def test_plan_manifest_records_what_the_key_needs(gender, gender_fp16):
+    profile = BatchProfile(1, 8, 16)
+    manifest = plan_manifest(gender_fp16, gender.spec, profile, TARGET, BuildOptions(optimization_level=2))
+    assert manifest.model == "gender/alpha"
+    assert manifest.precision == "fp16"
+    assert manifest.onnx_sha256 == gender_fp16.sha256 != gender_fp16.source_sha256
+    assert manifest.profile[0].min == (1, 3, 224, 224) and manifest.profile[0].max == (16, 3, 224, 224)
+    assert manifest.target == TARGET and manifest.builder_optimization_level == 2
+    assert manifest.input_names == ("input",) and manifest.output_names == ("output",)
+    other_gpu = plan_manifest(gender_fp16, gender.spec, profile, dataclasses.replace(TARGET, compute_capability="8.9"))
+    assert other_gpu.key != manifest.key
+
+
+def test_timing_cache_is_per_gpu_and_tensorrt(tmp_path):
+    a = timing_cache_path(tmp_path, TARGET)
+    assert a.parent == tmp_path and a.name == "timing.nvidia-h100-80gb-hbm3.sm9.0.trt11.4.0.1.cache"
+    assert timing_cache_path(tmp_path, dataclasses.replace(TARGET, tensorrt_version="10.13.0.35")) != a
+
+
+@pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is installed here")
+def test_without_tensorrt_build_stops_with_one_clear_line(gender, gender_fp16, tmp_path):
+    reason = tensorrt_unavailable_reason()
+    assert reason is not None and "tensorrt" in reason
+    with pytest.raises(TensorRTUnavailable) as info:
+        build_engine(gender_fp16, gender.spec, tmp_path)
+    err = info.value
+    assert isinstance(err, DependencyError) and isinstance(err, EngineError)
+    message = str(err)
+    assert "\n" not in message
+    assert message.startswith("TensorRT engine build needs TensorRT and an NVIDIA GPU")
+    assert "prepared ONNX is ready" in message and "[gpu]" in message
+    assert not any(tmp_path.iterdir())  # nothing half-written into the engine cache
+    # the prepared model itself is usable on the CPU
+    assert gender_fp16.path.is_file()
+
+
+# --------------------------------------------------------------------------- real TensorRT builds
+
+
+@pytest.fixture(scope="module")
+def trt():
+    return pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_build_strongly_typed_engine_and_cache(trt, gender, precision, tmp_path):
+    images = find_calibration_images(EXAMPLES)
+    calib = load_calibration_set(images, gender.spec)
+    prepared = prepare(gender.onnx_path, gender.spec, precision, None, tmp_path / "prep", calib=calib)
+    cache_dir = tmp_path / "engines"
+    profile = BatchProfile(1, 4, 8)
+    options = BuildOptions(workspace_bytes=1 << 30, optimization_level=1)
+
+    built = build_engine(prepared, gender.spec, cache_dir, profile, options)
+    assert not built.from_cache and built.path.is_file()
+    manifest = json.loads(built.manifest_path.read_text())
+    assert manifest["precision"] == precision
+    assert manifest["target"]["tensorrt_version"] == trt.__version__
+    assert manifest["profile"][0]["max"] == [8, 3, 224, 224]
+    assert manifest["build_seconds"] > 0 and manifest["engine_sha256"]
+    assert timing_cache_path(cache_dir, built.manifest.target).is_file()
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(built.path.read_bytes())
+    assert engine is not None
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    assert names == ["input", "output"]
+    assert engine.get_tensor_dtype("input") == trt.DataType.FLOAT
+    assert tuple(engine.get_tensor_profile_shape("input", 0)[2]) == (8, 3, 224, 224)
+
+    again = build_engine(prepared, gender.spec, cache_dir, profile, options)
+    assert again.from_cache and again.path == built.path
+
+    # a different profile is another engine, never the cached one
+    other = build_engine(prepared, gender.spec, cache_dir, BatchProfile(1, 2, 4), options)
+    assert not other.from_cache and other.path != built.path
+    assert len(EngineCache(cache_dir).entries()) == 2
+
+
+@pytest.mark.gpu
+def test_parser_errors_name_the_node(trt, tmp_path, specs):
+    spec = dataclasses.replace(
+        specs.get("gender"), preprocess=dataclasses.replace(specs.get("gender").preprocess, size=8)
+    )
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["input"], ["output"], name="bogus_node", domain="example.custom")],
+        "bad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    from builders.manifest import onnx_sha256
+    from builders.precision import PreparedModel
+
+    sha = onnx_sha256(path)
+    prepared = PreparedModel(path=path, precision=Precision.FP32, source_sha256=sha, sha256=sha, agreement=None)
+    with pytest.raises(ModelError, match="bogus_node"):
+        build_engine(prepared, spec, tmp_path / "engines", BatchProfile(1, 1, 2))
+    assert not np.any([p.suffix == ".engine" for p in (tmp_path / "engines").glob("*")])
