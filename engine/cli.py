@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
     p.add_argument("--precision", default="fp32", choices=["fp32"], help="inference precision (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming into --out")
+    p.add_argument(
+        "--flush-every",
+        type=int,
+        default=512,
+        metavar="N",
+        help="write finished rows to disk every N images (default 512); a killed run loses at most these",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_sources(p)
     _add_common(p)
@@ -157,6 +165,11 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM is handled like Ctrl-C: finished rows are flushed, the lock released."""
+    raise KeyboardInterrupt
+
+
 def cmd_run(args) -> int:
     from engine.models import ModelSource
     from engine.runner import ModelChoice, RunConfig, run
@@ -182,8 +195,10 @@ def cmd_run(args) -> int:
         threads=args.threads,
         precision=args.precision,
         overwrite=args.overwrite,
+        flush_every=args.flush_every,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = run(config)
     except KeyboardInterrupt:
@@ -193,6 +208,8 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for line in summary.lines():
         print(line)
     return 0

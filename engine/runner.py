@@ -50,11 +50,14 @@ class RunConfig:
     threads: int | None = None
     precision: str = "fp32"
     overwrite: bool = False
+    flush_every: int = 512
     progress: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 4096:
             raise InputError(f"batch size must be between 1 and 4096, got {self.batch_size}")
+        if self.flush_every < 1:
+            raise InputError(f"--flush-every must be at least 1, got {self.flush_every}")
         if not self.models:
             raise InputError("no model selected")
         tasks = [m.task for m in self.models]
@@ -240,7 +243,8 @@ def run(config: RunConfig) -> RunSummary:
 
     with ExitStack() as stack:
         writer = stack.enter_context(
-            ResultWriter(config.out, schema, run_config_record(models, config.precision), overwrite=config.overwrite)
+            ResultWriter(config.out, schema, run_config_record(models, config.precision), overwrite=config.overwrite,
+                         part_rows=config.flush_every)
         )
         summary.skipped = len(writer.done)
         backends = {

@@ -141,6 +141,9 @@ class ResultWriter:
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
                 self.out.unlink(missing_ok=True)
             self.parts_dir.mkdir(exist_ok=True)
+            # Temp files of a killed run (we hold the lock, so none is being written).
+            for stale in [*self.out.parent.glob(f".{self.out.name}.*.tmp"), *self.parts_dir.glob(".part-*.tmp")]:
+                stale.unlink(missing_ok=True)
             self._load_previous()
         except BaseException:
             self._lock.release()

@@ -99,3 +99,14 @@ def test_bad_output_location(tmp_path):
     (tmp_path / "d.parquet").mkdir()
     with pytest.raises(OutputError, match="is a folder"):
         ResultWriter(tmp_path / "d.parquet", SCHEMA, CONFIG).open()
+
+
+def test_temp_files_of_a_killed_run_are_removed(tmp_path):
+    out = tmp_path / "r.parquet"
+    parts = tmp_path / "r.parquet.parts"
+    parts.mkdir()
+    (parts / ".part-000001.parquet.abc.tmp").write_bytes(b"half")
+    (tmp_path / ".r.parquet.xyz.tmp").write_bytes(b"half")
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        w.add(rows(["a"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet"]
