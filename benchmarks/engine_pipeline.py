@@ -53,6 +53,11 @@ class EngineConfig:
         )
 
 
+def handled(result: "PreprocessResult") -> int:
+    """Images a preprocessing call dealt with: decoded ones plus those that failed."""
+    return len(result.ok) + len(result.errors)
+
+
 def read_batches(paths: Sequence[Path], batch_size: int) -> Iterator[list[bytes]]:
     for start in range(0, len(paths), batch_size):
         out = []
@@ -165,7 +170,7 @@ class EnginePipeline:
                 if isinstance(item, BaseException):
                     raise item
                 offset, result = item
-                images += len(result)
+                images += handled(result)
                 for key in keys:
                     view = result.views[key]
                     if len(view):

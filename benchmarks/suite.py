@@ -28,15 +28,15 @@ import datetime as _dt
 import gc
 import json
 import logging
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from benchmarks.backends import BACKENDS, BackendContext
+from benchmarks.backends import BACKENDS, BackendContext, find_backend
 from benchmarks.config import BenchConfig, Pipeline, Precision, Scenario, Stage
 from benchmarks.derive import compute_agreement, compute_headline, compute_speedups
 from benchmarks.images import ImageSet, ImageSetSpec, folder_image_set, generate_image_set
@@ -202,6 +202,8 @@ def _measure_engine(
     specs: Sequence[ModelSpec],
     models: Mapping[str, "ResolvedModel"],
 ) -> None:
+    from benchmarks.engine_pipeline import handled
+
     cfg = rec.cfg
     cid = pipe.config.config_id
     w = cfg.warmup_batches
@@ -218,7 +220,7 @@ def _measure_engine(
         def pre_once(keys=keys, collect=collect, first=first) -> int:
             n = 0
             for result in pipe.preprocess(paths, keys):
-                n += len(result)
+                n += handled(result)
                 if first["pass"]:
                     for k in collect:
                         inputs[k].append(result.views[k])
@@ -265,32 +267,32 @@ def _measure_engine_run(
         rec.skip(f"{cid} engine_run", "`engine run` takes a whole folder; --max-images limits the benchmark set")
         return
     scenarios = [Scenario.BOTH] if Scenario.BOTH in cfg.scenarios else list(cfg.scenarios)
-    work = cfg.out_dir / "engine-run"
-    for scenario in scenarios:
-        keys = _keys(scenario, specs)
-        choices = tuple(
-            ModelChoice(models[k].spec.task, models[k].spec.variant, ModelSource(onnx=models[k].onnx_path)) for k in keys
-        )
-        out = work / f"{scenario.value}.parquet"
-
-        def once(choices=choices, out=out) -> int:
-            summary = run(
-                RunConfig(
-                    input=image_set.root,
-                    out=out,
-                    models=choices,
-                    cache_dir=cfg.cache_dir or work / "cache",
-                    spec_file=cfg.spec_file,
-                    batch_size=cfg.batch_size,
-                    threads=cfg.effective_threads,
-                    overwrite=True,
-                    progress=False,
-                )
+    with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix="engine-run-") as tmp:
+        work = Path(tmp)
+        for scenario in scenarios:
+            keys = _keys(scenario, specs)
+            choices = tuple(
+                ModelChoice(models[k].spec.task, models[k].spec.variant, ModelSource(onnx=models[k].onnx_path))
+                for k in keys
             )
-            return summary.images
+            out = work / f"{scenario.value}.parquet"
 
-        work.mkdir(parents=True, exist_ok=True)
-        try:
+            def once(choices=choices, out=out) -> int:
+                summary = run(
+                    RunConfig(
+                        input=image_set.root,
+                        out=out,
+                        models=choices,
+                        cache_dir=cfg.cache_dir or work / "cache",
+                        spec_file=cfg.spec_file,
+                        batch_size=cfg.batch_size,
+                        threads=cfg.effective_threads,
+                        overwrite=True,
+                        progress=False,
+                    )
+                )
+                return summary.images
+
             rec.stage(
                 cid,
                 Stage.ENGINE_RUN,
@@ -300,10 +302,6 @@ def _measure_engine_run(
                 None,
                 note="whole `engine run` per repetition: model load, pipeline build and parquet writing included",
             )
-        except Exception as exc:  # a broken `engine run` must not void the other figures; it is reported
-            log.exception("`engine run` failed during the benchmark")
-            rec.skip(f"{cid} engine_run {scenario.value}", f"`engine run` failed: {type(exc).__name__}: {exc}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def _keys(scenario: Scenario, specs: Sequence[ModelSpec]) -> list[str]:
@@ -365,11 +363,8 @@ def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
 
 
 def _engine_configs(cfg: BenchConfig, device: str, rec: _Recorder) -> list["EngineConfig"]:
-    from benchmarks.backends import find_backend
     from benchmarks.engine_pipeline import EngineConfig
 
-    for name in cfg.backends:
-        find_backend(name)  # unknown names are a user error
     out = []
     for entry in BACKENDS:
         if cfg.backends and entry.name not in cfg.backends:
@@ -407,6 +402,8 @@ def run_bench(
     started = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     cfg = config
+    for name in cfg.backends:
+        find_backend(name)  # an unknown name is a user error, before any work
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     registry = SpecRegistry.load(cfg.spec_file)

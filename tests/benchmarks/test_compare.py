@@ -1,0 +1,205 @@
+"""The regression check: pairing, tolerances, missing figures, machine mismatch, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import compare as cmp
+from benchmarks.compare import Tolerances, Verdict, compare
+from benchmarks.schema import SchemaError, validate_results
+from engine.errors import InputError
+from tests.benchmarks.docs import ENGINE, REFERENCE, make_doc, scaled
+
+
+def _verdicts(result) -> dict:
+    return {f.key: f.verdict for f in result.findings}
+
+
+def test_fixture_documents_are_schema_valid():
+    validate_results(make_doc())
+    validate_results(make_doc(gpu="NVIDIA H100 80GB HBM3"))
+
+
+def test_identical_results_pass():
+    doc = make_doc()
+    result = compare(doc, doc)
+    assert result.passed
+    assert set(_verdicts(result).values()) == {Verdict.OK}
+    assert result.lines()[-1].startswith("PASS: 6 figure(s) compared")
+
+
+def test_drop_beyond_tolerance_fails_and_names_the_figure():
+    base = make_doc()
+    new = scaled(base, 0.8, stage="end_to_end", config=ENGINE)  # 20 % slower
+    result = compare(base, new, Tolerances(throughput=0.10))
+    assert not result.passed
+    assert [f.key for f in result.regressions] == [(ENGINE, "end_to_end", "gender", None)]
+    (bad,) = result.regressions
+    assert bad.change == pytest.approx(-0.2)
+    assert "REGRESSED" in bad.line() and "-20.0%" in bad.line()
+    assert result.lines()[-1].startswith("FAIL: 1 regression(s)")
+
+
+def test_drop_within_tolerance_passes_and_gain_is_reported():
+    base = make_doc()
+    new = scaled(scaled(base, 0.95, config=ENGINE), 1.5, config=REFERENCE)
+    result = compare(base, new, Tolerances(throughput=0.10))
+    assert result.passed
+    v = _verdicts(result)
+    assert v[(ENGINE, "end_to_end", "gender", None)] is Verdict.OK
+    assert v[(REFERENCE, "end_to_end", "gender", None)] is Verdict.IMPROVED
+
+
+def test_boundary_is_inclusive():
+    base = make_doc()
+    assert compare(base, scaled(base, 0.9), Tolerances(throughput=0.10)).passed
+    assert not compare(base, scaled(base, 0.89), Tolerances(throughput=0.10)).passed
+
+
+def test_per_stage_tolerance_overrides_the_default():
+    base = make_doc()
+    new = scaled(base, 0.8, stage="end_to_end")
+    assert not compare(base, new, Tolerances(throughput=0.10)).passed
+    assert compare(base, new, Tolerances(throughput=0.10, per_stage={"end_to_end": 0.25})).passed
+    # A tighter stage tolerance catches what the default lets through.
+    assert not compare(base, scaled(base, 0.97, stage="inference"), Tolerances(0.10, {"inference": 0.02})).passed
+
+
+def test_missing_figure_fails_unless_allowed_and_new_figure_never_fails():
+    base = make_doc()
+    new = make_doc()
+    new["results"] = [r for r in new["results"] if r["stage"] != "inference"]
+    result = compare(base, new)
+    assert not result.passed
+    assert {f.verdict for f in result.regressions} == {Verdict.MISSING}
+    assert compare(base, new, allow_missing=True).passed
+    # The other way round: figures only in the new run are reported, not failed.
+    result = compare(new, base)
+    assert result.passed
+    assert sum(f.verdict is Verdict.NEW for f in result.findings) == 2
+
+
+def test_memory_growth_is_checked_only_when_asked():
+    key = (ENGINE, "end_to_end", "gender", None)
+    base = make_doc(memory={key: 1000.0})
+    new = make_doc(memory={key: 1300.0})
+    assert compare(base, new).passed
+    result = compare(base, new, Tolerances(memory=0.2))
+    assert [f.key for f in result.regressions] == [key]
+    assert "peak host memory 1000 -> 1300 MB" in result.regressions[0].line()
+    assert compare(base, new, Tolerances(memory=0.5)).passed
+
+
+def test_other_hardware_fails_unless_ignored():
+    h100 = make_doc(gpu="NVIDIA H100 80GB HBM3")
+    assert not compare(h100, make_doc(gpu="NVIDIA H200")).passed
+    assert not compare(h100, make_doc()).passed  # GPU baseline, CPU-only run
+    assert not compare(make_doc(cpu="A"), make_doc(cpu="B")).passed
+    result = compare(h100, make_doc(gpu="NVIDIA H200"), ignore_machine=True)
+    assert result.passed and not result.machine_problems
+
+
+def test_other_schema_version_is_a_user_error():
+    new = make_doc()
+    new["schema_version"] = 999
+    with pytest.raises(InputError, match="schema version 999"):
+        compare(make_doc(), new)
+
+
+def test_tolerance_must_be_a_fraction():
+    with pytest.raises(InputError):
+        Tolerances(throughput=-0.1)
+    with pytest.raises(InputError):
+        Tolerances(per_stage={"end_to_end": 50.0})
+
+
+def _run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cmp.add_arguments(parser)
+    return cmp.main(parser.parse_args(argv))
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    base_path, new_path = tmp_path / "base.json", tmp_path / "new.json"
+    base = make_doc()
+    base_path.write_text(json.dumps(base))
+    new_path.write_text(json.dumps(scaled(base, 0.5, config=ENGINE)))
+    assert _run_cli([str(base_path), str(base_path)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert _run_cli([str(new_path), str(base_path)]) == cmp.EXIT_REGRESSION
+    out = capsys.readouterr().out
+    assert out.count("REGRESSED") == 3 and "FAIL: 3 regression(s)" in out
+    assert _run_cli([str(new_path), str(base_path), "--tolerance", "0.6"]) == 0
+    assert _run_cli([str(new_path), str(base_path), "--stage-tolerance", "end_to_end=0.6"]) == cmp.EXIT_REGRESSION
+
+
+def test_cli_rejects_bad_stage_tolerance(tmp_path):
+    with pytest.raises(SystemExit):
+        _run_cli(["a.json", "b.json", "--stage-tolerance", "warp=0.1"])
+
+
+def test_cli_unreadable_or_invalid_files_are_user_errors(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(make_doc()))
+    with pytest.raises(InputError, match="cannot read"):
+        _run_cli([str(tmp_path / "absent.json"), str(good)])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        _run_cli([str(broken), str(good)])
+    invalid = tmp_path / "invalid.json"
+    doc = make_doc()
+    del doc["machine"]
+    invalid.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="missing 'machine'"):
+        _run_cli([str(invalid), str(good)])
+
+
+def test_module_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(make_doc()))
+    assert main(["compare", str(good), str(good)]) == 0
+    assert main(["compare", str(tmp_path / "nope.json"), str(good)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks: error: cannot read")
+
+
+# -- the schema validator itself --------------------------------------------------------------
+
+
+def test_schema_reports_type_enum_and_reference_problems():
+    doc = make_doc()
+    doc["results"][0]["images_per_s"]["median"] = "fast"
+    doc["results"][1]["stage"] = "warp"
+    doc["configs"][0]["extra"] = 1
+    with pytest.raises(SchemaError) as info:
+        validate_results(doc)
+    problems = info.value.problems
+    assert any("results[0].images_per_s.median: expected number" in p for p in problems)
+    assert any("results[1].stage: 'warp' is not one of" in p for p in problems)
+    assert any("configs[0]: unexpected 'extra'" in p for p in problems)
+
+
+def test_schema_cross_checks():
+    doc = make_doc()
+    doc["results"][0]["config"] = "engine/nothing/cpu/fp32"
+    doc["results"][1]["model"] = None  # an inference result must name its model
+    doc["results"][2]["seconds"] = doc["results"][2]["seconds"][:1]  # not `repeats` timings
+    with pytest.raises(SchemaError) as info:
+        validate_results(doc)
+    text = " ".join(info.value.problems)
+    assert "unknown config 'engine/nothing/cpu/fp32'" in text
+    assert "inference result names its model" in text
+    assert "1 timings, settings say 3 repeats" in text
+
+
+def test_schema_rejects_non_finite_numbers():
+    doc = make_doc()
+    doc["results"][0]["peak_host_mb"] = float("nan")
+    with pytest.raises(SchemaError, match="not a finite number"):
+        validate_results(doc)

@@ -1,0 +1,252 @@
+"""The suite's parts on their own: image set, config, CLI options, measuring, derived figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.config import BenchConfig, Pipeline, Precision, Scenario
+from benchmarks.images import CROP_SIDES, MANIFEST_NAME, ImageSetSpec, folder_image_set, generate_image_set
+from engine.errors import InputError
+from tests.benchmarks.docs import ENGINE, REFERENCE, make_doc
+
+PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff"
+
+
+# -- generated image set ------------------------------------------------------------------
+
+
+def _sizes(paths):
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append((im.size, im.mode))
+    return out
+
+
+def test_generated_set_is_reproducible_and_seeded(tmp_path):
+    spec = ImageSetSpec(frames=2, crops=2, frame_size=(160, 90), seed=7)
+    a = generate_image_set(tmp_path / "a", spec)
+    b = generate_image_set(tmp_path / "b", spec)
+    c = generate_image_set(tmp_path / "c", ImageSetSpec(2, 2, (160, 90), seed=8))
+    assert [p.name for p in a.paths] == ["frame_00000.png", "frame_00001.jpg", "crop_00000.png", "crop_00001.jpg"]
+    assert [p.read_bytes() for p in a.paths] == [p.read_bytes() for p in b.paths]
+    assert all(x.read_bytes() != y.read_bytes() for x, y in zip(a.paths, c.paths))
+    # Adding images does not change the earlier ones.
+    d = generate_image_set(tmp_path / "d", ImageSetSpec(3, 2, (160, 90), seed=7))
+    assert (tmp_path / "d" / "frame_00001.jpg").read_bytes() == a.paths[1].read_bytes()
+    assert len(d) == 5
+
+
+def test_generated_images_look_like_the_workload(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    s = generate_image_set(tmp_path, ImageSetSpec(frames=2, crops=4, frame_size=(320, 180), seed=0))
+    heads = [p.read_bytes()[:8] for p in s.paths]
+    assert [h.startswith(PNG) for h in heads] == [True, False, True, False, True, False]
+    assert all(h.startswith(JPEG) for h in heads[1::2])
+    sizes = _sizes(s.paths)
+    assert sizes[:2] == [((320, 180), "RGB")] * 2
+    for (w, h), mode in sizes[2:]:
+        assert mode == "RGB" and CROP_SIDES[0] <= min(w, h) <= CROP_SIDES[1] and max(w, h) <= 1.3 * min(w, h) + 1
+    assert s.counts == {"frame.png": 1, "frame.jpg": 1, "crop.png": 2, "crop.jpg": 2}
+    assert s.total_bytes == sum(p.stat().st_size for p in s.paths)
+    # Not noise: large flat-ish regions (cel shading) and many distinct colours (gradients, grain).
+    arr = np.asarray(Image.open(s.paths[0]).convert("RGB"), dtype=np.int16)
+    steps = np.abs(np.diff(arr, axis=1)).max(axis=2)
+    assert np.median(steps) <= 12
+    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 1000
+    assert arr.std() > 20
+
+
+def test_generated_set_is_reused_and_redrawn_when_it_changed(tmp_path):
+    spec = ImageSetSpec(frames=1, crops=1, frame_size=(64, 36), seed=0)
+    s = generate_image_set(tmp_path, spec)
+    stamps = [p.stat().st_mtime_ns for p in s.paths]
+    time.sleep(0.01)
+    generate_image_set(tmp_path, spec)
+    assert [p.stat().st_mtime_ns for p in s.paths] == stamps  # reused
+    s.paths[0].write_bytes(b"tampered")
+    generate_image_set(tmp_path, spec)
+    assert s.paths[0].read_bytes().startswith(PNG)  # redrawn
+    generate_image_set(tmp_path, ImageSetSpec(frames=1, crops=0, frame_size=(64, 36), seed=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frame_00000.png", MANIFEST_NAME]  # stale crop removed
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["spec"]["crops"] == 0 and list(manifest["files"]) == ["frame_00000.png"]
+
+
+def test_user_folder(tmp_path):
+    generate_image_set(tmp_path / "imgs" / "sub", ImageSetSpec(frames=0, crops=3, frame_size=(64, 36), seed=0))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    s = folder_image_set(tmp_path / "imgs")
+    assert s.source == "folder" and len(s) == 3 and s.spec is None
+    assert s.counts == {"png": 2, "jpg": 1}
+    assert len(folder_image_set(tmp_path / "imgs", max_images=2)) == 2
+    with pytest.raises(InputError, match="does not exist"):
+        folder_image_set(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        folder_image_set(tmp_path / "empty")
+
+
+# -- config and CLI options -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch size"),
+        ({"repeats": 0}, "repeats"),
+        ({"warmup_batches": -1}, "warm-up"),
+        ({"frames": 0, "crops": 0}, "at least one"),
+        ({"frame_size": (10, 10)}, "frame size"),
+        ({"scenarios": ()}, "no scenario"),
+        ({"pipelines": ()}, "no pipeline"),
+        ({"workers": -1}, "workers"),
+        ({"max_images": 0}, "max images"),
+    ],
+)
+def test_config_rejects_bad_settings(tmp_path, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        BenchConfig(out_dir=tmp_path, **kwargs)
+
+
+def test_config_tasks_follow_scenarios(tmp_path):
+    from engine.specs import Task
+
+    assert BenchConfig(out_dir=tmp_path, scenarios=(Scenario.GENDER,)).tasks == (Task.GENDER,)
+    assert BenchConfig(out_dir=tmp_path, scenarios=(Scenario.QUALITY, Scenario.GENDER)).tasks == (Task.GENDER, Task.QUALITY)
+    assert BenchConfig(out_dir=tmp_path, scenarios=(Scenario.BOTH,)).tasks == (Task.GENDER, Task.QUALITY)
+
+
+def test_cli_options_map_to_the_config():
+    from benchmarks.suite import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args([]))
+    assert cfg.scenarios == tuple(Scenario) and cfg.pipelines == tuple(Pipeline)
+    assert cfg.backends == () and cfg.precisions == () and cfg.frame_size == (1920, 1080)
+    args = parser.parse_args(
+        "--scenario gender --scenario both --scenario gender --pipeline engine --precision fp16 "
+        "--frame-size 640x360 --batch-size 4 --repeats 5 --no-plot --no-engine-run --cache-dir /c --out /o".split()
+    )
+    cfg = config_from_args(args)
+    assert cfg.scenarios == (Scenario.GENDER, Scenario.BOTH) and cfg.pipelines == (Pipeline.ENGINE,)
+    assert cfg.precisions == (Precision.FP16,) and cfg.frame_size == (640, 360)
+    assert (cfg.batch_size, cfg.repeats, cfg.plot, cfg.engine_run_check) == (4, 5, False, False)
+    assert cfg.cache_dir == Path("/c") and cfg.out_dir == Path("/o")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--frame-size", "big"])
+
+
+def test_cli_options_fit_a_parser_that_has_the_common_ones():
+    from benchmarks.suite import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--spec-file", type=Path)
+    add_arguments(parser, include_common=False)
+    cfg = config_from_args(parser.parse_args(["--spec-file", "s.toml"]))
+    assert cfg.spec_file == Path("s.toml") and cfg.cache_dir is None
+
+
+def test_unknown_backend_is_a_user_error_before_any_work(tmp_path):
+    from benchmarks.suite import run_bench
+
+    with pytest.raises(InputError, match="unknown benchmark backend 'nope'"):
+        run_bench(BenchConfig(out_dir=tmp_path / "out", backends=("nope",)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_registry():
+    from benchmarks.backends import BACKENDS, find_backend
+
+    names = [e.name for e in BACKENDS]
+    assert len(names) == len(set(names)) and "onnxruntime" in names
+    ort = find_backend("onnxruntime")
+    assert ort.device == "cpu" and ort.runner and ort.unavailable_reason() is None
+    assert ort.config_id(Precision.FP32) == "engine/onnxruntime/cpu/fp32"
+    cuda = find_backend("onnxruntime-cuda")
+    assert cuda.device == "cuda" and (cuda.unavailable_reason() is None or "CUDAExecutionProvider" in cuda.unavailable_reason())
+
+
+def test_import_is_light():
+    code = (
+        "import sys, benchmarks, benchmarks.suite, benchmarks.compare, benchmarks.backends, benchmarks.plot, "
+        "benchmarks.torch_reference, benchmarks.engine_pipeline, benchmarks.__main__\n"
+        "heavy = ['torch', 'onnxruntime', 'nvidia.dali', 'matplotlib', 'cv2', 'tensorrt', 'pycuda', 'timm']\n"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]"
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def test_throughput_statistics():
+    from benchmarks.measure import Throughput, time_repeated
+
+    stats = Throughput(images=10, seconds=(1.0, 0.5, 2.0)).as_dict()["images_per_s"]
+    assert (stats["median"], stats["min"], stats["max"]) == (10.0, 5.0, 20.0)
+    assert stats["spread_pct"] == pytest.approx(150.0)
+    calls = []
+    tp = time_repeated(lambda: calls.append(1) or 4, 3)
+    assert len(calls) == 3 and tp.images == 4 and len(tp.seconds) == 3
+    counts = iter([4, 5])
+    with pytest.raises(RuntimeError, match="processed 5 images"):
+        time_repeated(lambda: next(counts), 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process-tree memory is read from /proc")
+def test_memory_sampler_counts_child_processes():
+    from benchmarks.measure import MemorySampler, sample_host_mb
+
+    base = sample_host_mb()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; b = bytearray(300 * 2**20); print('ok', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        with MemorySampler(interval_s=0.01) as mem:
+            time.sleep(0.05)
+        assert mem.peak_host_mb > base + 250
+        assert mem.peak_device_mb is None and mem.metric in ("pss_tree", "rss_tree")
+        mem.close()  # idempotent
+    finally:
+        child.kill()
+        child.wait()
+
+
+# -- derived figures --------------------------------------------------------------------------
+
+
+def test_speedups_and_headline_pair_same_device_figures():
+    from benchmarks.derive import compute_headline, compute_speedups
+
+    doc = make_doc(
+        {
+            (ENGINE, "end_to_end", "gender", None): 40.0,
+            (ENGINE, "engine_run", "gender", None): 30.0,
+            (REFERENCE, "end_to_end", "gender", None): 10.0,
+            ("engine/onnxruntime-cuda/cuda/fp16", "end_to_end", "gender", None): 400.0,
+        }
+    )
+    speedups = compute_speedups(doc["configs"], doc["results"])
+    ratios = {(s["config"], s["stage"]): s["ratio"] for s in speedups}
+    assert ratios == {(ENGINE, "end_to_end"): pytest.approx(4.0), (ENGINE, "engine_run"): pytest.approx(3.0)}
+    (headline,) = compute_headline(doc["configs"], doc["results"])  # no CUDA reference: no CUDA headline
+    assert headline["engine_config"] == ENGINE and headline["ratio"] == pytest.approx(4.0)

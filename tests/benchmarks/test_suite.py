@@ -1,0 +1,168 @@
+"""A short benchmark run end to end on the CPU, its JSON validated against the schema.
+
+Kept short for CI on two cores: a handful of small generated images, one repetition,
+batch 2. The gender model (resnet18) runs the whole suite (warm-up, every stage,
+`engine run`, plot); the quality model (caformer_s36, about a second per image here
+even in ONNX Runtime) runs one image through the "both" scenario without warm-up, so
+both classifiers and the decode-once branch are covered without minutes of CAFormer.
+ONNX files come from the session's ``random_models``; each torch model is built once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.config import BenchConfig, Pipeline, Scenario
+from benchmarks.schema import validate_results
+from benchmarks.suite import RESULTS_JSON, RESULTS_SUMMARY, load_results, run_bench
+
+pytest.importorskip("torch", reason="the reference pipeline needs torch")
+pytest.importorskip("cv2", reason="the gender card's preprocessing uses OpenCV")
+
+ENGINE = "engine/onnxruntime/cpu/fp32"
+REFERENCE = "reference/torch/cpu/fp32"
+
+
+@pytest.fixture(scope="module")
+def torch_gender():
+    from benchmarks.torch_reference import build_reference_models
+    from engine.specs import SpecRegistry
+
+    return build_reference_models([SpecRegistry.builtin().get("gender", "alpha")])["gender/alpha"]
+
+
+@pytest.fixture(scope="module")
+def gender_run(tmp_path_factory, random_models, torch_gender):
+    out = tmp_path_factory.mktemp("bench-gender")
+    config = BenchConfig(
+        out_dir=out,
+        frames=1,
+        crops=2,  # 3 images in batches of 2: one full batch, one ragged
+        frame_size=(320, 180),
+        scenarios=(Scenario.GENDER,),
+        device="cpu",
+        batch_size=2,
+        repeats=1,
+        warmup_batches=1,
+        workers=2,
+        threads=2,
+        cache_dir=out / "cache",
+    )
+    doc = run_bench(config, models={"gender/alpha": random_models["gender/alpha"]}, torch_models={"gender/alpha": torch_gender})
+    return out, doc
+
+
+def _result(doc, config, stage, scenario=None, model=None):
+    found = [
+        r for r in doc["results"] if (r["config"], r["stage"], r["scenario"], r["model"]) == (config, stage, scenario, model)
+    ]
+    assert len(found) == 1, f"no single result for {config} {stage} {scenario} {model}"
+    return found[0]
+
+
+def test_json_is_written_and_valid(gender_run):
+    out, doc = gender_run
+    on_disk = load_results(out / RESULTS_JSON)  # validates against the schema
+    assert on_disk == json.loads(json.dumps(doc))
+    validate_results(doc)
+    assert doc["settings"]["device"] == "cpu" and doc["settings"]["repeats"] == 1
+    assert doc["images"]["count"] == 3 and doc["images"]["source"] == "generated"
+    assert doc["images"]["counts"] == {"frame.png": 1, "crop.png": 1, "crop.jpg": 1}
+    assert doc["machine"]["cpu_count"] >= 1 and doc["packages"]["onnxruntime"]
+
+
+def test_both_pipelines_measure_every_stage(gender_run):
+    _, doc = gender_run
+    assert [c["id"] for c in doc["configs"]] == [ENGINE, REFERENCE]
+    for cid in (ENGINE, REFERENCE):
+        for stage, scenario, model in (
+            ("preprocess", "gender", None),
+            ("inference", None, "gender/alpha"),
+            ("end_to_end", "gender", None),
+        ):
+            r = _result(doc, cid, stage, scenario, model)
+            assert r["images"] == 3
+            assert len(r["seconds"]) == 1 and r["images_per_s"]["median"] > 0
+            assert r["peak_host_mb"] > 50  # a Python process with torch loaded, at least
+            assert r["peak_device_mb"] is None
+
+
+def test_engine_run_is_timed(gender_run):
+    _, doc = gender_run
+    assert not doc["skipped"]
+    r = _result(doc, ENGINE, "engine_run", "gender")
+    assert r["images"] == 3 and "parquet" in r["note"]
+
+
+def test_speedups_headline_and_agreement(gender_run):
+    _, doc = gender_run
+    e2e = {s["stage"]: s for s in doc["speedups"] if s["scenario"] in ("gender", None)}
+    assert {"preprocess", "inference", "end_to_end"} <= set(e2e)
+    engine = _result(doc, ENGINE, "end_to_end", "gender")["images_per_s"]["median"]
+    reference = _result(doc, REFERENCE, "end_to_end", "gender")["images_per_s"]["median"]
+    assert e2e["end_to_end"]["ratio"] == pytest.approx(engine / reference)
+    (headline,) = doc["headline"]
+    assert headline["scenario"] == "gender" and headline["ratio"] == pytest.approx(engine / reference)
+    (agree,) = doc["agreement"]
+    # Same seeded weights on both sides: only the preprocessing libraries differ.
+    assert agree["images"] == 3 and agree["max_abs_dp"] < 0.1
+
+
+def test_random_weights_are_labelled(gender_run):
+    out, doc = gender_run
+    (model,) = doc["models"]
+    assert model["weights"] == "random" and "NOT the published model" in model["weights_detail"]
+    assert any("RANDOM weights" in n for n in doc["notes"])
+    summary = (out / RESULTS_SUMMARY).read_text()
+    assert "random weights" in summary and "| gender | cpu |" in summary
+
+
+def test_plot_or_reason(gender_run):
+    out, doc = gender_run
+    try:
+        import matplotlib  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        assert doc["outputs"]["plot"] is None and "matplotlib" in doc["outputs"]["plot_skipped"]
+        return
+    plot = Path(doc["outputs"]["plot"])
+    assert plot.parent == out and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_models_together_on_one_image(tmp_path, random_models, torch_gender):
+    from benchmarks.torch_reference import build_reference_models
+    from engine.specs import SpecRegistry
+
+    torch_quality = build_reference_models([SpecRegistry.builtin().get("quality", "baseline")])["quality/baseline"]
+    config = BenchConfig(
+        out_dir=tmp_path,
+        frames=0,
+        crops=1,
+        scenarios=(Scenario.BOTH,),
+        pipelines=(Pipeline.ENGINE, Pipeline.REFERENCE),
+        device="cpu",
+        batch_size=1,
+        repeats=1,
+        warmup_batches=0,
+        workers=1,
+        threads=2,
+        engine_run_check=False,
+        plot=False,
+        cache_dir=tmp_path / "cache",
+    )
+    doc = run_bench(
+        config,
+        models={k: random_models[k] for k in ("gender/alpha", "quality/baseline")},
+        torch_models={"gender/alpha": torch_gender, "quality/baseline": torch_quality},
+    )
+    validate_results(load_results(tmp_path / RESULTS_JSON))
+    for cid in (ENGINE, REFERENCE):
+        assert _result(doc, cid, "end_to_end", "both")["images"] == 1
+        assert _result(doc, cid, "preprocess", "both")["images"] == 1
+        for key in ("gender/alpha", "quality/baseline"):
+            assert _result(doc, cid, "inference", None, key)["images"] == 1
+    assert {a["model"] for a in doc["agreement"]} == {"gender/alpha", "quality/baseline"}
+    assert doc["outputs"]["plot"] is None and doc["outputs"]["plot_skipped"]
+    assert [h["scenario"] for h in doc["headline"]] == ["both"]
