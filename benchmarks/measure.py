@@ -173,14 +173,29 @@ class _Nvml:
         self._lib.nvmlShutdown()
 
 
+def device_used_bytes() -> int | None:
+    """Device-wide used memory of GPU 0 now, or None where NVML is unavailable."""
+    try:
+        nvml = _Nvml()
+    except OSError as exc:
+        log.info("NVML unavailable (%s)", exc)
+        return None
+    try:
+        return nvml.used_bytes()
+    finally:
+        nvml.close()
+
+
 class MemorySampler:
     """Samples host (and, with ``device=True``, GPU) memory in a thread while open.
 
     ``peak_host_mb`` is the highest sample; ``peak_device_mb`` the highest device-wide
-    used memory above the level at start, or None without a GPU.
+    used memory above ``device_base_bytes`` (by default the level when sampling
+    starts; the suite passes the level before any model was loaded, so weights, engines
+    and allocator caches count), or None without a GPU.
     """
 
-    def __init__(self, interval_s: float = 0.05, device: bool = False) -> None:
+    def __init__(self, interval_s: float = 0.05, device: bool = False, device_base_bytes: int | None = None) -> None:
         self.interval_s = interval_s
         self.metric = host_memory_metric()
         self.peak_host_mb = 0.0
@@ -190,7 +205,7 @@ class MemorySampler:
         if device:
             try:
                 self._nvml = _Nvml()
-                self._device_base = self._nvml.used_bytes()
+                self._device_base = self._nvml.used_bytes() if device_base_bytes is None else device_base_bytes
                 self.peak_device_mb = 0.0
             except OSError as exc:
                 log.warning("device memory not measured: NVML unavailable (%s)", exc)

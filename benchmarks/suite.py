@@ -40,7 +40,7 @@ from benchmarks.backends import BACKENDS, BackendContext, find_backend
 from benchmarks.config import BenchConfig, Pipeline, Precision, Scenario, Stage
 from benchmarks.derive import compute_agreement, compute_headline, compute_speedups
 from benchmarks.images import ImageSet, ImageSetSpec, folder_image_set, generate_image_set
-from benchmarks.measure import MemorySampler, Throughput, time_repeated
+from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, time_repeated
 from benchmarks.schema import SCHEMA_VERSION, validate_results
 from engine import __version__
 from engine.errors import DependencyError, EngineError, InputError
@@ -72,6 +72,8 @@ class _Recorder:
     def __init__(self, cfg: BenchConfig, device_memory: bool) -> None:
         self.cfg = cfg
         self.device_memory = device_memory
+        # Device memory counts from before any model was loaded (None: sampled per stage).
+        self.device_base = device_used_bytes() if device_memory else None
         self.configs: list[dict] = []
         self.results: list[dict] = []
         self.skipped: list[dict] = []
@@ -107,7 +109,7 @@ class _Recorder:
         what = f"{cid} {stage.value}" + (f" {scenario.value}" if scenario else "") + (f" {model}" if model else "")
         if warmup is not None and self.cfg.warmup_batches > 0:
             warmup()
-        with MemorySampler(device=self.device_memory) as mem:
+        with MemorySampler(device=self.device_memory, device_base_bytes=self.device_base) as mem:
             tp: Throughput = time_repeated(run_once, self.cfg.repeats)
         if tp.images < 1:
             raise InputError(f"{what}: no image was processed")
