@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx.version_converter import ConvertError
 
 from builders.calibration import (
     DEFAULT_CALIBRATION_BATCH,
@@ -323,6 +324,14 @@ def single_input_name(session) -> str:
     return inputs[0].name
 
 
+def graph_input_name(model: onnx.ModelProto, where: Path) -> str:
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if len(names) != 1:
+        raise ModelError(f"{where}: expected a model with one image input, found {names}")
+    return names[0]
+
+
 def run_cpu(path: Path, tensors: np.ndarray, batch_size: int = DEFAULT_CALIBRATION_BATCH) -> np.ndarray:
     """The first output of ``path`` on ``tensors``, batch by batch, with ONNX Runtime on the CPU."""
     session = cpu_session(path)
@@ -478,7 +487,7 @@ def quantize_int8(
                 cpu_session(candidate)  # ONNX Runtime must accept the graph
                 _save(mixed, out_path)
                 fp16_done = True
-            except (ModelError, onnx.checker.ValidationError, RuntimeError) as exc:
+            except (ModelError, onnx.checker.ValidationError, ConvertError, RuntimeError, ValueError) as exc:
                 msg = f"FP16 in the unquantised INT8 layers not possible ({str(exc).splitlines()[0]}); they stay FP32"
                 logger.warning(msg)
                 notes.append(msg)
@@ -606,7 +615,7 @@ def prepare(
     if calib is None and calib_images:
         calib = load_calibration_set(list(calib_images), spec, batch_size=batch_size, preprocess=preprocess)
     source = _load(model_onnx)
-    input_name = single_input_name(cpu_session(model_onnx))
+    input_name = graph_input_name(source, model_onnx)
     notes: tuple[str, ...] = ()
     fp16_done = False
     if precision is Precision.FP16:
