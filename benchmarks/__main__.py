@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|compare|plot|schema``: the suite without the engine CLI."""
+"""``python -m benchmarks run|compare|plot|images|schema``: the suite without the engine CLI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw the plot of an existing results file")
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, help="PNG to write (default: next to the results)")
+    p = sub.add_parser("images", help="write the generated image set (e.g. to calibrate INT8 on it)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (reused when it already holds the set)")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--crops", type=int, default=32)
+    p.add_argument("--frame-size", type=suite._frame_size, default=(1920, 1080), metavar="WxH")
+    p.add_argument("--seed", type=int, default=0)
     sub.add_parser("schema", help="print the JSON Schema of the results file")
     return parser
 
@@ -51,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
 
             out = plot_results(load_results(args.results), args.out or args.results.with_suffix(".png"))
             print(f"wrote {out}")
+            return 0
+        if args.command == "images":
+            from benchmarks.images import ImageSetSpec, generate_image_set
+
+            if args.frames < 0 or args.crops < 0 or args.frames + args.crops < 1:
+                raise InputError("the generated image set needs at least one frame or crop")
+            images = generate_image_set(args.out, ImageSetSpec(args.frames, args.crops, tuple(args.frame_size), args.seed))
+            print(f"{len(images)} images in {images.root}")
             return 0
         from benchmarks.schema import RESULT_SCHEMA
 
