@@ -94,6 +94,9 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     alpha: AlphaMode
+    # Whether shrinking low-pass filters first. PIL (timm) does; OpenCV's cv2.resize, which
+    # the gender card uses, does not, and matching it needs antialias off.
+    antialias: bool = True
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after the resize step, before the crop.
@@ -159,12 +162,14 @@ _GENDER_PRE = Preprocess(
     mean=(0.0, 0.0, 0.0),
     std=(1.0, 1.0, 1.0),
     alpha=AlphaMode.DROP,
+    antialias=False,
 )
 _GENDER_UNCONFIRMED = frozenset(
     {"output", "preprocess.channel_order", "preprocess.mean", "preprocess.std", "hub.filename"}
 )
 _GENDER_NOTES = (
-    "Card's use.py: OpenCV read (BGR), short side to 224 with Lanczos, top-left 224x224 crop. "
+    "Card's use.py: OpenCV read (BGR), short side to 224 with Lanczos (cv2.resize: no antialiasing), "
+    "top-left 224x224 crop. "
     "Channel swap, normalisation and softmax are not confirmed; the defaults follow the "
     "predecessor (ToTensor only, softmax appended to the network). ONNX tensor names are "
     "read from the graph."
@@ -381,6 +386,10 @@ def _coerce_pre(name: str, value: Any, where: str) -> Any:
     }
     if name in enums:
         return _enum(enums[name], value, f"{where} preprocess.{name}")
+    if name == "antialias":
+        if not isinstance(value, bool):
+            raise SpecError(f"{where}: preprocess.antialias must be true or false")
+        return value
     if name == "size":
         if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 4096:
             raise SpecError(f"{where}: preprocess.size must be an integer between 8 and 4096")

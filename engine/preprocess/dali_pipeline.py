@@ -29,10 +29,10 @@ placeholder, and a per-sample DALI conditional (``if on_host``) picks the real b
   faster on 1080p frames and keeps memory bounded for extreme aspect ratios (a 1x2000
   strip would otherwise be resized to 224x448000 and 384x768000 pixels).
   ``fused_crop=False`` resizes the whole image, then slices;
-* interpolation per spec (linear, cubic, Lanczos3). Antialiasing is on by default, as
-  PIL (timm) does; OpenCV (the gender card's ``use.py``) does not antialias when it
-  shrinks, and a view gets that with ``antialias={key: False}`` (the spec has no field
-  for it yet; see tests/engine/preprocess/test_parity.py for what it changes);
+* interpolation per spec (linear, cubic, Lanczos3), antialiasing when shrinking as
+  ``Preprocess.antialias`` says: on for the quality spec, as PIL (timm) does; off for
+  the gender spec, as the card's OpenCV ``cv2.resize`` (see
+  tests/engine/preprocess/test_parity.py for what it changes);
 * channel order: RGB, or BGR by a colour-space conversion;
 * ``crop_mirror_normalize`` with ``mean * 255`` and ``std * 255`` to float32 CHW. Mean
   and std apply to the channels in output order (``mean[0]`` to the first channel).
@@ -54,7 +54,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -93,8 +93,8 @@ class DaliPreprocessor:
     """Decode once, produce every view. A context manager; ``close()`` is idempotent.
 
     ``views`` is a sequence of (key, Preprocess), usually ``(spec.key, spec.preprocess)``.
-    ``antialias`` maps view keys to whether the resize antialiases when it shrinks
-    (default True for every view). ``fused_crop=False`` resizes the whole image to
+    Each view antialiases when it shrinks as its ``Preprocess.antialias`` says.
+    ``fused_crop=False`` resizes the whole image to
     ``resized_shape`` and then slices the crop out (bit-exact geometry, slower, memory
     growing with the aspect ratio); the default resamples only the crop window.
     """
@@ -106,7 +106,6 @@ class DaliPreprocessor:
         num_threads: int = 2,
         device: str = "cpu",
         *,
-        antialias: Mapping[str, bool] | None = None,
         fused_crop: bool = True,
     ) -> None:
         if device != "cpu":
@@ -127,12 +126,8 @@ class DaliPreprocessor:
             raise EngineError(f"max_batch must be a positive integer, got {max_batch!r}")
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
             raise EngineError(f"num_threads must be a positive integer, got {num_threads!r}")
-        antialias = dict(antialias or {})
-        unknown = set(antialias) - set(keys)
-        if unknown:
-            raise EngineError(f"antialias names unknown view(s) {sorted(unknown)}; views: {keys}")
         self._views: tuple[tuple[str, Preprocess], ...] = tuple(views)
-        self._antialias: tuple[bool, ...] = tuple(bool(antialias.get(k, True)) for k in keys)
+        self._antialias: tuple[bool, ...] = tuple(pre.antialias for _, pre in views)
         self._fused_crop = bool(fused_crop)
         self._max_batch = max_batch
         self._num_threads = num_threads

@@ -23,11 +23,13 @@ def test_builtin_specs_match_the_model_cards():
     assert g.key == "gender/alpha" and g.architecture is Architecture.RESNET18
     assert g.labels == ("female", "male")
     assert g.preprocess.size == 224 and g.preprocess.crop is CropPosition.TOP_LEFT
+    assert g.preprocess.antialias is False  # the card resizes with cv2, which does not antialias
     assert reg.get(Task.GENDER, "beta").architecture is Architecture.RESNET50
     q = reg.get("quality", "head_crop")
     assert q.labels == ("poor", "ok", "good", "excellent")
     assert q.preprocess.size == 384 and q.preprocess.crop is CropPosition.CENTER
     assert q.preprocess.mean == (0.485, 0.456, 0.406) and q.preprocess.alpha is AlphaMode.WHITE
+    assert q.preprocess.antialias is True  # timm resizes with PIL, which does
     # what the cards do not confirm is marked, not hidden
     assert {"output", "preprocess.channel_order", "preprocess.mean"} <= g.unconfirmed
     assert "output" in q.unconfirmed
@@ -99,6 +101,7 @@ labels = ["a", "b", "c", "d"]
         ("[faces.alpha]\n", "task"),
         ("[gender.alpha]\nlabels = ['a', 'a']\n", "unique"),
         ("not toml = = =", "not valid TOML"),
+        ("[gender.alpha.preprocess]\nantialias = 1\n", "true or false"),
     ],
 )
 def test_bad_override_is_one_clear_error(tmp_path, text, message):

@@ -95,7 +95,6 @@ def test_gpu_device_is_refused_clearly():
         ({"views": BOTH + BOTH[:1], "max_batch": 2}, "duplicate view keys"),
         ({"views": BOTH, "max_batch": 0}, "max_batch"),
         ({"views": BOTH, "max_batch": 2, "num_threads": 0}, "num_threads"),
-        ({"views": BOTH, "max_batch": 2, "antialias": {"gender/nope": False}}, "unknown view"),
     ],
 )
 def test_bad_construction_raises_engine_error(kwargs, match):
