@@ -7,7 +7,9 @@ batch k+1 while the main thread runs ONNX Runtime on batch k; rows go to the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
 import queue
@@ -26,7 +28,7 @@ from engine.discovery import iter_images
 from engine.errors import EngineError, InputError
 from engine.models import ModelSource, ResolvedModel, WeightsKind, resolve_model
 from engine.postprocess import classify
-from engine.specs import SpecRegistry, Task
+from engine.specs import SpecRegistry, Task, spec_as_dict
 from engine.writer import ResultWriter
 
 log = logging.getLogger(__name__)
@@ -124,7 +126,14 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str) -> dict[s
     return {
         "precision": precision,
         "models": [
-            {"spec": m.spec.key, "weights": m.weights.value, "detail": m.weights_detail, "onnx": m.onnx_path.name}
+            {
+                "spec": m.spec.key,
+                # preprocessing, labels or output kind changed by a spec file: another config
+                "spec_sha256": hashlib.sha256(json.dumps(spec_as_dict(m.spec), sort_keys=True).encode()).hexdigest(),
+                "weights": m.weights.value,
+                "detail": m.weights_detail,
+                "onnx": m.onnx_path.name,
+            }
             for m in models
         ],
     }

@@ -165,3 +165,16 @@ def test_models_command_marks_unconfirmed(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "gender/alpha" in out and "quality/head_crop" in out and "(unconfirmed)" in out
+
+
+def test_resume_with_another_spec_is_refused(folder, model_cache_dir, tmp_path, capsys, random_models):
+    random_models["gender/alpha"]
+    out = tmp_path / "g.parquet"
+    args = ["run", str(folder / "heads"), "--out", str(out), "--only", "gender", "--random-weights",
+            "--cache-dir", str(model_cache_dir), "--no-progress"]
+    assert main(args) == 0
+    spec = tmp_path / "bgr.toml"
+    spec.write_text("[gender.alpha.preprocess]\nchannel_order = 'bgr'\n")
+    capsys.readouterr()
+    assert main([*args, "--spec-file", str(spec)]) == 2
+    assert "another configuration" in capsys.readouterr().err
