@@ -24,6 +24,7 @@ examples:
   engine models                                   list the model specs and their unconfirmed points
   engine run /data/frames --out results.parquet   classify every image (published models)
   engine run examples/images --random-weights     smoke run with random-weight models (labels meaningless)
+  engine build --precision fp16 --calib /data/frames   prepare FP16 graphs, check them, build TensorRT engines
   engine run /data/crops --quality-variant head_crop --gender-onnx my_gender.onnx
 """
 
@@ -97,7 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results.parquet"), help="output parquet (default results.parquet)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
-    p.add_argument("--precision", default="fp32", choices=["fp32"], help="inference precision (default fp32)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16", "int8"],
+        help="inference precision (default fp32). On the CPU, fp16/int8 run the prepared ONNX graphs "
+        "(see `engine build`): useful to check them, but fp32 is the fastest there",
+    )
+    p.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --precision int8")
     p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming into --out")
     p.add_argument(
         "--flush-every",
@@ -107,6 +115,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="write finished rows to disk every N images (default 512); a killed run loses at most these",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_sources(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "build",
+        help="prepare FP32/FP16/INT8 ONNX and build TensorRT engines",
+        description="For each model: prepare the ONNX graph for the precision (TensorRT 11 networks are "
+        "strongly typed, so precision is set in the graph: fp16 = mixed precision keeping I/O, "
+        "normalisations and softmax in FP32; int8 = explicit Q/DQ calibrated on your images, FP16 "
+        "elsewhere), check it against FP32 with ONNX Runtime on the calibration images and print the "
+        "agreement, then build a TensorRT engine with a batch profile and a timing cache, cached under a "
+        "manifest (ONNX hash, precision, profile, GPU, TensorRT version). Without TensorRT or a GPU it "
+        "stops after the preparation, saying so. Needs the 'gpu' extra for the build step.",
+    )
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"], help="default fp16")
+    p.add_argument(
+        "--calib",
+        type=Path,
+        metavar="DIR",
+        help="folder of typical images: INT8 calibration (required for int8) and the agreement check",
+    )
+    p.add_argument("--calib-count", type=int, default=64, metavar="N", help="images taken from --calib (default 64)")
+    for task in Task:
+        p.add_argument(
+            f"--{task.value}-profile",
+            metavar="MIN,OPT,MAX",
+            help=f"batch sizes of the {task.value} engine's optimisation profile (default per architecture)",
+        )
+    p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace limit in GiB (default 4)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level 0-5")
+    p.add_argument("--strict", action="store_true", help="fail when the agreement with FP32 is out of bounds")
+    p.add_argument("--force", action="store_true", help="redo preparation and build even if cached")
     _add_model_sources(p)
     _add_common(p)
 
@@ -196,6 +236,7 @@ def cmd_run(args) -> int:
         precision=args.precision,
         overwrite=args.overwrite,
         flush_every=args.flush_every,
+        calib_dir=args.calib,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -215,6 +256,59 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _resolve_all(args):
+    from engine.models import ModelSource, resolve_model
+
+    registry = SpecRegistry.load(args.spec_file)
+    tasks = [Task(args.only)] if args.only else list(Task)
+    resolved = []
+    for task in tasks:
+        t = task.value
+        source = ModelSource(
+            onnx=getattr(args, f"{t}_onnx"),
+            checkpoint=getattr(args, f"{t}_checkpoint"),
+            random_weights=args.random_weights,
+            download=not args.no_download,
+        )
+        resolved.append(resolve_model(registry.get(task, getattr(args, f"{t}_variant")), source, _cache_dir(args)))
+    return resolved
+
+
+def cmd_build(args) -> int:
+    from builders.calibration import find_calibration_images
+    from builders.precision import Precision, prepare
+    from builders.trt_build import BatchProfile, BuildOptions, build_all
+
+    precision = Precision(args.precision)
+    calib = None
+    if args.calib is not None:
+        calib = find_calibration_images(args.calib, limit=args.calib_count)
+    elif precision is Precision.INT8:
+        raise EngineError("int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
+    cache = _cache_dir(args)
+    prepared = []
+    for model in _resolve_all(args):
+        p = prepare(
+            model.onnx_path, model.spec, precision, calib, cache / "prepared",
+            strict=args.strict, force=args.force, output_kind=model.output_kind,
+        )
+        line = p.agreement.summary() if p.agreement else "no agreement check (no --calib images)"
+        print(f"{model.spec.key} {precision.value}: {p.path}" + (" (cached)" if p.from_cache else ""))
+        print(f"  agreement with fp32: {line}")
+        for note in p.notes:
+            print(f"  note: {note}")
+        prepared.append((p, model.spec))
+    profiles = {
+        spec.key: BatchProfile.parse(text)
+        for _, spec in prepared
+        if (text := getattr(args, f"{spec.task.value}_profile"))
+    }
+    options = BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level)
+    for artifact in build_all(prepared, cache / "engines", profiles, options):
+        print(f"engine: {artifact.path}" + (" (cached)" if artifact.from_cache else ""))
+    return 0
+
+
 def cmd_export(args) -> int:
     from builders.export import export_onnx
 
@@ -227,7 +321,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "run": cmd_run, "export": cmd_export}
+COMMANDS = {"models": cmd_models, "run": cmd_run, "build": cmd_build, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

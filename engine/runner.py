@@ -53,6 +53,7 @@ class RunConfig:
     precision: str = "fp32"
     overwrite: bool = False
     flush_every: int = 512
+    calib_dir: Path | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -231,12 +232,27 @@ def _progress(total: int | None, enabled: bool):
     return tqdm(total=total, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
+def _precision_graph(model: ResolvedModel, config: RunConfig) -> Path:
+    """The ONNX to run: the model itself for fp32, else its prepared fp16/int8 graph
+    (made once by builders.precision and cached; FP32 inputs and outputs are kept)."""
+    if config.precision == "fp32":
+        return model.onnx_path
+    from builders.calibration import find_calibration_images
+    from builders.precision import prepare
+
+    calib = find_calibration_images(config.calib_dir) if config.calib_dir else None
+    if config.precision == "int8" and not calib:
+        raise EngineError("--precision int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
+    prepared = prepare(
+        model.onnx_path, model.spec, config.precision, calib, config.cache_dir / "prepared",
+        output_kind=model.output_kind,
+    )
+    return prepared.path
+
+
 def run(config: RunConfig) -> RunSummary:
     from engine.backends.onnxruntime import OrtBackend
     from engine.preprocess.dali_pipeline import DaliPreprocessor
-
-    if config.precision != "fp32":
-        raise EngineError(f"precision {config.precision} is not available on the CPU path yet; use fp32")
 
     # Fail fast on a missing input before any model work.
     first = iter_images(config.input)
@@ -244,6 +260,7 @@ def run(config: RunConfig) -> RunSummary:
     models = [
         resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models
     ]
+    onnx_paths = {m.spec.key: _precision_graph(m, config) for m in models}
     schema = result_schema(models)
     summary = RunSummary(out=config.out, precision=config.precision)
     summary.models = [f"{m.spec.key} [{m.weights.value}: {m.weights_detail}] {m.onnx_path}" for m in models]
@@ -258,7 +275,7 @@ def run(config: RunConfig) -> RunSummary:
         summary.skipped = len(writer.done)
         backends = {
             m.spec.key: stack.enter_context(
-                OrtBackend(m.onnx_path, m.info.input, m.info.output, precision=config.precision, threads=threads)
+                OrtBackend(onnx_paths[m.spec.key], m.info.input, m.info.output, precision=config.precision, threads=threads)
             )
             for m in models
         }

@@ -1,0 +1,78 @@
+"""CLI behaviour: help, build without TensorRT, CPU runs of the prepared precisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from engine.cli import build_parser, main
+
+
+@pytest.mark.parametrize("command", ["models", "run", "build", "export"])
+def test_help_explains_each_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert len(capsys.readouterr().out) > 300
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (60 + 7 * i, 90, 3), dtype=np.uint8)).save(root / f"c{i}.png")
+    (root / "junk.jpg").write_bytes(b"junk")
+    return root
+
+
+def _gender_args(model_cache_dir):
+    return ["--only", "gender", "--random-weights", "--no-download", "--cache-dir", str(model_cache_dir)]
+
+
+def test_build_without_tensorrt_prepares_reports_and_stops_in_one_line(calib_dir, random_models, model_cache_dir, capsys):
+    from builders.trt_build import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present: the build would run")
+    random_models["gender/alpha"]
+    code = main(["build", "--precision", "fp16", "--calib", str(calib_dir), *_gender_args(model_cache_dir)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "gender/alpha fp16" in captured.out and "argmax agreement 100.0%" in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("engine: error: TensorRT engine build needs TensorRT and an NVIDIA GPU")
+    assert (model_cache_dir / "prepared" / "gender-alpha.fp16.onnx").is_file()
+
+
+def test_int8_needs_calibration_images(random_models, model_cache_dir, capsys):
+    random_models["gender/alpha"]
+    assert main(["build", "--precision", "int8", *_gender_args(model_cache_dir)]) == 2
+    assert "--calib DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_cpu_run_of_prepared_precision_agrees_with_fp32(precision, calib_dir, random_models, model_cache_dir, tmp_path):
+    random_models["gender/alpha"]
+    results = {}
+    for p in ("fp32", precision):
+        out = tmp_path / f"{p}.parquet"
+        assert main(["run", str(calib_dir), "--out", str(out), "--precision", p, "--calib", str(calib_dir),
+                     "--no-progress", *_gender_args(model_cache_dir)]) == 0
+        results[p] = pl.read_parquet(out).sort("path")
+        assert pl.read_parquet_metadata(out)["engine.config"].count(f'"precision": "{p}"') == 1
+    a, b = (results[p]["gender_p_female"].fill_null(-1).to_numpy() for p in ("fp32", precision))
+    assert results["fp32"]["error"].to_list() == results[precision]["error"].to_list()
+    np.testing.assert_allclose(a, b, atol=2e-2)
+
+
+def test_parser_has_the_issue_commands():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert {"models", "run", "build", "export"} <= set(sub)
