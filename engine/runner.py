@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -140,6 +141,29 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str) -> dict[s
     }
 
 
+# A file larger than this is refused rather than read whole into memory.
+MAX_FILE_BYTES = 1 << 30
+
+
+def read_file(path: Path) -> tuple[bytes, str | None]:
+    """The file's bytes, or (b"", cause) for something that cannot be a readable image
+    file: missing, a broken link, a FIFO or device (reading it could block forever),
+    unreadable, or absurdly large."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return b"", f"cannot read: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return b"", "cannot read: not a regular file"
+    if st.st_size > MAX_FILE_BYTES:
+        return b"", f"cannot read: file too large ({st.st_size} bytes, limit {MAX_FILE_BYTES})"
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError as exc:
+        return b"", f"cannot read: {exc.strerror or exc}"
+
+
 @dataclass
 class _Batch:
     paths: list[str]
@@ -170,11 +194,10 @@ class _Reader(threading.Thread):
                     return
                 payload, read_errors = [], {}
                 for i, p in enumerate(paths):
-                    try:
-                        payload.append(p.read_bytes())
-                    except OSError as exc:
-                        read_errors[i] = f"cannot read: {exc.strerror or exc}"
-                        payload.append(b"")
+                    data, cause = read_file(p)
+                    payload.append(data)
+                    if cause is not None:
+                        read_errors[i] = cause
                 result = self._pre.process(payload)
                 self._put(_Batch([display_path(p) for p in paths], result, read_errors))
             self._put(_DONE)

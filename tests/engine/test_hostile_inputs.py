@@ -1,0 +1,131 @@
+"""Hostile and odd inputs through the whole `engine run`: each gives a correct result
+or an error row naming the cause; none stops the run or corrupts the output."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from engine.cli import main
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(w=64, h=48, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    arr = np.stack([xx * 4 % 256, yy * 5 % 256, (xx * yy) % 256], -1) + rng.integers(0, 30, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _animated(fmt: str) -> bytes:
+    frames = [_photo(seed=i) for i in range(3)]
+    if fmt == "GIF":
+        frames = [f.convert("P") for f in frames]
+    return _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+# name -> (bytes, expectation): "ok" = must classify, "error" = must be an error row,
+# "either" = a result or an error row, both fine
+def _cases() -> dict[bytes, tuple[bytes, str]]:
+    jpeg = _save(_photo(), "JPEG")
+    png = _save(_photo(), "PNG")
+    sixteen = Image.fromarray((np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21))
+    rgba = Image.fromarray(np.dstack([np.asarray(_photo()), np.full((48, 64), 128, np.uint8)]), "RGBA")
+    return {
+        b"empty.jpg": (b"", "error"),
+        b"text.jpg": (b"just some words\n", "error"),
+        b"truncated.jpg": (jpeg[: len(jpeg) // 3], "either"),
+        b"truncated.png": (png[:100], "error"),
+        b"one_pixel.png": (_save(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "ok"),
+        b"sixteen_bit.png": (_save(sixteen, "PNG"), "ok"),
+        b"cmyk.jpg": (_save(_photo().convert("CMYK"), "JPEG"), "ok"),
+        b"gray.jpg": (_save(_photo().convert("L"), "JPEG"), "ok"),
+        b"rgba.png": (_save(rgba, "PNG"), "ok"),
+        b"palette.png": (_save(_photo().convert("P"), "PNG"), "ok"),
+        b"animated.gif": (_animated("GIF"), "ok"),
+        b"animated.webp": (_animated("WEBP"), "ok"),
+        b"with spaces in name.png": (png, "ok"),
+        b"caf\xe9 latin-1 name.png": (png, "ok"),  # not valid UTF-8
+        b"huge_16000.png": (_save(Image.new("L", (16000, 16000), 90), "PNG"), "either"),
+    }
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, random_models, model_cache_dir):
+    random_models["gender/alpha"]
+    root = tmp_path_factory.mktemp("hostile")
+    broot = os.fsencode(root)
+    expect = {}
+    for name, (data, what) in _cases().items():
+        with open(os.path.join(broot, name), "wb") as f:
+            f.write(data)
+        expect[name] = what
+    # a folder named like an image: walked, its image classified
+    os.mkdir(os.path.join(broot, b"folder.png"))
+    with open(os.path.join(broot, b"folder.png", b"inner.png"), "wb") as f:
+        f.write(_save(_photo(seed=5), "PNG"))
+    expect[b"folder.png/inner.png"] = "ok"
+    os.symlink(root, os.path.join(broot, b"loop"))  # symlink loop: skipped
+    os.symlink(os.path.join(broot, b"gone.png"), os.path.join(broot, b"dangling.png"))
+    expect[b"dangling.png"] = "error"
+    os.mkfifo(os.path.join(broot, b"fifo.png"))  # reading it would block forever
+    expect[b"fifo.png"] = "error"
+
+    out = tmp_path_factory.mktemp("hostile-out") / "r.parquet"
+    code = main(["run", str(root), "--out", str(out), "--only", "gender", "--random-weights", "--no-download",
+                 "--cache-dir", str(model_cache_dir), "--batch-size", "4", "--no-progress"])
+    assert code == 0
+    df = pl.read_parquet(out)
+    rows = {}
+    for row in df.iter_rows(named=True):
+        rows[row["path"][len(str(root)) + 1 :]] = row
+    return expect, rows, df
+
+
+def _key(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
+
+
+def test_every_file_has_exactly_one_row(hostile):
+    expect, rows, df = hostile
+    assert df["path"].n_unique() == df.height
+    assert set(rows) == {_key(n) for n in expect}
+
+
+@pytest.mark.parametrize("name, what", [(n, w) for n, (_, w) in _cases().items()] + [
+    (b"folder.png/inner.png", "ok"), (b"dangling.png", "error"), (b"fifo.png", "error")])
+def test_each_input_gives_a_result_or_a_named_error(hostile, name, what):
+    _, rows, _ = hostile
+    row = rows[_key(name)]
+    if row["error"] is None:
+        assert what in ("ok", "either"), f"{name!r} should have failed"
+        p = row["gender_p_female"] + row["gender_p_male"]
+        assert abs(p - 1) < 1e-5 and row["gender_label"] in ("female", "male")
+        assert row["width"] >= 1 and row["height"] >= 1
+    else:
+        assert what in ("error", "either"), f"{name!r} failed: {row['error']}"
+        assert row["gender_label"] is None
+        assert len(row["error"]) > 5 and "\n" not in row["error"]
+
+
+def test_error_causes_are_named(hostile):
+    _, rows, _ = hostile
+    assert "empty" in rows["empty.jpg"]["error"]
+    assert "not an image" in rows["text.jpg"]["error"]
+    assert "not a regular file" in rows["fifo.png"]["error"]
+    assert "No such file" in rows["dangling.png"]["error"]
+
+
+def test_non_utf8_name_is_escaped_not_lost(hostile):
+    _, rows, _ = hostile
+    assert "caf\\xe9 latin-1 name.png" in rows
