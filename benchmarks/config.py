@@ -77,8 +77,9 @@ class BenchConfig:
     quality_variant: str | None = None
     batch_size: int = 16
     repeats: int = 3
+    rounds: int = 1  # every configuration measured this many times, alternating order, timings pooled
     warmup_batches: int = 2
-    workers: int | None = None  # DataLoader workers of the reference; default min(4, cores)
+    workers: int | None = None  # DataLoader workers of the reference; default one per core, at most 16
     threads: int | None = None  # intra-op / decode threads; default all cores
     cache_dir: Path | None = None
     spec_file: Path | None = None
@@ -99,6 +100,8 @@ class BenchConfig:
             raise InputError(f"batch size must be between 1 and 1024, got {self.batch_size}")
         if not 1 <= self.repeats <= 100:
             raise InputError(f"repeats must be between 1 and 100, got {self.repeats}")
+        if not 1 <= self.rounds <= 20:
+            raise InputError(f"rounds must be between 1 and 20, got {self.rounds}")
         if not 0 <= self.warmup_batches <= 100:
             raise InputError(f"warm-up batches must be between 0 and 100, got {self.warmup_batches}")
         if self.workers is not None and not 0 <= self.workers <= 64:
@@ -114,16 +117,25 @@ class BenchConfig:
 
     @property
     def effective_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        return self.threads or _usable_cpus()
 
     @property
     def effective_workers(self) -> int:
         if self.workers is not None:
             return self.workers
-        return min(4, os.cpu_count() or 1)
+        # The reference at its best: one loader process per core, as the engine's decoder
+        # gets every core too.
+        return min(16, _usable_cpus())
 
     @property
     def tasks(self) -> tuple[Task, ...]:
         """The models the selected scenarios need, in a fixed order."""
         needed = {t for s in self.scenarios for t in s.tasks}
         return tuple(t for t in Task if t in needed)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -120,7 +120,17 @@ def machine_info() -> dict:
         "usable_cpus": usable_cpus(),
         "memory_total_mb": memory_total_mb(),
         "gpu": gpu_info(),
+        "load_average": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages when the run started: on a shared machine a load
+    above the core count means the figures were taken under contention."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def git_commit(repo: Path | None = None) -> str | None:

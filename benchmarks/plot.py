@@ -83,7 +83,7 @@ def plot_results(doc: dict, path: Path) -> Path:
     settings = doc["settings"]
     fig.suptitle(
         f"{device} - {doc['created_utc'][:10]} - {doc['images']['count']} images, batch {settings['batch_size']}, "
-        f"{settings['repeats']} repeats - RANDOM weights",
+        f"{settings['repeats']} repeats x {settings['rounds']} rounds - RANDOM weights",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))

@@ -7,6 +7,8 @@ from __future__ import annotations
 def _device(doc: dict) -> str:
     m = doc["machine"]
     cpu = f"{m['cpu']}, {m['usable_cpus']} usable cores"
+    if m.get("load_average"):
+        cpu += f", load {m['load_average'][0]:.1f} at start"
     if m.get("gpu"):
         g = m["gpu"]
         return f"{g['name']} (driver {g['driver']}), host {cpu}"
@@ -42,7 +44,8 @@ def markdown_summary(doc: dict) -> str:
         "",
         f"- images: {img['count']} {img['source']} ({', '.join(f'{k}: {v}' for k, v in img['counts'].items())}), "
         f"{img['total_bytes'] / 1e6:.1f} MB",
-        f"- batch {st['batch_size']}, {st['repeats']} repeats after {st['warmup_batches']} warm-up batches, "
+        f"- batch {st['batch_size']}, {st['repeats']} repeats x {st['rounds']} round(s) (alternating order) "
+        f"after {st['warmup_batches']} warm-up batches, "
         f"{st['threads']} threads, {st['workers']} DataLoader workers",
         f"- engine {doc['suite']['engine_version']} ({doc['suite']['git_commit'] or 'unknown commit'}); "
         + ", ".join(f"{k} {v}" for k, v in doc["packages"].items() if v and k in ("torch", "onnxruntime", "nvidia-dali-cuda130", "tensorrt-cu13", "timm")),

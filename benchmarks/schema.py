@@ -79,6 +79,7 @@ RESULT_SCHEMA: dict[str, Any] = _obj(
                 "usable_cpus": {"type": "integer", "minimum": 1},
                 "memory_total_mb": _NUM_OR_NULL,
                 "gpu": {"type": ["object", "null"], **{k: v for k, v in _GPU.items() if k != "type"}},
+                "load_average": {"type": ["array", "null"], "items": _NONNEG},
             }
         ),
         "packages": {"type": "object", "additionalProperties": _STR_OR_NULL},
@@ -86,6 +87,7 @@ RESULT_SCHEMA: dict[str, Any] = _obj(
             {
                 "batch_size": {"type": "integer", "minimum": 1},
                 "repeats": {"type": "integer", "minimum": 1},
+                "rounds": {"type": "integer", "minimum": 1},
                 "warmup_batches": _COUNT,
                 "device": {"enum": DEVICES},
                 "workers": _COUNT,
@@ -269,7 +271,7 @@ def _cross_checks(doc: dict) -> list[str]:
         problems.append("configs: duplicate ids")
     known = set(ids)
     models = {m["key"] for m in doc["models"]}
-    repeats = doc["settings"]["repeats"]
+    repeats = doc["settings"]["repeats"] * doc["settings"]["rounds"]
     keys = set()
     for i, r in enumerate(doc["results"]):
         where = f"$.results[{i}]"
@@ -282,7 +284,7 @@ def _cross_checks(doc: dict) -> list[str]:
         if r["model"] is not None and r["model"] not in models:
             problems.append(f"{where}: unknown model '{r['model']}'")
         if len(r["seconds"]) != repeats:
-            problems.append(f"{where}: {len(r['seconds'])} timings, settings say {repeats} repeats")
+            problems.append(f"{where}: {len(r['seconds'])} timings, settings say {repeats} (repeats x rounds)")
         s = r["images_per_s"]
         if not s["min"] <= s["median"] <= s["max"]:
             problems.append(f"{where}: images_per_s not ordered (min <= median <= max)")

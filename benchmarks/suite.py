@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import functools
 import gc
 import json
 import logging
@@ -48,7 +49,7 @@ from engine.specs import ModelSpec, SpecRegistry, Task
 
 if TYPE_CHECKING:
     from benchmarks.engine_pipeline import EngineConfig, EnginePipeline
-    from benchmarks.torch_reference import ReferencePipeline
+    from benchmarks.torch_reference import ReferenceConfig, ReferencePipeline
     from engine.models import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class _Recorder:
         self.outputs: dict[tuple[str, str], tuple[dict[str, np.ndarray], list[int]]] = {}
 
     def add_config(self, cid: str, pipeline: Pipeline, backend: str, device: str, precision: Precision, label: str, details: dict) -> None:
+        if any(c["id"] == cid for c in self.configs):  # a later round
+            return
         self.configs.append(
             {
                 "id": cid,
@@ -95,6 +98,26 @@ class _Recorder:
     def skip(self, cid: str, reason: str) -> None:
         log.warning("skipping %s: %s", cid, reason)
         self.skipped.append({"id": cid, "reason": reason})
+
+    def is_skipped(self, cid: str) -> bool:
+        return any(s["id"] == cid for s in self.skipped)
+
+    def merge_rounds(self) -> None:
+        """Pool the records of one figure from several rounds into one."""
+        merged: dict[tuple, dict] = {}
+        for r in self.results:
+            key = (r["config"], r["stage"], r["scenario"], r["model"])
+            if key not in merged:
+                merged[key] = dict(r)
+                continue
+            m = merged[key]
+            if r["images"] != m["images"]:
+                raise RuntimeError(f"{key}: rounds processed {m['images']} and {r['images']} images")
+            m.update(Throughput(m["images"], tuple(m["seconds"]) + tuple(r["seconds"])).as_dict())
+            m["peak_host_mb"] = max(m["peak_host_mb"], r["peak_host_mb"])
+            if r["peak_device_mb"] is not None:
+                m["peak_device_mb"] = max(m["peak_device_mb"] or 0.0, r["peak_device_mb"])
+        self.results = list(merged.values())
 
     def stage(
         self,
@@ -403,6 +426,7 @@ def run_bench(
 
     started = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    machine = machine_info()  # before the work: its load average tells how busy the machine was
     cfg = config
     for name in cfg.backends:
         find_backend(name)  # an unknown name is a user error, before any work
@@ -418,19 +442,30 @@ def run_bench(
     notes = [RANDOM_WEIGHTS_NOTE]
     resolved: dict[str, ResolvedModel] = {}
 
+    # One unit per configuration: opens it, measures every stage, closes it. With several
+    # rounds the units run again in alternating order (A B, B A, ...), so slow drifts of a
+    # shared machine's load fall on both sides alike; timings of all rounds are pooled.
+    units: list[tuple[str, Callable[[], None]]] = []
     if Pipeline.ENGINE in cfg.pipelines:
         resolved = _resolve_engine_models(cfg, specs, models)
+        context = BackendContext(
+            threads=cfg.effective_threads,
+            batch_size=cfg.batch_size,
+            work_dir=(cfg.cache_dir or cfg.out_dir / "cache"),
+            calibration_images=tuple(image_set.paths[:32]),
+        )
         for ec in _engine_configs(cfg, device, rec):
-            context = BackendContext(
-                threads=cfg.effective_threads,
-                batch_size=cfg.batch_size,
-                work_dir=(cfg.cache_dir or cfg.out_dir / "cache"),
-                calibration_images=tuple(image_set.paths[:32]),
-            )
-            _run_engine_config(rec, ec, resolved, context, image_set, specs)
-
+            units.append((ec.config_id, functools.partial(_run_engine_config, rec, ec, resolved, context, image_set, specs)))
     if Pipeline.REFERENCE in cfg.pipelines:
-        _run_reference(rec, cfg, device, specs, image_set.paths, torch_models)
+        units += _reference_units(rec, cfg, device, specs, image_set.paths, torch_models)
+    for round_index in range(cfg.rounds):
+        for cid, unit in units if round_index % 2 == 0 else units[::-1]:
+            if rec.is_skipped(cid):
+                continue
+            if cfg.rounds > 1:
+                log.info("round %d of %d: %s", round_index + 1, cfg.rounds, cid)
+            unit()
+    rec.merge_rounds()
 
     configs = rec.configs
     doc: dict[str, Any] = {
@@ -438,7 +473,7 @@ def run_bench(
         "suite": {"name": "anime-batch-engine benchmark", "engine_version": __version__, "git_commit": git_commit()},
         "created_utc": created,
         "duration_s": 0.0,
-        "machine": machine_info(),
+        "machine": machine,
         "packages": package_versions(),
         "settings": _settings(cfg, device),
         "images": image_set.describe(),
@@ -459,6 +494,12 @@ def run_bench(
     }
     if device == "cpu":
         notes.append("CPU run: no GPU figures; FP16/INT8 and the GPU backends were not measured.")
+    load = machine["load_average"]
+    if load and load[0] > machine["usable_cpus"]:
+        notes.append(
+            f"The machine was busy when the run started (load {load[0]:.1f} on {machine['usable_cpus']} cores): "
+            "figures were taken under contention; compare ratios from the same run rather than absolute figures."
+        )
     if cfg.plot:
         from benchmarks.plot import plot_results
 
@@ -522,39 +563,53 @@ def _run_engine_config(
     gc.collect()
 
 
-def _run_reference(
+def _reference_units(
     rec: _Recorder,
     cfg: BenchConfig,
     device: str,
     specs: Sequence[ModelSpec],
     paths: Sequence[Path],
     torch_models: Mapping[str, Any] | None,
-) -> None:
-    from benchmarks.torch_reference import ReferencePipeline, build_reference_models, card_views, reference_configs
+) -> list[tuple[str, Callable[[], None]]]:
+    from benchmarks.torch_reference import build_reference_models, reference_configs
 
     selected = [rc for rc in reference_configs(device) if not cfg.precisions or rc.precision in cfg.precisions]
     if not selected:
         rec.skip(f"reference/torch/{device}", "no selected precision is a reference precision on this device")
-        return
+        return []
     missing = [s for s in specs if torch_models is None or s.key not in torch_models]
     modules = dict(torch_models or {})
     if missing:
         log.info("building reference models: %s", ", ".join(s.key for s in missing))
         modules.update(build_reference_models(missing))
-    for rc in selected:
-        log.info("reference configuration %s: setting up", rc.config_id)
-        with ReferencePipeline(
-            rc, modules, specs, batch_size=cfg.batch_size, workers=cfg.effective_workers, threads=cfg.effective_threads
-        ) as pipe:
-            details = {
-                "workers": cfg.effective_workers,
-                "threads": cfg.effective_threads,
-                "channels_last": rc.channels_last,
-                "libraries": {key: lib for key, _, lib in card_views(specs)},
-            }
-            rec.add_config(rc.config_id, Pipeline.REFERENCE, "torch", rc.device, rc.precision, rc.label(), details)
-            _measure_reference(rec, pipe, paths, specs)
-        gc.collect()
+    return [
+        (rc.config_id, functools.partial(_run_reference_config, rec, cfg, rc, modules, specs, paths)) for rc in selected
+    ]
+
+
+def _run_reference_config(
+    rec: _Recorder,
+    cfg: BenchConfig,
+    rc: "ReferenceConfig",
+    modules: Mapping[str, Any],
+    specs: Sequence[ModelSpec],
+    paths: Sequence[Path],
+) -> None:
+    from benchmarks.torch_reference import ReferencePipeline, card_views
+
+    log.info("reference configuration %s: setting up", rc.config_id)
+    with ReferencePipeline(
+        rc, modules, specs, batch_size=cfg.batch_size, workers=cfg.effective_workers, threads=cfg.effective_threads
+    ) as pipe:
+        details = {
+            "workers": cfg.effective_workers,
+            "threads": cfg.effective_threads,
+            "channels_last": rc.channels_last,
+            "libraries": {key: lib for key, _, lib in card_views(specs)},
+        }
+        rec.add_config(rc.config_id, Pipeline.REFERENCE, "torch", rc.device, rc.precision, rc.label(), details)
+        _measure_reference(rec, pipe, paths, specs)
+    gc.collect()
 
 
 def write_json(doc: dict, path: Path) -> None:
@@ -612,9 +667,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = Tru
     g.add_argument("--no-engine-run", action="store_true", help="do not time `engine run` itself")
     g = parser.add_argument_group("how")
     g.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    g.add_argument("--repeats", type=int, default=3, help="timed repetitions per figure (default 3)")
+    g.add_argument("--repeats", type=int, default=3, help="timed repetitions per figure and round (default 3)")
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every configuration this many times, in alternating order, and pool the timings "
+        "(default 1; 2 or more on a shared machine)",
+    )
     g.add_argument("--warmup-batches", type=int, default=2, help="untimed batches before each figure (default 2)")
-    g.add_argument("--workers", type=int, help="DataLoader workers of the reference (default min(4, cores))")
+    g.add_argument("--workers", type=int, help="DataLoader workers of the reference (default: one per core, at most 16)")
     g.add_argument("--threads", type=int, help="intra-op and decode threads (default: all cores)")
     g.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     g.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
@@ -641,6 +703,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         quality_variant=args.quality_variant,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        rounds=args.rounds,
         warmup_batches=args.warmup_batches,
         workers=args.workers,
         threads=args.threads,

@@ -78,6 +78,7 @@ def make_doc(
                 "cpu_count": 2,
                 "usable_cpus": 2,
                 "memory_total_mb": 1024.0,
+                "load_average": [0.5, 0.5, 0.5],
                 "gpu": None
                 if gpu is None
                 else {"name": gpu, "driver": "1.0", "count": 1, "memory_mb": 80000.0, "compute_capability": "9.0", "cuda_runtime": "13.0"},
@@ -86,6 +87,7 @@ def make_doc(
             "settings": {
                 "batch_size": 4,
                 "repeats": repeats,
+                "rounds": 1,
                 "warmup_batches": 1,
                 "device": "cuda" if gpu else "cpu",
                 "workers": 2,

@@ -195,7 +195,7 @@ def test_schema_cross_checks():
     text = " ".join(info.value.problems)
     assert "unknown config 'engine/nothing/cpu/fp32'" in text
     assert "inference result names its model" in text
-    assert "1 timings, settings say 3 repeats" in text
+    assert "1 timings, settings say 3 (repeats x rounds)" in text
 
 
 def test_schema_rejects_non_finite_numbers():
