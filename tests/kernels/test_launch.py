@@ -1,0 +1,78 @@
+"""The argument tuples built by kernels.launch match the kernels' C signatures (CPU check
+of what would otherwise only fail, silently, on a GPU)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import kernels
+from engine.specs import SpecRegistry
+from kernels.launch import POSTPROCESS_BLOCK, PREPROCESS_BLOCK, postprocess_launch, preprocess_launch
+from kernels.reference import Filter, Normalise, ResizeCrop
+
+_SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)', re.S)
+
+
+def signatures() -> dict[str, list[str]]:
+    """kernel name -> parameter C types, from every packaged source."""
+    out: dict[str, list[str]] = {}
+    for name in kernels.sources():
+        for fn, params in _SIGNATURE.findall(kernels.load_source(name)):
+            types = []
+            for param in params.split(","):
+                decl = " ".join(param.replace("__restrict__", "").split())
+                types.append(decl.rsplit(" ", 1)[0].replace(" *", "*"))
+            out[fn] = types
+    return out
+
+
+def expected_numpy_type(c_type: str):
+    if c_type.endswith("*"):
+        return np.uintp
+    return {"int": np.int32, "float": np.float32}[c_type]
+
+
+def check(launch):
+    sig = signatures()[launch.function]
+    assert len(launch.args) == len(sig), (launch.function, sig)
+    for i, (arg, c_type) in enumerate(zip(launch.args, sig)):
+        assert type(arg) is expected_numpy_type(c_type), f"{launch.function} arg {i}: {type(arg)} for {c_type}"
+
+
+def test_every_kernel_is_found():
+    assert set(signatures()) == {"preprocess_u8_to_f16", "preprocess_u8_to_f32", "softmax_argmax_f32", "softmax_argmax_f16"}
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+def test_preprocess_arguments_match_the_signature(out_dtype):
+    pre = SpecRegistry.builtin().get("gender").preprocess
+    geom = ResizeCrop.from_preprocess(pre, 1080, 1920)
+    launch = preprocess_launch(0x7F0000001000, 1920 * 3, geom, Normalise.from_preprocess(pre), 0x7F0000100000, 5, out_dtype)
+    check(launch)
+    assert launch.function.endswith({"float16": "f16", "float32": "f32"}[out_dtype])
+    assert launch.block == PREPROCESS_BLOCK and launch.grid == (14, 14, 1)
+    assert int(launch.args[0]) == 0x7F0000001000 and int(launch.args[-1]) == 5
+    assert int(launch.args[9]) == int(Filter.LANCZOS4)
+
+
+@pytest.mark.parametrize("in_dtype", ["float16", "float32"])
+def test_postprocess_arguments_match_the_signature(in_dtype):
+    launch = postprocess_launch(1 << 40, 2 << 40, 3 << 40, rows=9, classes=1024, in_dtype=in_dtype, probabilities_input=True)
+    check(launch)
+    assert launch.block == POSTPROCESS_BLOCK and launch.block[0] % 32 == 0
+    assert launch.grid == (3, 1, 1)  # 4 rows (warps) per block
+
+
+def test_bad_launch_values_are_refused():
+    pre = SpecRegistry.builtin().get("gender").preprocess
+    geom = ResizeCrop.from_preprocess(pre, 300, 400)
+    norm = Normalise.from_preprocess(pre)
+    with pytest.raises(ValueError, match="pitch"):
+        preprocess_launch(1, 400 * 3 - 1, geom, norm, 2, 0)
+    with pytest.raises(ValueError, match="batch_index"):
+        preprocess_launch(1, 400 * 3, geom, norm, 2, -1)
+    with pytest.raises(ValueError, match="nothing to do"):
+        postprocess_launch(1, 2, 3, rows=0, classes=4)
