@@ -237,7 +237,7 @@ class DaliPreprocessor:
     def _run_batch(self, batch: list[_Entry], errors: dict[int, str]) -> dict[int, _Row]:
         try:
             return self._run_once(batch)
-        except RuntimeError as exc:
+        except _DALI_ERRORS as exc:
             log.debug("DALI batch of %d failed (%s); rebuilding and finding the culprit", len(batch), _first_line(exc))
             self._rebuild()
         # Check the DALI-routed files with the host decoder; what it rejects is an error.
@@ -246,7 +246,7 @@ class DaliPreprocessor:
         if len(survivors) < len(batch):
             try:
                 return self._run_once(survivors)
-            except RuntimeError as exc:
+            except _DALI_ERRORS as exc:
                 log.debug("DALI batch failed again (%s); running its files one at a time", _first_line(exc))
                 self._rebuild()
         rows: dict[int, _Row] = {}
@@ -259,7 +259,7 @@ class DaliPreprocessor:
     def _run_alone(self, entry: _Entry, errors: dict[int, str]) -> _Row | None:
         try:
             return self._run_once([entry])[entry.index]
-        except RuntimeError as exc:
+        except _DALI_ERRORS as exc:
             cause = _first_line(exc)
             self._rebuild()
         if entry.route is Route.DALI and entry.rgba is not None:
@@ -267,7 +267,7 @@ class DaliPreprocessor:
             entry.route = Route.HOST
             try:
                 return self._run_once([entry])[entry.index]
-            except RuntimeError as exc:
+            except _DALI_ERRORS as exc:
                 cause = _first_line(exc)
                 self._rebuild()
         errors[entry.index] = f"preprocessing failed: {cause}"
@@ -292,6 +292,11 @@ class DaliPreprocessor:
                 size = (int(shape[0]), int(shape[1]))
             rows[entry.index] = _Row(tuple(v[j] for v in views), size)
         return rows
+
+
+# What a failed DALI run raises: RuntimeError for decode failures, ValueError for some
+# operator errors (e.g. a division by zero on an image DALI decodes as 0 pixels wide).
+_DALI_ERRORS = (RuntimeError, ValueError)
 
 
 def _as_uint8(item: object, index: int) -> np.ndarray:

@@ -89,3 +89,12 @@ def _check(pre, batch: list[bytes]) -> None:
 @given(batch=st.lists(inputs, min_size=1, max_size=3))
 def test_random_and_mutated_inputs_never_crash(pre, batch):
     _check(pre, batch)
+
+
+def test_bmp_with_zero_width_is_an_error_not_a_crash(pre):
+    """Found by the fuzzer: DALI decodes such a BMP as 0 pixels wide and its geometry
+    then divides by zero (a ValueError, not the usual RuntimeError)."""
+    bmp = bytearray(seeds()[3])
+    assert bmp[:2] == b"BM"
+    bmp[18:22] = bytes(4)  # BITMAPINFOHEADER width = 0
+    _check(pre, [bytes(bmp)])
