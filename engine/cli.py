@@ -151,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "bench",
+        help="throughput of this engine vs the PyTorch reference",
+        description="Run the same images through (a) the PyTorch reference pipeline as the model cards "
+        "use the models (PIL/OpenCV decode, the cards' preprocessing, DataLoader, eager model; FP32, and "
+        "FP16 autocast + channels_last on a GPU) and (b) this engine per backend and precision available. "
+        "Reports per-stage and end-to-end images/s (median and spread over repetitions), speedups "
+        "measured in the same run and peak memory, as JSON and a PNG plot. Models use random weights "
+        "(speed does not depend on them). Compare two result files with `python -m benchmarks compare`.",
+    )
+    from benchmarks.suite import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p, include_common=False)
+    _add_common(p)
+
+    p = sub.add_parser(
         "export",
         help="export a model to ONNX from a checkpoint (or random weights)",
         description="Build the model's real architecture in PyTorch, load a checkpoint (safetensors or state "
@@ -309,6 +324,12 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from benchmarks.suite import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_export(args) -> int:
     from builders.export import export_onnx
 
@@ -321,7 +342,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "run": cmd_run, "build": cmd_build, "export": cmd_export}
+COMMANDS = {"models": cmd_models, "run": cmd_run, "build": cmd_build, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from PIL import Image
 from engine.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["models", "run", "build", "export"])
+@pytest.mark.parametrize("command", ["models", "run", "build", "bench", "export"])
 def test_help_explains_each_command(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -75,4 +75,4 @@ def test_cpu_run_of_prepared_precision_agrees_with_fp32(precision, calib_dir, ra
 
 def test_parser_has_the_issue_commands():
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert {"models", "run", "build", "export"} <= set(sub)
+    assert {"models", "run", "build", "bench", "export"} <= set(sub)
