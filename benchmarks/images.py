@@ -68,7 +68,7 @@ class ImageSet:
     def describe(self) -> dict:
         return {
             "source": self.source,
-            "root": str(self.root),
+            "root": str(Path(self.root).absolute()),
             "count": len(self.paths),
             "total_bytes": self.total_bytes,
             "counts": dict(self.counts),

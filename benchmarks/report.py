@@ -61,14 +61,15 @@ def markdown_summary(doc: dict) -> str:
             )
         lines.append("")
     lines += [
-        "| configuration | stage | scenario / model | images/s median | min-max | spread | peak host MB | peak device MB |",
+        "| configuration | stage | scenario / model | images/s median | min-max | spread | peak host MB (above open) | peak device MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
         what = r["model"] or r["scenario"]
         dev = "-" if r["peak_device_mb"] is None else f"{r['peak_device_mb']:.0f}"
         lines.append(
-            f"| {r['config']} | {r['stage']} | {what} | {_fmt_stats(r)} | {r['peak_host_mb']:.0f} | {dev} |"
+            f"| {r['config']} | {r['stage']} | {what} | {_fmt_stats(r)} | {r['peak_host_mb']:.0f} "
+            f"(+{r['peak_host_delta_mb']:.0f}) | {dev} |"
         )
     if doc["speedups"]:
         lines += ["", "| engine configuration | vs reference | stage | scenario / model | ratio |", "|---|---|---|---|---|"]

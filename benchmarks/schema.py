@@ -151,6 +151,7 @@ RESULT_SCHEMA: dict[str, Any] = _obj(
                     "seconds": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1},
                     "images_per_s": _STATS,
                     "peak_host_mb": {"type": "number", "exclusiveMinimum": 0},
+                    "peak_host_delta_mb": _NONNEG,
                     "peak_device_mb": _NUM_OR_NULL,
                     "host_memory_metric": {"enum": ["pss_tree", "rss_tree", "ru_maxrss_self"]},
                     "note": _STR_OR_NULL,

@@ -41,7 +41,7 @@ from benchmarks.backends import BACKENDS, BackendContext, find_backend
 from benchmarks.config import BenchConfig, Pipeline, Precision, Scenario, Stage
 from benchmarks.derive import compute_agreement, compute_headline, compute_speedups
 from benchmarks.images import ImageSet, ImageSetSpec, folder_image_set, generate_image_set
-from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, time_repeated
+from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, sample_host_mb, time_repeated
 from benchmarks.schema import SCHEMA_VERSION, validate_results
 from engine import __version__
 from engine.errors import DependencyError, EngineError, InputError
@@ -79,6 +79,13 @@ class _Recorder:
         self.results: list[dict] = []
         self.skipped: list[dict] = []
         self.outputs: dict[tuple[str, str], tuple[dict[str, np.ndarray], list[int]]] = {}
+        self._open_host_mb = 0.0
+
+    def opening(self, cid: str) -> None:
+        """Note the host memory before a configuration opens: its stages report their peak
+        above this level too (the configuration's own models, buffers and workers)."""
+        gc.collect()
+        self._open_host_mb = sample_host_mb()
 
     def add_config(self, cid: str, pipeline: Pipeline, backend: str, device: str, precision: Precision, label: str, details: dict) -> None:
         if any(c["id"] == cid for c in self.configs):  # a later round
@@ -115,6 +122,7 @@ class _Recorder:
                 raise RuntimeError(f"{key}: rounds processed {m['images']} and {r['images']} images")
             m.update(Throughput(m["images"], tuple(m["seconds"]) + tuple(r["seconds"])).as_dict())
             m["peak_host_mb"] = max(m["peak_host_mb"], r["peak_host_mb"])
+            m["peak_host_delta_mb"] = max(m["peak_host_delta_mb"], r["peak_host_delta_mb"])
             if r["peak_device_mb"] is not None:
                 m["peak_device_mb"] = max(m["peak_device_mb"] or 0.0, r["peak_device_mb"])
         self.results = list(merged.values())
@@ -145,6 +153,7 @@ class _Recorder:
             "batch_size": self.cfg.batch_size,
             **tp.as_dict(),
             "peak_host_mb": round(mem.peak_host_mb, 1),
+            "peak_host_delta_mb": round(max(0.0, mem.peak_host_mb - self._open_host_mb), 1),
             "peak_device_mb": round(mem.peak_device_mb, 1) if mem.peak_device_mb is not None else None,
             "host_memory_metric": mem.metric,
             "note": note,
@@ -178,8 +187,10 @@ def _measure_reference(
             for batch in pipe.iterate(paths, keys):
                 n += len(batch["index"])
                 if first["pass"]:
+                    good = batch["ok"].bool()  # undecodable files are not inference input (as in the engine)
                     for k in collect:
-                        inputs[k].append(batch[k])
+                        if bool(good.any()):
+                            inputs[k].append(batch[k][good])
             first["pass"] = False
             return n
 
@@ -547,6 +558,7 @@ def _run_engine_config(
 
     cid = ec.config_id
     log.info("engine configuration %s: setting up", cid)
+    rec.opening(cid)
     try:
         pipe = EnginePipeline(ec, resolved, context)
     except EngineError as exc:  # e.g. a precision the graph cannot be prepared for
@@ -571,33 +583,35 @@ def _reference_units(
     paths: Sequence[Path],
     torch_models: Mapping[str, Any] | None,
 ) -> list[tuple[str, Callable[[], None]]]:
-    from benchmarks.torch_reference import build_reference_models, reference_configs
+    from benchmarks.torch_reference import reference_configs
 
     selected = [rc for rc in reference_configs(device) if not cfg.precisions or rc.precision in cfg.precisions]
     if not selected:
         rec.skip(f"reference/torch/{device}", "no selected precision is a reference precision on this device")
         return []
-    missing = [s for s in specs if torch_models is None or s.key not in torch_models]
-    modules = dict(torch_models or {})
-    if missing:
-        log.info("building reference models: %s", ", ".join(s.key for s in missing))
-        modules.update(build_reference_models(missing))
-    return [
-        (rc.config_id, functools.partial(_run_reference_config, rec, cfg, rc, modules, specs, paths)) for rc in selected
-    ]
+    given = dict(torch_models or {})
+    return [(rc.config_id, functools.partial(_run_reference_config, rec, cfg, rc, given, specs, paths)) for rc in selected]
 
 
 def _run_reference_config(
     rec: _Recorder,
     cfg: BenchConfig,
     rc: "ReferenceConfig",
-    modules: Mapping[str, Any],
+    given: Mapping[str, Any],
     specs: Sequence[ModelSpec],
     paths: Sequence[Path],
 ) -> None:
-    from benchmarks.torch_reference import ReferencePipeline, card_views
+    """Open one reference configuration, measure it, close it. Models not given by the
+    caller are built here and dropped after, so their memory is this configuration's."""
+    from benchmarks.torch_reference import ReferencePipeline, build_reference_models, card_views
 
     log.info("reference configuration %s: setting up", rc.config_id)
+    rec.opening(rc.config_id)
+    modules = dict(given)
+    missing = [s for s in specs if s.key not in modules]
+    if missing:
+        log.info("building reference models: %s", ", ".join(s.key for s in missing))
+        modules.update(build_reference_models(missing))
     with ReferencePipeline(
         rc, modules, specs, batch_size=cfg.batch_size, workers=cfg.effective_workers, threads=cfg.effective_threads
     ) as pipe:
@@ -609,6 +623,7 @@ def _run_reference_config(
         }
         rec.add_config(rc.config_id, Pipeline.REFERENCE, "torch", rc.device, rc.precision, rc.label(), details)
         _measure_reference(rec, pipe, paths, specs)
+    del modules
     gc.collect()
 
 

@@ -42,6 +42,7 @@ def result(config: str, stage: str, scenario: str | None, model: str | None, med
             "spread_pct": 100.0 * (max(rates) - min(rates)) / median,
         },
         "peak_host_mb": peak_host_mb,
+        "peak_host_delta_mb": peak_host_mb / 2,
         "peak_device_mb": None,
         "host_memory_metric": "pss_tree",
         "note": None,

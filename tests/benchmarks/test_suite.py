@@ -167,3 +167,30 @@ def test_both_models_together_on_one_image(tmp_path, random_models, torch_gender
     assert {a["model"] for a in doc["agreement"]} == {"gender/alpha", "quality/baseline"}
     assert doc["outputs"]["plot"] is None and doc["outputs"]["plot_skipped"]
     assert [h["scenario"] for h in doc["headline"]] == ["both"]
+
+
+def test_user_folder_with_an_undecodable_file(tmp_path, random_models, torch_gender):
+    from benchmarks.images import ImageSetSpec, generate_image_set
+
+    folder = tmp_path / "mine"
+    generate_image_set(folder / "crops", ImageSetSpec(frames=0, crops=2, frame_size=(64, 36), seed=3))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    config = BenchConfig(
+        out_dir=tmp_path / "out",
+        images=folder,
+        scenarios=(Scenario.GENDER,),
+        device="cpu",
+        batch_size=2,
+        repeats=1,
+        warmup_batches=0,
+        workers=0,  # the reference loads in the main process: also a supported setting
+        engine_run_check=False,
+        plot=False,
+    )
+    doc = run_bench(config, models={"gender/alpha": random_models["gender/alpha"]}, torch_models={"gender/alpha": torch_gender})
+    assert doc["images"]["source"] == "folder" and doc["images"]["count"] == 3
+    for cid in (ENGINE, REFERENCE):
+        assert _result(doc, cid, "end_to_end", "gender")["images"] == 3  # the bad file is handled, not dropped
+        assert _result(doc, cid, "inference", None, "gender/alpha")["images"] == 2  # but is no inference input
+    (agree,) = doc["agreement"]
+    assert agree["images"] == 2
