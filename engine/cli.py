@@ -220,18 +220,13 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _terminate(signum, frame) -> None:
-    """SIGTERM is handled like Ctrl-C: finished rows are flushed, the lock released."""
-    raise KeyboardInterrupt
-
-
-def cmd_run(args) -> int:
+def _model_choices(args) -> tuple:
+    """One ModelChoice per task selected on the command line (the model-source options)."""
     from engine.models import ModelSource
-    from engine.runner import ModelChoice, RunConfig, run
+    from engine.runner import ModelChoice
 
-    tasks = [Task(args.only)] if args.only else list(Task)
     choices = []
-    for task in tasks:
+    for task in [Task(args.only)] if args.only else list(Task):
         t = task.value
         source = ModelSource(
             onnx=getattr(args, f"{t}_onnx"),
@@ -240,10 +235,21 @@ def cmd_run(args) -> int:
             download=not args.no_download,
         )
         choices.append(ModelChoice(task, getattr(args, f"{t}_variant"), source))
+    return tuple(choices)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM is handled like Ctrl-C: finished rows are flushed, the lock released."""
+    raise KeyboardInterrupt
+
+
+def cmd_run(args) -> int:
+    from engine.runner import RunConfig, run
+
     config = RunConfig(
         input=args.input,
         out=args.out,
-        models=tuple(choices),
+        models=_model_choices(args),
         cache_dir=_cache_dir(args),
         spec_file=args.spec_file,
         batch_size=args.batch_size,
@@ -272,21 +278,12 @@ def cmd_run(args) -> int:
 
 
 def _resolve_all(args):
-    from engine.models import ModelSource, resolve_model
+    from engine.models import resolve_model
 
     registry = SpecRegistry.load(args.spec_file)
-    tasks = [Task(args.only)] if args.only else list(Task)
-    resolved = []
-    for task in tasks:
-        t = task.value
-        source = ModelSource(
-            onnx=getattr(args, f"{t}_onnx"),
-            checkpoint=getattr(args, f"{t}_checkpoint"),
-            random_weights=args.random_weights,
-            download=not args.no_download,
-        )
-        resolved.append(resolve_model(registry.get(task, getattr(args, f"{t}_variant")), source, _cache_dir(args)))
-    return resolved
+    return [
+        resolve_model(registry.get(c.task, c.variant), c.source, _cache_dir(args)) for c in _model_choices(args)
+    ]
 
 
 def cmd_build(args) -> int:
