@@ -287,9 +287,6 @@ def _measure_engine(
         rec.stage(cid, Stage.END_TO_END, scenario, None, e2e_once, lambda keys=keys: pipe.end_to_end(paths, keys, w))
         rec.outputs[(cid, scenario.value)] = last["outputs"]
 
-    if cfg.engine_run_check and pipe.config.entry.runner and pipe.config.precision is Precision.FP32:
-        _measure_engine_run(rec, cid, image_set, specs, models)
-
 
 def _measure_engine_run(
     rec: _Recorder, cid: str, image_set: ImageSet, specs: Sequence[ModelSpec], models: Mapping[str, "ResolvedModel"]
@@ -573,6 +570,9 @@ def _run_engine_config(
         rec.add_config(cid, Pipeline.ENGINE, ec.entry.name, ec.device, ec.precision, ec.label(), details)
         _measure_engine(rec, pipe, image_set, specs, resolved)
     gc.collect()
+    if rec.cfg.engine_run_check and ec.entry.runner and ec.precision is Precision.FP32:
+        rec.opening(cid)  # `engine run` opens its own models: the benchmark's are closed by now
+        _measure_engine_run(rec, cid, image_set, specs, resolved)
 
 
 def _reference_units(
