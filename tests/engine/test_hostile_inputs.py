@@ -129,3 +129,61 @@ def test_error_causes_are_named(hostile):
 def test_non_utf8_name_is_escaped_not_lost(hostile):
     _, rows, _ = hostile
     assert "caf\\xe9 latin-1 name.png" in rows
+
+
+@pytest.fixture
+def world_tmp():
+    """A fresh folder in /tmp (pytest's tmp_path sits below a folder only root may enter)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="engine-unreadable-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unreadable_file_is_an_error_row(world_tmp, random_models):
+    """A file the user may not read. Root reads everything, so as root the run is made
+    with the effective uid/gid of the unprivileged user 'nobody' (restored afterwards);
+    a first run as root imports and loads everything the second one needs."""
+    import pwd
+    import shutil
+
+    work = world_tmp
+    (work / "images").mkdir(parents=True)
+    _photo().save(work / "images" / "readable.png")
+    _photo(seed=1).save(work / "images" / "secret.png")
+    onnx = work / "gender.onnx"
+    shutil.copy(random_models["gender/alpha"].onnx_path, onnx)
+    (work / "out").mkdir()
+
+    def run(name):
+        return main(["run", str(work / "images"), "--out", str(work / "out" / name), "--only", "gender",
+                     "--gender-onnx", str(onnx), "--cache-dir", str(work / "cache"), "--no-download",
+                     "--no-progress"])
+
+    if os.geteuid() != 0:
+        os.chmod(work / "images" / "secret.png", 0)
+        assert run("r.parquet") == 0
+    else:
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root and there is no 'nobody' user to drop to")
+        assert run("warm.parquet") == 0  # as root: imports, DALI plugins, the onnx cache
+        for p in [*work.rglob("*"), work]:
+            os.chmod(p, 0o777 if p.is_dir() else 0o666)
+        os.chmod(work / "images" / "secret.png", 0)
+        os.setegid(nobody.pw_gid)
+        os.seteuid(nobody.pw_uid)
+        try:
+            code = run("r.parquet")
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert code == 0
+    df = pl.read_parquet(work / "out" / "r.parquet")
+    errors = dict(zip((os.path.basename(p) for p in df["path"]), df["error"]))
+    assert errors["readable.png"] is None
+    assert errors["secret.png"] == "cannot read: Permission denied"
