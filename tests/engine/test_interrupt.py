@@ -101,10 +101,11 @@ def test_sigkill_then_rerun_gives_the_same_rows(folder, cache, reference, tmp_pa
     assert not out.with_name(out.name + ".parts").exists()
 
 
-def test_sigterm_flushes_and_says_how_to_resume(folder, cache, reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_flush_and_say_how_to_resume(folder, cache, reference, tmp_path, signum):
     out = tmp_path / "r.parquet"
     proc = _start_and_wait(folder, out, cache, 1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
