@@ -69,7 +69,7 @@ def plot_results(doc: dict, path: Path) -> Path:
             ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
         ax.set_xticks(range(len(groups)), groups)
         medians = [r["images_per_s"]["median"] for r in rows]
-        log_scale = max(medians) / min(medians) > 30  # e.g. resnet18 next to caformer_s36 on a CPU
+        log_scale = max(medians) / min(medians) > 10  # e.g. resnet18 next to caformer_s36 on a CPU
         if log_scale:
             ax.set_yscale("log")
         ax.set_ylabel("images/s (median; whiskers min-max)" + (", log scale" if log_scale else ""))
