@@ -250,3 +250,17 @@ def test_speedups_and_headline_pair_same_device_figures():
     assert ratios == {(ENGINE, "end_to_end"): pytest.approx(4.0), (ENGINE, "engine_run"): pytest.approx(3.0)}
     (headline,) = compute_headline(doc["configs"], doc["results"])  # no CUDA reference: no CUDA headline
     assert headline["engine_config"] == ENGINE and headline["ratio"] == pytest.approx(4.0)
+
+
+def test_stored_results_follow_the_schema():
+    """RESULTS.md's JSON files stay readable by the current schema and compare."""
+    from benchmarks.compare import compare
+    from benchmarks.suite import load_results
+
+    stored = sorted((Path(__file__).parents[2] / "benchmarks" / "results").glob("*.json"))
+    assert stored, "benchmarks/results/ holds the measured figures"
+    docs = [load_results(p) for p in stored]
+    for doc in docs:
+        assert all(m["weights"] == "random" for m in doc["models"])
+    result = compare(docs[0], docs[-1], ignore_machine=True)
+    assert result.findings and not [f for f in result.findings if f.verdict.value == "missing"]
