@@ -118,6 +118,7 @@ def _prepared_onnx(model: "ResolvedModel", precision: Precision, context: Backen
         # TensorRT's strongly typed builds and only slows the CPU down.
         fp16_in_int8=False,
         batch_size=min(context.batch_size, 8),
+        output_kind=model.output_kind,
     )
     return prepared.path
 

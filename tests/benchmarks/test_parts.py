@@ -264,3 +264,20 @@ def test_stored_results_follow_the_schema():
         assert all(m["weights"] == "random" for m in doc["models"])
     result = compare(docs[0], docs[-1], ignore_machine=True)
     assert result.findings and not [f for f in result.findings if f.verdict.value == "missing"]
+
+
+def test_prepared_precision_path_of_the_ort_factories(tmp_path, random_models):
+    """FP16 goes through builders.precision (as the CUDA entry does) and still runs; here
+    on the CPU provider, since no GPU is at hand."""
+    import numpy as np
+
+    from benchmarks.backends import BackendContext, ort_cpu_factory
+
+    model = random_models["gender/alpha"]
+    context = BackendContext(threads=1, batch_size=2, work_dir=tmp_path)
+    with ort_cpu_factory(model, Precision.FP16, context) as backend:
+        out = backend.run(np.zeros((2, 3, 224, 224), np.float32))
+    assert out.shape == (2, 2) and np.isfinite(out).all()
+    assert list((tmp_path / "prepared").glob("*.fp16.onnx"))
+    with pytest.raises(InputError, match="calibration images"):
+        ort_cpu_factory(model, Precision.INT8, context)
