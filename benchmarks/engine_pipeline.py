@@ -178,7 +178,9 @@ class EnginePipeline:
                 ok_indices.extend(offset + i for i in result.ok)
         finally:
             stop.set()
-            reader.join(timeout=10)
+            # No timeout: the reader stops after its current batch, and must not still be
+            # using the DALI pipeline when the next pass starts.
+            reader.join()
         out = {
             k: np.concatenate(v) if v else np.zeros((0, self.models[k].spec.num_classes), np.float32)
             for k, v in probs.items()
