@@ -43,18 +43,36 @@ the host decoder, those it rejects become errors, and the rest are run again; if
 batch still fails, its files run one at a time and a file DALI fails on alone goes
 the host route. Good rows never depend on the company they keep.
 
-Only the CPU pipeline exists here (``device_id=None``); the GPU path (nvJPEG, GPU
-resize) is tracked separately.
+GPU pipeline (``device="gpu"``): the same graph, built by the same code, with
+``decoders.image(device="mixed")`` (nvJPEG, using the hardware JPEG decoder where the
+GPU has one, as ``hw_decoder_load`` says; PNG, WebP and BMP as DALI's mixed decoder
+does them: decoded on the host, then copied) and every later op on the GPU. The host
+route's RGBA goes to the GPU with ``.gpu()`` and is composited there. The geometry
+stays on the CPU: ``DataNode.shape()`` of a GPU node is a CPU node under DALI's
+dynamic executor, which the GPU pipeline therefore asks for (``exec_dynamic=True``),
+and ``resize``'s ROI arguments must be CPU nodes. Normalisation writes FP16 or FP32
+(``output_dtype``) straight from ``crop_mirror_normalize``. Two ways out:
+
+* :meth:`DaliPreprocessor.process` copies the views back to host numpy arrays (tests,
+  the CPU ONNX Runtime fallback), the same :class:`PreprocessResult` as the CPU path;
+* :meth:`DaliPreprocessor.process_device` hands out the GPU outputs of ONE DALI run as
+  a :class:`DeviceBatch` (pointers to contiguous NCHW buffers, owned by DALI), ordered
+  on the CUDA stream the caller passes; valid only until the next call (see there).
+
+Failure isolation is the same on both devices: rebuild, check with the host decoder,
+run the rest; in device mode the isolated survivors then run once more together, so
+that what is handed out is one run's outputs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -85,8 +103,84 @@ class _Entry:
 
 @dataclass(frozen=True)
 class _Row:
-    views: tuple[np.ndarray, ...]  # one (3, S, S) float32 per view, in view order
+    views: tuple[np.ndarray, ...]  # one (3, S, S) array per view, in view order
     size: tuple[int, int]
+
+
+_OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One view of a :class:`DeviceBatch`: ``shape[0]`` samples of (3, S, S), contiguous
+    (NCHW, C order) in the memory of GPU ``device_id``, starting at ``ptr``.
+
+    ``tensors`` is the DALI ``TensorListGPU`` that owns the memory (None for an empty
+    batch, ``ptr`` is then 0). The memory is DALI's: never free it, never write to it.
+    """
+
+    key: str
+    ptr: int
+    shape: tuple[int, int, int, int]
+    dtype: np.dtype
+    tensors: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def copy_to(self, dst_ptr: int, cuda_stream: int | None = None) -> None:
+        """Enqueue a device-to-device copy of the whole view to ``dst_ptr`` (``nbytes``
+        bytes of GPU memory) on ``cuda_stream`` (a ``cudaStream_t`` as an int; None:
+        the legacy default stream). Does not wait: the data is in place once the
+        stream gets there."""
+        if self.tensors is None:
+            return
+        dst = ctypes.c_void_p(int(dst_ptr))
+        stream = None if cuda_stream is None else ctypes.c_void_p(int(cuda_stream))
+        self.tensors.copy_to_external(dst, stream, non_blocking=True)
+
+    def to_numpy(self) -> np.ndarray:
+        """A host copy (synchronous), shape ``shape``, dtype ``dtype``."""
+        if self.tensors is None:
+            return np.empty(self.shape, self.dtype)
+        return np.array(self.tensors.as_cpu().as_array(), dtype=self.dtype, copy=True)
+
+
+@dataclass(frozen=True)
+class DeviceBatch:
+    """The GPU outputs of one DALI run (:meth:`DaliPreprocessor.process_device`).
+
+    Row ``j`` of every view and ``sizes[j]`` belong to input ``ok[j]``; every other
+    input index has a one-line cause in ``errors``, as in :class:`PreprocessResult`.
+
+    Validity: the buffers are valid until the next call to ``process`` or
+    ``process_device`` on the same preprocessor, or its ``close()``, whichever comes
+    first. Consume them (or ``copy_to`` your own buffer) before that. (DALI 2.x's
+    default execution model in fact keeps an output alive as long as its
+    ``TensorListGPU`` is referenced; the engine does not promise more than the above.)
+
+    Ordering: when ``cuda_stream`` is not None the outputs are ready in that stream's
+    order (``Pipeline.run(cuda_stream)``): work enqueued on that stream after the call
+    sees them; another stream must first wait on an event recorded on it. When it is
+    None the outputs were host-synchronous: ready when ``process_device`` returned.
+    """
+
+    ok: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
+    errors: Mapping[int, str]
+    views: Mapping[str, DeviceView]
+    device_id: int
+    cuda_stream: Any
+
+    def to_result(self) -> PreprocessResult:
+        """Host copies of the views, as :meth:`DaliPreprocessor.process` returns them."""
+        return PreprocessResult(
+            ok=list(self.ok),
+            views={key: view.to_numpy() for key, view in self.views.items()},
+            sizes=list(self.sizes),
+            errors=dict(self.errors),
+        )
 
 
 class DaliPreprocessor:
@@ -97,6 +191,11 @@ class DaliPreprocessor:
     ``fused_crop=False`` resizes the whole image to
     ``resized_shape`` and then slices the crop out (bit-exact geometry, slower, memory
     growing with the aspect ratio); the default resamples only the crop window.
+
+    ``device="gpu"`` decodes with DALI's mixed decoder (nvJPEG; ``hw_decoder_load`` is
+    the share of JPEGs given to the hardware decoder where the GPU has one) and
+    resizes, crops and normalises on GPU ``device_id`` (default 0). ``output_dtype``
+    (float32 or float16) is what ``crop_mirror_normalize`` writes, on either device.
     """
 
     def __init__(
@@ -107,12 +206,28 @@ class DaliPreprocessor:
         device: str = "cpu",
         *,
         fused_crop: bool = True,
+        device_id: int | None = None,
+        output_dtype: Any = np.float32,
+        hw_decoder_load: float = 0.65,
     ) -> None:
-        if device != "cpu":
-            raise EngineError(
-                f"DALI preprocessing on device '{device}' is not available yet: only the CPU pipeline "
-                "exists (the GPU path is tracked separately); use device='cpu'"
-            )
+        if device not in ("cpu", "gpu"):
+            raise EngineError(f"DALI preprocessing device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "cpu" and device_id is not None:
+            raise EngineError("device_id is for device='gpu'; the CPU pipeline takes none")
+        if device == "gpu":
+            device_id = 0 if device_id is None else device_id
+            if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+                raise EngineError(f"device_id must be a non-negative integer, got {device_id!r}")
+        try:
+            dtype = np.dtype(output_dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in _OUTPUT_DTYPES:
+            raise EngineError(f"output_dtype must be float32 or float16, got {output_dtype!r}")
+        if isinstance(hw_decoder_load, bool) or not isinstance(hw_decoder_load, (int, float)):
+            raise EngineError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
+        if not 0.0 <= float(hw_decoder_load) <= 1.0:
+            raise EngineError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load!r}")
         views = list(views)
         if not views:
             raise EngineError("DaliPreprocessor needs at least one view")
@@ -132,6 +247,9 @@ class DaliPreprocessor:
         self._max_batch = max_batch
         self._num_threads = num_threads
         self._device = device
+        self._device_id: int | None = device_id
+        self._dtype = dtype
+        self._hw_decoder_load = float(hw_decoder_load)
         self._pipe: Any = None
         self._closed = False
         # Host decodes (PIL releases the GIL while decoding) run num_threads at a time.
@@ -163,18 +281,60 @@ class DaliPreprocessor:
     def max_batch(self) -> int:
         return self._max_batch
 
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def device_id(self) -> int | None:
+        return self._device_id
+
     def declarations(self) -> tuple[ViewDecl, ...]:
         return tuple(
-            ViewDecl(key=key, shape=(3, pre.size, pre.size), dtype=np.dtype(np.float32), device=self._device)
+            ViewDecl(key=key, shape=(3, pre.size, pre.size), dtype=self._dtype, device=self._device)
             for key, pre in self._views
         )
 
     def _build(self) -> None:
         started = time.perf_counter()
-        self._pipe = build_pipeline(
-            self._views, self._max_batch, self._num_threads, self._antialias, fused_crop=self._fused_crop
+        if self._device == "cpu":
+            self._pipe = build_pipeline(
+                self._views,
+                self._max_batch,
+                self._num_threads,
+                self._antialias,
+                fused_crop=self._fused_crop,
+                output_dtype=self._dtype,
+            )
+        else:
+            absent = _gpu_absent_reason()
+            if absent is not None:
+                raise EngineError(
+                    f"DALI preprocessing on device 'gpu' needs a usable NVIDIA GPU: {absent}; use device='cpu'"
+                )
+            try:
+                self._pipe = build_pipeline(
+                    self._views,
+                    self._max_batch,
+                    self._num_threads,
+                    self._antialias,
+                    fused_crop=self._fused_crop,
+                    device="gpu",
+                    device_id=self._device_id,
+                    output_dtype=self._dtype,
+                    hw_decoder_load=self._hw_decoder_load,
+                )
+            except RuntimeError as exc:
+                raise EngineError(
+                    f"cannot build the DALI GPU pipeline on device {self._device_id}: {_first_line(exc)} "
+                    "(use device='cpu' on a machine without a usable NVIDIA GPU)"
+                ) from None
+        log.debug(
+            "DALI %s pipeline built in %.3f s (%d views)",
+            self._device,
+            time.perf_counter() - started,
+            len(self._views),
         )
-        log.debug("DALI pipeline built in %.3f s (%d views)", time.perf_counter() - started, len(self._views))
 
     def _drop_pipeline(self) -> None:
         pipe, self._pipe = self._pipe, None
@@ -189,10 +349,77 @@ class DaliPreprocessor:
     # -- processing ----------------------------------------------------------------
 
     def process(self, items: Sequence[bytes | bytearray | memoryview | np.ndarray]) -> PreprocessResult:
-        """Preprocess encoded image files; one failing file never costs the others."""
+        """Preprocess encoded image files; one failing file never costs the others.
+
+        The views come back as host arrays on either device (the GPU pipeline copies
+        them back); see :meth:`process_device` to keep them on the GPU."""
+        self._check_open()
+        errors: dict[int, str] = {}
+        entries = self._entries(items, errors)
+        rows: dict[int, _Row] = {}
+        for start in range(0, len(entries), self._max_batch):
+            chunk = entries[start : start + self._max_batch]
+            batch = self._host_decode([e for e in chunk if e.route is Route.HOST], errors)
+            batch_ids = {e.index for e in batch}
+            batch = [e for e in chunk if e.route is Route.DALI or e.index in batch_ids]
+            rows.update(self._run_batch(batch, errors))
+        ok = sorted(rows)
+        views = {}
+        for v, (key, pre) in enumerate(self._views):
+            out = np.empty((len(ok), 3, pre.size, pre.size), self._dtype)
+            for j, index in enumerate(ok):
+                out[j] = rows[index].views[v]
+            views[key] = out
+        return PreprocessResult(
+            ok=ok, views=views, sizes=[rows[i].size for i in ok], errors=dict(sorted(errors.items()))
+        )
+
+    def process_device(
+        self, items: Sequence[bytes | bytearray | memoryview | np.ndarray], cuda_stream: Any = None
+    ) -> DeviceBatch:
+        """Preprocess at most ``max_batch`` files and leave the views on the GPU.
+
+        The result holds the outputs of ONE DALI run, valid until the next call to
+        ``process``/``process_device`` or ``close()`` (see :class:`DeviceBatch`). With
+        ``cuda_stream`` (a ``cudaStream_t`` as an int, or an object DALI converts, such
+        as a ``torch.cuda.Stream``) the outputs are ordered on that stream and the call
+        does not wait for the GPU; without it they are host-synchronous. Failing files
+        are isolated as in :meth:`process`; when a batch fails, its survivors run once
+        more together, so a bad file costs extra runs but never a good file's row.
+        """
+        self._check_open()
+        if self._device != "gpu":
+            raise EngineError("process_device needs a DaliPreprocessor built with device='gpu'")
+        if len(items) > self._max_batch:
+            raise InputError(f"process_device takes at most max_batch={self._max_batch} items, got {len(items)}")
+        errors: dict[int, str] = {}
+        entries = self._entries(items, errors)
+        batch = self._host_decode([e for e in entries if e.route is Route.HOST], errors)
+        batch_ids = {e.index for e in batch}
+        batch = [e for e in entries if e.route is Route.DALI or e.index in batch_ids]
+        try:
+            outputs = self._execute(batch, cuda_stream)
+        except _DALI_ERRORS as exc:
+            log.debug("DALI batch of %d failed (%s); rebuilding and finding the culprit", len(batch), _first_line(exc))
+            self._rebuild()
+            rows = self._isolate(batch, errors)
+            # _isolate may have moved entries to the host route; keep them as they are now.
+            batch = [e for e in batch if e.index in rows]
+            try:
+                outputs = self._execute(batch, cuda_stream)
+            except _DALI_ERRORS as exc2:
+                self._rebuild()
+                raise EngineError(
+                    f"DALI failed on a batch whose files each succeeded alone: {_first_line(exc2)}"
+                ) from None
+        return self._device_batch(batch, outputs, errors, cuda_stream)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise EngineError("DaliPreprocessor is closed")
-        errors: dict[int, str] = {}
+
+    def _entries(self, items: Sequence[Any], errors: dict[int, str]) -> list[_Entry]:
+        """Validate, sniff and route the items; empty files go to ``errors``."""
         entries: list[_Entry] = []
         for index, item in enumerate(items):
             data = _as_uint8(item, index)
@@ -204,23 +431,7 @@ class DaliPreprocessor:
             if route is Route.HOST:
                 log.debug("item %d (%s, alpha=%s) goes the host route", index, info.container.value, info.has_alpha)
             entries.append(_Entry(index, data, route))
-        rows: dict[int, _Row] = {}
-        for start in range(0, len(entries), self._max_batch):
-            chunk = entries[start : start + self._max_batch]
-            batch = self._host_decode([e for e in chunk if e.route is Route.HOST], errors)
-            batch_ids = {e.index for e in batch}
-            batch = [e for e in chunk if e.route is Route.DALI or e.index in batch_ids]
-            rows.update(self._run_batch(batch, errors))
-        ok = sorted(rows)
-        views = {}
-        for v, (key, pre) in enumerate(self._views):
-            out = np.empty((len(ok), 3, pre.size, pre.size), np.float32)
-            for j, index in enumerate(ok):
-                out[j] = rows[index].views[v]
-            views[key] = out
-        return PreprocessResult(
-            ok=ok, views=views, sizes=[rows[i].size for i in ok], errors=dict(sorted(errors.items()))
-        )
+        return entries
 
     def _host_decode(self, entries: list[_Entry], errors: dict[int, str]) -> list[_Entry]:
         """Decode ``entries`` with PIL on the thread pool, filling ``entry.rgba``; returns
@@ -240,6 +451,11 @@ class DaliPreprocessor:
         except _DALI_ERRORS as exc:
             log.debug("DALI batch of %d failed (%s); rebuilding and finding the culprit", len(batch), _first_line(exc))
             self._rebuild()
+        return self._isolate(batch, errors)
+
+    def _isolate(self, batch: list[_Entry], errors: dict[int, str]) -> dict[int, _Row]:
+        """After ``batch`` failed (and the pipeline was rebuilt): the rows of the files
+        that can be processed, the causes of the others in ``errors``."""
         # Check the DALI-routed files with the host decoder; what it rejects is an error.
         checked = {e.index for e in self._host_decode([e for e in batch if e.route is Route.DALI], errors)}
         survivors = [e for e in batch if e.route is Route.HOST or e.index in checked]
@@ -276,22 +492,91 @@ class DaliPreprocessor:
     def _run_once(self, batch: list[_Entry]) -> dict[int, _Row]:
         if not batch:
             return {}
+        outputs = self._execute(batch)
+        decoded_shapes = outputs[0]
+        views = [_host_array(out, self._dtype) for out in outputs[1:]]
+        rows: dict[int, _Row] = {}
+        for j, entry in enumerate(batch):
+            rows[entry.index] = _Row(tuple(v[j] for v in views), _original_size(entry, decoded_shapes, j))
+        return rows
+
+    def _execute(self, batch: list[_Entry], cuda_stream: Any = None) -> tuple[Any, ...]:
+        """Feed ``batch`` (non-empty) and run once; the raw DALI outputs."""
+        if not batch:
+            return ()
         on_host = [e.route is Route.HOST for e in batch]
         self._pipe.feed_input(_ENC, [self._placeholder_enc if h else e.data for e, h in zip(batch, on_host)])
         self._pipe.feed_input(_RGBA, [e.rgba if h else self._placeholder_rgba for e, h in zip(batch, on_host)])
         self._pipe.feed_input(_ON_HOST, [np.array(h) for h in on_host])
-        outputs = self._pipe.run()
-        decoded_shapes = outputs[0]
-        views = [np.array(out.as_array(), dtype=np.float32, copy=True) for out in outputs[1:]]
-        rows: dict[int, _Row] = {}
-        for j, (entry, host) in enumerate(zip(batch, on_host)):
-            if host:
-                size = (int(entry.rgba.shape[0]), int(entry.rgba.shape[1]))
-            else:
-                shape = np.asarray(decoded_shapes[j])
-                size = (int(shape[0]), int(shape[1]))
-            rows[entry.index] = _Row(tuple(v[j] for v in views), size)
-        return rows
+        if cuda_stream is None:
+            return tuple(self._pipe.run())
+        return tuple(self._pipe.run(cuda_stream))
+
+    def _device_batch(
+        self, batch: list[_Entry], outputs: tuple[Any, ...], errors: dict[int, str], cuda_stream: Any
+    ) -> DeviceBatch:
+        views: dict[str, DeviceView] = {}
+        for v, (key, pre) in enumerate(self._views):
+            shape = (len(batch), 3, pre.size, pre.size)
+            if not batch:
+                views[key] = DeviceView(key, 0, shape, self._dtype, None)
+                continue
+            tensors = outputs[1 + v]
+            views[key] = DeviceView(key, _dense_pointer(tensors, shape, self._dtype, key), shape, self._dtype, tensors)
+        sizes = tuple(_original_size(e, outputs[0], j) for j, e in enumerate(batch)) if batch else ()
+        return DeviceBatch(
+            ok=tuple(e.index for e in batch),
+            sizes=sizes,
+            errors=dict(sorted(errors.items())),
+            views=views,
+            device_id=int(self._device_id or 0),
+            cuda_stream=cuda_stream,
+        )
+
+
+def _gpu_absent_reason() -> str | None:
+    """Why no CUDA device is usable here, or None (asks the driver, creates no context)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    if lib.cuInit(0) != 0:
+        return "the CUDA driver is present but cuInit failed"
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return "no CUDA device visible"
+    return None
+
+
+def _original_size(entry: _Entry, decoded_shapes: Any, j: int) -> tuple[int, int]:
+    if entry.route is Route.HOST:
+        return (int(entry.rgba.shape[0]), int(entry.rgba.shape[1]))
+    shape = np.asarray(decoded_shapes[j])
+    return (int(shape[0]), int(shape[1]))
+
+
+def _host_array(out: Any, dtype: np.dtype) -> np.ndarray:
+    """A host copy of one view output (a TensorListGPU is copied back first)."""
+    if not hasattr(out, "as_array"):
+        out = out.as_cpu()
+    return np.array(out.as_array(), dtype=dtype, copy=True)
+
+
+def _dense_pointer(tensors: Any, shape: tuple[int, int, int, int], dtype: np.dtype, key: str) -> int:
+    """The address of sample 0, after checking that the samples lie back to back with
+    the declared shape and dtype (DALI makes pipeline outputs contiguous)."""
+    count, sample = shape[0], shape[1:]
+    if len(tensors) != count:
+        raise EngineError(f"view '{key}': DALI returned {len(tensors)} samples for a batch of {count}")
+    stride = int(np.prod(sample)) * dtype.itemsize
+    base = int(tensors.data_ptr())
+    for j in range(count):
+        item = tensors[j]
+        if tuple(item.shape()) != sample:
+            raise EngineError(f"view '{key}': sample {j} has shape {tuple(item.shape())}, expected {sample}")
+        if int(item.data_ptr()) != base + j * stride:
+            raise EngineError(f"view '{key}': DALI output is not one contiguous buffer (sample {j})")
+    return base
 
 
 # What a failed DALI run raises: RuntimeError for decode failures, ValueError for some
@@ -347,8 +632,43 @@ def build_pipeline(
     num_threads: int,
     antialias: Sequence[bool] | None = None,
     fused_crop: bool = True,
+    *,
+    device: str = "cpu",
+    device_id: int | None = None,
+    output_dtype: Any = np.float32,
+    hw_decoder_load: float = 0.65,
 ) -> Any:
-    """Build the CPU pipeline. Outputs: the decoded shape, then one CHW float32 per view."""
+    """Build the pipeline. Outputs: the decoded shape (CPU), then one CHW view per spec
+    (``output_dtype``; on the GPU for ``device="gpu"``)."""
+    pipe = define_pipeline(
+        views,
+        max_batch,
+        num_threads,
+        antialias,
+        fused_crop,
+        device=device,
+        device_id=device_id,
+        output_dtype=output_dtype,
+        hw_decoder_load=hw_decoder_load,
+    )
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(
+    views: Sequence[tuple[str, Preprocess]],
+    max_batch: int,
+    num_threads: int,
+    antialias: Sequence[bool] | None = None,
+    fused_crop: bool = True,
+    *,
+    device: str = "cpu",
+    device_id: int | None = None,
+    output_dtype: Any = np.float32,
+    hw_decoder_load: float = 0.65,
+) -> Any:
+    """The pipeline object, not built (building a GPU pipeline needs a GPU; tracing its
+    graph does not)."""
     try:
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as exc:
@@ -358,21 +678,39 @@ def build_pipeline(
 
     views = tuple(views)
     antialias = tuple(antialias) if antialias is not None else (True,) * len(views)
+    on_gpu = device == "gpu"
+    out_type = types.FLOAT16 if np.dtype(output_dtype) == np.dtype(np.float16) else types.FLOAT
 
     def define():
         enc = fn.external_source(name=_ENC, dtype=types.UINT8, ndim=1)
         rgba = fn.external_source(name=_RGBA, dtype=types.UINT8, ndim=3, layout="HWC")
         on_host = fn.external_source(name=_ON_HOST, dtype=types.BOOL, ndim=0)
-        decoded = fn.decoders.image(enc, device="cpu", output_type=types.RGB)
+        if on_gpu:
+            decoded = fn.decoders.image(enc, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+            rgba = rgba.gpu()
+        else:
+            decoded = fn.decoders.image(enc, device="cpu", output_type=types.RGB)
         selected: dict[AlphaMode, Any] = {}
         outputs = [decoded.shape(dtype=types.INT64)]
         for (_key, pre), smooth in zip(views, antialias):
             if pre.alpha not in selected:
                 selected[pre.alpha] = _select(on_host, _composite(rgba, pre.alpha), decoded)
-            outputs.append(_view(selected[pre.alpha], pre, smooth, fused_crop))
+            outputs.append(_view(selected[pre.alpha], pre, smooth, fused_crop, out_type))
         return tuple(outputs)
 
-    pipe = pipeline_def(
+    if on_gpu:
+        # exec_dynamic: shape() of a GPU node (the geometry) is a CPU node only under
+        # DALI's dynamic executor; it is also what keeps outputs reference counted.
+        return pipeline_def(
+            define,
+            batch_size=max_batch,
+            num_threads=num_threads,
+            device_id=device_id,
+            enable_conditionals=True,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )()
+    return pipeline_def(
         define,
         batch_size=max_batch,
         num_threads=num_threads,
@@ -380,8 +718,6 @@ def build_pipeline(
         enable_conditionals=True,
         prefetch_queue_depth=1,
     )()
-    pipe.build()
-    return pipe
 
 
 def _select(on_host, host_image, decoded_image):
@@ -442,8 +778,10 @@ def _half_round_even(excess):
     return half + odd_excess * odd_half
 
 
-def _view(image, pre: Preprocess, antialias: bool, fused_crop: bool):
+def _view(image, pre: Preprocess, antialias: bool, fused_crop: bool, out_type=None):
     from nvidia.dali import fn, types
+
+    out_type = types.FLOAT if out_type is None else out_type
 
     shape = image.shape(dtype=types.INT64)
     height, width = shape[0], shape[1]
@@ -482,7 +820,7 @@ def _view(image, pre: Preprocess, antialias: bool, fused_crop: bool):
         crop = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.BGR)
     return fn.crop_mirror_normalize(
         crop,
-        dtype=types.FLOAT,
+        dtype=out_type,
         mean=[m * 255.0 for m in pre.mean],
         std=[s * 255.0 for s in pre.std],
         output_layout="CHW",
