@@ -1,0 +1,495 @@
+"""The streamed executor's logic on the CPU, for real.
+
+The executor runs on :class:`engine.executor.HostDevice` (numpy buffers, one thread per
+stream): a complete second implementation of the device interface, not a mock of CUDA.
+What is checked here holds for any device: submission order, partial batches
+(padding and trimming), slot reuse, buffers allocated once, device-pointer input
+ordering, graph/non-graph equality, fallback when capture fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from engine.backends.base import TensorDecl
+from engine.errors import EngineError, ModelError
+from engine.executor import (
+    BatchPlan,
+    DeviceView,
+    ExecutorConfig,
+    HostBackend,
+    HostDevice,
+    OverlapReport,
+    Ring,
+    SlotState,
+    StreamedExecutor,
+    Ticket,
+    measure_overlap,
+    plan_batch,
+)
+
+
+class NumpyModel:
+    """A small deterministic "model" with the Backend interface: per-image features
+    through a fixed random matrix. Rows are independent, as in an eval-mode CNN."""
+
+    def __init__(self, size: int = 8, classes: int = 4, seed: int = 0, delay_s: float = 0.0,
+                 dtype=np.float32, fixed_batch: int | None = None, name: str = "numpy") -> None:
+        rng = np.random.default_rng(seed)
+        self.w = rng.standard_normal((3 * size * size, classes)).astype(np.float64)
+        self.name = name
+        self.precision = "fp32"
+        self.inputs = (TensorDecl("input", (fixed_batch, 3, size, size), np.dtype(dtype)),)
+        self.outputs = (TensorDecl("output", (fixed_batch, classes), np.dtype(np.float32)),)
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+        self.fixed_batch = fixed_batch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.fixed_batch is not None and len(batch) != self.fixed_batch:
+            raise ValueError(f"fixed batch {self.fixed_batch}, got {len(batch)}")
+        self.calls.append(len(batch))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        x = batch.reshape(len(batch), -1).astype(np.float64)
+        return np.tanh(x @ self.w).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def batches(n_batches: int, rows: int, last: int | None = None, size: int = 8, seed: int = 1, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n_batches):
+        n = last if (last is not None and k == n_batches - 1) else rows
+        out.append(rng.standard_normal((n, 3, size, size)).astype(dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- pure logic
+
+
+def test_plan_batch_dynamic_without_graph_runs_exact_rows():
+    assert plan_batch(5, 8) == BatchPlan(5, 5, False)
+    assert plan_batch(8, 8) == BatchPlan(8, 8, False)
+
+
+def test_plan_batch_graph_pads_partial_batch_or_not():
+    assert plan_batch(8, 8, graph_batch=8) == BatchPlan(8, 8, True)
+    p = plan_batch(3, 8, graph_batch=8)
+    assert p == BatchPlan(3, 8, True) and p.padded
+    assert plan_batch(3, 8, graph_batch=8, pad_partial=False) == BatchPlan(3, 3, False)
+
+
+def test_plan_batch_fixed_model_always_runs_its_batch():
+    assert plan_batch(2, 4, fixed_batch=4) == BatchPlan(2, 4, False)
+    assert plan_batch(2, 4, fixed_batch=4, graph_batch=4) == BatchPlan(2, 4, True)
+
+
+@pytest.mark.parametrize("rows", [0, -1, 9])
+def test_plan_batch_rejects_bad_rows(rows):
+    with pytest.raises(ValueError):
+        plan_batch(rows, 8)
+
+
+def test_ring_round_robin_and_fifo_retirement():
+    ring = Ring(3)
+    seen = []
+    for seq in range(3):
+        slot = ring.acquire()
+        ring.launched(Ticket(seq, slot, BatchPlan(1, 1, False)))
+        seen.append(slot)
+    assert seen == [0, 1, 2] and ring.full
+    with pytest.raises(RuntimeError):
+        ring.acquire()
+    assert ring.retire().seq == 0
+    assert ring.states == [SlotState.FREE, SlotState.IN_FLIGHT, SlotState.IN_FLIGHT]
+    assert ring.acquire() == 0  # the freed slot is the next one
+
+
+def test_ring_abandon_gives_the_slot_back():
+    ring = Ring(3)
+    slot = ring.acquire()
+    ring.abandon(slot)
+    assert ring.states[slot] is SlotState.FREE and ring.acquire() == slot
+
+
+def test_ring_rejects_illegal_transitions():
+    ring = Ring(3)
+    with pytest.raises(RuntimeError):
+        ring.launched(Ticket(0, 0, BatchPlan(1, 1, False)))  # FREE -> IN_FLIGHT skips FILLING
+
+
+def test_executor_config_is_checked():
+    with pytest.raises(EngineError):
+        ExecutorConfig(batch_size=0)
+    with pytest.raises(EngineError):
+        ExecutorConfig(batch_size=4, depth=2)
+
+
+def test_overlap_report_bottleneck_sums_models_per_stage():
+    r = OverlapReport(
+        images=100,
+        stage_seconds={"a": {"host": 0.1, "h2d": 0.2, "compute": 0.5, "d2h": 0.01},
+                       "b": {"host": 0.1, "h2d": 0.3, "compute": 0.4, "d2h": 0.01}},
+        pipelined_seconds=1.0,
+    )
+    assert r.bottleneck == "compute"
+    assert r.bottleneck_seconds == pytest.approx(0.9)
+    assert r.efficiency == pytest.approx(0.9)
+    assert r.stage_images_per_s["a"]["compute"] == pytest.approx(200)
+    assert r.as_dict()["pipelined_images_per_s"] == pytest.approx(100)
+
+
+# --------------------------------------------------------------------------- host device
+
+
+def test_host_stream_runs_in_order_and_events_order_streams():
+    with HostDevice() as dev:
+        a, b = dev.stream(), dev.stream()
+        log = []
+        a.submit(lambda: (time.sleep(0.05), log.append("a1")))
+        ev = dev.event()
+        dev.record(ev, a)
+        dev.wait(b, ev)  # b's later work waits for a1
+        b.submit(lambda: log.append("b1"))
+        done = dev.event()
+        dev.record(done, b)
+        dev.synchronize(done)
+        assert log == ["a1", "b1"]
+
+
+def test_host_stream_error_reaches_the_host_and_poisons_the_stream():
+    with HostDevice() as dev:
+        s = dev.stream()
+        ran = []
+
+        def fail():
+            raise ValueError("kernel failed")
+
+        s.submit(fail)
+        s.submit(lambda: ran.append(1))
+        ev = dev.event()
+        dev.record(ev, s)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            dev.synchronize(ev)
+        assert ran == []
+
+
+def test_host_device_copies_bytes():
+    with HostDevice() as dev:
+        s = dev.stream()
+        host = dev.host_empty((4, 3), np.float32)
+        host[:] = np.arange(12).reshape(4, 3)
+        d = dev.device_empty((4, 3), np.float32)
+        back = dev.host_empty((4, 3), np.float32)
+        dev.h2d(d, host[:2], s)
+        dev.d2h(back[:2], d, s)
+        dev.synchronize_stream(s)
+        np.testing.assert_array_equal(back[:2], host[:2])
+        assert (back[2:] == 0).all()
+        with pytest.raises(ValueError):
+            dev.h2d(dev.device_empty((1, 3), np.float32), host, s)
+
+
+# --------------------------------------------------------------------------- executor
+
+
+def run_alone(model: NumpyModel, batch: np.ndarray) -> np.ndarray:
+    return model.run(np.ascontiguousarray(batch, dtype=model.inputs[0].dtype))
+
+
+def make_executor(models: dict, batch_size=4, **config):
+    backends = {k: HostBackend(m) for k, m in models.items()}
+    return StreamedExecutor(backends, "host", ExecutorConfig(batch_size=batch_size, **config))
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("depth", [3, 5])
+def test_outputs_equal_each_batch_alone_in_submission_order(graphs, depth):
+    model = NumpyModel(delay_s=0.002)
+    data = batches(11, 4)
+    with make_executor({"m": model}, graphs=graphs, depth=depth) as ex:
+        got = list(ex.run(({"m": b} for b in data), tags=range(100, 111)))
+    assert [c.seq for c in got] == list(range(11))
+    assert [c.tag for c in got] == list(range(100, 111))
+    reference = NumpyModel()
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(reference, b))
+
+
+def test_results_are_in_order_even_when_later_batches_finish_first():
+    class Jittery(NumpyModel):
+        def run(self, batch):
+            time.sleep(0.03 if batch[0, 0, 0, 0] > 0 else 0.0)  # data-dependent duration
+            return super().run(batch)
+
+    data = batches(12, 4, seed=5)
+    with make_executor({"m": Jittery()}, graphs=False) as ex:
+        got = list(ex.run({"m": b} for b in data))
+    ref = NumpyModel()
+    assert [c.seq for c in got] == list(range(12))
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(ref, b))
+
+
+@pytest.mark.parametrize("pad_partial", [True, False])
+def test_partial_last_batch_is_padded_or_run_short_and_trimmed(pad_partial):
+    model = NumpyModel()
+    data = batches(4, 4, last=3)
+    with make_executor({"m": model}, pad_partial=pad_partial) as ex:
+        got = list(ex.run({"m": b} for b in data))
+        stats = ex.stats["m"]
+    assert [c.output("m").shape for c in got] == [(4, 4)] * 3 + [(3, 4)]
+    ref = NumpyModel()
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(ref, b))
+    steady = sorted(model.calls[3:])  # after warm-up on each of 3 slots; slots run concurrently
+    if pad_partial:
+        assert steady == [4, 4, 4, 4] and stats.padded_batches == 1 and stats.graph_batches == 4
+    else:
+        assert steady == [3, 4, 4, 4] and stats.padded_batches == 0 and stats.graph_batches == 3
+    assert stats.images == 15 and stats.batches == 4
+
+
+def test_padding_rows_are_zero_not_stale_data():
+    seen = []
+
+    class Spy(NumpyModel):
+        def run(self, batch):
+            seen.append(batch.copy())
+            return super().run(batch)
+
+    data = batches(4, 4, last=1)
+    with make_executor({"m": Spy()}) as ex:
+        list(ex.run({"m": b} for b in data))
+    last = seen[-1]
+    np.testing.assert_array_equal(last[0], data[-1][0])
+    assert (last[1:] == 0).all()
+
+
+def test_fixed_batch_model_gets_padded_batches():
+    model = NumpyModel(fixed_batch=4)
+    data = batches(3, 4, last=2)
+    with make_executor({"m": model}, graphs=False) as ex:
+        got = list(ex.run({"m": b} for b in data))
+    assert set(model.calls) == {4}
+    np.testing.assert_array_equal(got[-1].output("m"), run_alone(NumpyModel(), data[-1]))
+
+
+def test_batch_larger_than_fixed_model_batch_is_refused():
+    with pytest.raises(ModelError):
+        with make_executor({"m": NumpyModel(fixed_batch=2)}, batch_size=4):
+            pass
+
+
+def test_two_models_concurrently_each_equal_alone():
+    a, b = NumpyModel(size=8, classes=2, seed=0, delay_s=0.002), NumpyModel(size=6, classes=4, seed=9, delay_s=0.001)
+    da, db = batches(7, 4, last=1, size=8, seed=2), batches(7, 4, last=1, size=6, seed=3)
+    with make_executor({"gender": a, "quality": b}) as ex:
+        got = list(ex.run({"gender": x, "quality": y} for x, y in zip(da, db)))
+    ra, rb = NumpyModel(size=8, classes=2, seed=0), NumpyModel(size=6, classes=4, seed=9)
+    assert len(got) == 7
+    for c, x, y in zip(got, da, db):
+        np.testing.assert_array_equal(c.output("gender"), run_alone(ra, x))
+        np.testing.assert_array_equal(c.output("quality"), run_alone(rb, y))
+
+
+def test_a_submission_may_name_a_subset_of_models():
+    a, b = NumpyModel(seed=0), NumpyModel(seed=1)
+    data = batches(5, 4)
+    with make_executor({"a": a, "b": b}) as ex:
+        inputs = [{"a": d, "b": d} if k % 2 == 0 else {"a": d} for k, d in enumerate(data)]
+        got = list(ex.run(inputs))
+    assert [sorted(c.outputs) for c in got] == [["a", "b"], ["a"], ["a", "b"], ["a"], ["a", "b"]]
+
+
+def test_buffers_are_allocated_once():
+    model = NumpyModel()
+    with make_executor({"m": model}) as ex:
+        after_open = ex.allocations
+        # per slot: pinned in, pinned out, device in, device out; 3 slots
+        assert after_open == 3 * 4
+        for c in ex.run({"m": b} for b in batches(20, 4, last=2)):
+            pass
+        assert ex.allocations == after_open
+
+
+def test_float32_batches_feed_a_float16_model():
+    model = NumpyModel(dtype=np.float16)
+    data = batches(3, 4)
+    with make_executor({"m": model}) as ex:
+        got = list(ex.run({"m": b} for b in data))
+    ref = NumpyModel(dtype=np.float16)
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(ref, b.astype(np.float16)))
+
+
+def test_graph_path_equals_plain_path():
+    data = batches(6, 4, last=3)
+    outs = {}
+    for graphs in (True, False):
+        with make_executor({"m": NumpyModel()}, graphs=graphs) as ex:
+            assert (ex.graph_batch("m") is not None) == graphs
+            outs[graphs] = [c.output("m") for c in ex.run({"m": b} for b in data)]
+    for x, y in zip(outs[True], outs[False]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_failed_capture_falls_back_to_plain_enqueue_with_a_warning(caplog):
+    class NoGraph(HostBackend):
+        def capture(self, slot, batch_size, stream):
+            raise RuntimeError("capture not supported by this op")
+
+    backend = NoGraph(NumpyModel())
+    data = batches(4, 4)
+    with caplog.at_level(logging.WARNING, logger="engine.executor"):
+        with StreamedExecutor({"m": backend}, "host", ExecutorConfig(4)) as ex:
+            assert ex.graph_batch("m") is None
+            got = list(ex.run({"m": b} for b in data))
+    assert "graph capture failed" in caplog.text
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+
+
+def test_slots_overlap_in_time():
+    """Compute of several batches runs at once on the slots' streams."""
+    delay, n = 0.05, 6
+    with make_executor({"m": NumpyModel(delay_s=delay)}, graphs=False, depth=3) as ex:
+        start = time.perf_counter()
+        list(ex.run({"m": b} for b in batches(n, 4)))
+        elapsed = time.perf_counter() - start
+    assert elapsed < 0.7 * n * delay, f"no overlap: {elapsed:.3f} s for {n} x {delay} s"
+
+
+def test_device_pointer_input_waits_for_the_producer_stream():
+    """submit_device: the slot copies from the producer's buffer only after the work
+    queued on the producer's stream; Consumed says when the buffer may be reused."""
+    model = NumpyModel()
+    data = batches(5, 4, last=2)
+    with HostDevice() as dev:
+        producer = dev.stream()
+        staging = dev.device_empty((4, 3, 8, 8), np.float32)
+        with StreamedExecutor({"m": HostBackend(model)}, dev, ExecutorConfig(4)) as ex:
+            got = []
+            for b in data:
+                def produce(b=b):
+                    time.sleep(0.01)  # a slow producer: the copy must not start before this
+                    staging.array[: len(b)] = b
+                producer.submit(produce)
+                view = DeviceView(staging.ptr, b.shape, np.dtype(np.float32))
+                done, consumed = ex.submit_device({"m": view}, producer=producer)
+                got += done
+                consumed.synchronize()  # only now may the producer overwrite `staging`
+            got += ex.drain()
+        # the executor did not close a device it does not own
+        assert dev.stream() is not None
+    ref = NumpyModel()
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(ref, b))
+
+
+def test_bad_inputs_are_refused_before_any_work_is_queued():
+    with make_executor({"a": NumpyModel(), "b": NumpyModel()}) as ex:
+        good = batches(1, 4)[0]
+        with pytest.raises(ValueError, match="shape"):
+            ex.submit({"a": good, "b": good[:, :, :4]})
+        with pytest.raises(ValueError, match="float"):
+            ex.submit({"a": good, "b": good.astype(np.int32)})
+        with pytest.raises(ValueError, match="exceeds"):
+            ex.submit({"a": np.concatenate([good, good])})
+        with pytest.raises(ValueError, match="unknown"):
+            ex.submit({"c": good})
+        assert ex.drain() == []
+        got = list(ex.run([{"a": good, "b": good}]))
+        assert len(got) == 1 and got[0].seq == 0
+
+
+def test_close_is_idempotent_and_submit_needs_open():
+    ex = make_executor({"m": NumpyModel()})
+    with pytest.raises(RuntimeError):
+        ex.submit({"m": batches(1, 4)[0]})
+    with ex:
+        pass
+    ex.close()
+    with pytest.raises(RuntimeError):
+        ex.open()
+
+
+def test_errors_in_the_model_reach_the_caller():
+    class Broken(NumpyModel):
+        def run(self, batch):
+            if len(self.calls) >= 4:  # after warm-up
+                raise FloatingPointError("bad batch")
+            return super().run(batch)
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        with make_executor({"m": Broken()}, graphs=False) as ex:
+            list(ex.run({"m": b} for b in batches(5, 4)))
+    assert ex.device is None  # closed and released despite the failure
+
+
+def test_measure_overlap_reports_every_stage():
+    with make_executor({"a": NumpyModel(delay_s=0.01), "b": NumpyModel(delay_s=0.005)}) as ex:
+        data = [{"a": x, "b": x} for x in batches(6, 4)]
+        report = measure_overlap(ex, data)
+    assert report.images == 24
+    assert set(report.stage_seconds) == {"a", "b"}
+    assert all(set(s) == {"host", "h2d", "compute", "d2h"} for s in report.stage_seconds.values())
+    assert report.bottleneck == "compute"
+    assert 0 < report.efficiency
+
+
+def test_onnxruntime_backend_through_the_host_executor(tmp_path):
+    """A real backend (ONNX Runtime on a tiny graph) driven by the executor."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from engine.backends.onnxruntime import OrtBackend
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["output"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())],
+    )
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    in_decl = TensorDecl("input", (None, 3, 8, 8), np.dtype(np.float32))
+    out_decl = TensorDecl("output", (None, 5), np.dtype(np.float32))
+    data = batches(5, 4, last=3)
+    with OrtBackend(path, in_decl, out_decl, threads=1) as ort_backend:
+        alone = [ort_backend.run(b) for b in data]
+        with StreamedExecutor({"m": HostBackend(ort_backend)}, "host", ExecutorConfig(4)) as ex:
+            got = [c.output("m") for c in ex.run({"m": b} for b in data)]
+    for g, a in zip(got, alone):
+        np.testing.assert_allclose(g, a, rtol=1e-6, atol=1e-6)  # padded vs unpadded batch: same rows
+
+
+def test_importing_the_executor_imports_no_gpu_package():
+    code = (
+        "import sys, engine.executor, engine.gpu, engine.backends.tensorrt, engine.backends.torch_cuda\n"
+        "bad = [m for m in ('pycuda', 'tensorrt', 'torch') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
