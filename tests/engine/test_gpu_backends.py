@@ -1,0 +1,129 @@
+"""Device backends and the pycuda device on a real GPU (auto-skipped without one).
+
+TensorRT tests run only where ``tensorrt`` is importable (not in this workplace's GPU
+machines; see DEVICE.md); nothing here fakes TensorRT or CUDA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.executor import ExecutorConfig, StreamedExecutor
+
+pytestmark = pytest.mark.gpu
+
+pytest.importorskip("pycuda")
+
+
+@pytest.fixture
+def device():
+    from engine.gpu import CudaDevice
+
+    with CudaDevice(0) as dev:
+        yield dev
+
+
+def test_cuda_device_copies_and_counts_allocations(device):
+    s = device.stream()
+    host = device.host_empty((4, 5), np.float32)
+    host[:] = np.arange(20, dtype=np.float32).reshape(4, 5)
+    d = device.device_empty((4, 5), np.float32)
+    back = device.host_empty((4, 5), np.float32)
+    back[:] = -1
+    device.h2d(d, host[:3], s)
+    device.d2h(back[:3], d, s)
+    done = device.event()
+    device.record(done, s)
+    device.synchronize(done)
+    np.testing.assert_array_equal(back[:3], host[:3])
+    assert (back[3] == -1).all()
+    assert device.allocations == 3
+    device.free(d)
+
+
+def test_driver_graph_replays_captured_copy(device):
+    from engine.gpu import capture_graph
+
+    s = device.stream()
+    src, dst = device.device_empty((16,), np.float32), device.device_empty((16,), np.float32)
+    host, back = device.host_empty((16,), np.float32), device.host_empty((16,), np.float32)
+    graph = capture_graph(s, lambda: device.d2d(dst.ptr, src.ptr, 64, s))
+    try:
+        host[:] = np.arange(16)
+        device.h2d(src, host, s)
+        graph.launch(s)  # the copy runs only now, on the same addresses
+        device.d2h(back, dst, s)
+        device.synchronize_stream(s)
+        np.testing.assert_array_equal(back, host)
+    finally:
+        graph.close()
+        graph.close()  # idempotent
+
+
+def test_wait_producer_orders_after_a_torch_stream(device):
+    torch = pytest.importorskip("torch")
+    s = device.stream()
+    producer = torch.cuda.Stream()
+    src = torch.zeros(1 << 20, device="cuda")
+    dst = device.device_empty((1 << 20,), np.float32)
+    back = device.host_empty((1 << 20,), np.float32)
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(5_000_000)
+        src.fill_(3.0)
+    device.wait_producer(s, producer.cuda_stream)
+    device.d2d(dst.ptr, src.data_ptr(), src.numel() * 4, s)
+    device.d2h(back, dst, s)
+    device.synchronize_stream(s)
+    assert (back == 3.0).all()
+
+
+def test_torch_backend_on_slot_buffers_equals_eager():
+    torch = pytest.importorskip("torch")
+    from builders.export import build_random_model
+    from engine.backends.torch_cuda import TorchCudaBackend
+    from engine.specs import Architecture
+
+    b = TorchCudaBackend(build_random_model(Architecture.RESNET18, 2, 0), (3, 64, 64), max_batch=8)
+    x = np.random.default_rng(0).standard_normal((6, 3, 64, 64)).astype(np.float32)
+    with StreamedExecutor({"m": b}, "cuda", ExecutorConfig(8, graphs=False)) as ex:
+        (c,) = list(ex.run([{"m": x}]))
+    with torch.inference_mode():
+        ref = b._forward(torch.from_numpy(x).cuda()).cpu().numpy()
+    np.testing.assert_allclose(c.output("m"), ref, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+@pytest.fixture(scope="module")
+def trt_engine(tmp_path_factory, random_models):
+    trt = pytest.importorskip("tensorrt")
+    from builders.precision import prepare
+    from builders.trt_build import BatchProfile, build_engine, detect_target, plan_manifest
+
+    model = random_models["gender/alpha"]
+    cache = tmp_path_factory.mktemp("trt")
+    prepared = prepare(model.onnx_path, model.spec, "fp32", None, cache / "prepared", output_kind=model.output_kind)
+    profile = BatchProfile(1, 8, 8)
+    artifact = build_engine(prepared, model.spec, cache, profile)
+    wanted = plan_manifest(prepared, model.spec, profile, detect_target(trt))
+    return model, artifact, wanted
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_tensorrt_executor_matches_onnxruntime(trt_engine, graphs):
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.backends.tensorrt import TensorRTBackend
+
+    model, artifact, wanted = trt_engine
+    x = [np.random.default_rng(k).standard_normal((n, 3, 224, 224)).astype(np.float32) for k, n in enumerate([8, 8, 8, 3])]
+    with OrtBackend(model.onnx_path, model.info.input, model.info.output) as ort_backend:
+        ref = [ort_backend.run(b) for b in x]
+    with TensorRTBackend(artifact.path, wanted) as trt_backend:
+        assert trt_backend.max_batch == 8
+        with StreamedExecutor({"m": trt_backend}, "cuda", ExecutorConfig(8, graphs=graphs)) as ex:
+            assert (ex.graph_batch("m") is not None) == graphs
+            got = [c.output("m") for c in ex.run({"m": b} for b in x)]
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)  # TF32 tactics may be chosen
