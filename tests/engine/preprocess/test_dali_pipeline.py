@@ -83,11 +83,6 @@ def test_declarations(both):
     )
 
 
-def test_gpu_device_is_refused_clearly():
-    with pytest.raises(EngineError, match="GPU path is tracked separately"):
-        DaliPreprocessor(BOTH, max_batch=2, device="gpu")
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
