@@ -8,27 +8,19 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import pytest
+
+from engine.gpu import cuda_absent_reason
 
 pytest_plugins = ["tests.model_fixtures"]
 
 
 @functools.lru_cache(maxsize=1)
 def gpu_absent_reason() -> str | None:
-    """Why GPU tests cannot run here, or None when a CUDA device is usable."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver (libcuda.so.1 not found)"
-    if lib.cuInit(0) != 0:
-        return "CUDA driver present but cuInit failed (no usable GPU)"
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return "no CUDA device visible"
-    return None
+    """Why GPU tests cannot run here, or None when CUDA device 0 is usable."""
+    return cuda_absent_reason(0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -77,6 +77,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from engine.errors import EngineError, InputError
+from engine.gpu import cuda_absent_reason
 from engine.preprocess.decode import ImageDecodeError, decode_rgba, probe, undecodable_cause
 from engine.preprocess.result import PreprocessResult, ViewDecl
 from engine.specs import AlphaMode, ChannelOrder, CropPosition, Interpolation, Preprocess, ResizeRule
@@ -242,7 +243,6 @@ class DaliPreprocessor:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
             raise EngineError(f"num_threads must be a positive integer, got {num_threads!r}")
         self._views: tuple[tuple[str, Preprocess], ...] = tuple(views)
-        self._antialias: tuple[bool, ...] = tuple(pre.antialias for _, pre in views)
         self._fused_crop = bool(fused_crop)
         self._max_batch = max_batch
         self._num_threads = num_threads
@@ -297,38 +297,33 @@ class DaliPreprocessor:
 
     def _build(self) -> None:
         started = time.perf_counter()
-        if self._device == "cpu":
-            self._pipe = build_pipeline(
-                self._views,
-                self._max_batch,
-                self._num_threads,
-                self._antialias,
-                fused_crop=self._fused_crop,
-                output_dtype=self._dtype,
-            )
-        else:
-            absent = _gpu_absent_reason()
+        on_gpu = self._device != "cpu"
+        if on_gpu:
+            absent = cuda_absent_reason(self._device_id or 0)
             if absent is not None:
                 raise EngineError(
                     f"DALI preprocessing on device 'gpu' needs a usable NVIDIA GPU: {absent}; use device='cpu'"
                 )
-            try:
-                self._pipe = build_pipeline(
-                    self._views,
-                    self._max_batch,
-                    self._num_threads,
-                    self._antialias,
-                    fused_crop=self._fused_crop,
-                    device="gpu",
-                    device_id=self._device_id,
-                    output_dtype=self._dtype,
-                    hw_decoder_load=self._hw_decoder_load,
-                )
-            except RuntimeError as exc:
-                raise EngineError(
-                    f"cannot build the DALI GPU pipeline on device {self._device_id}: {_first_line(exc)} "
-                    "(use device='cpu' on a machine without a usable NVIDIA GPU)"
-                ) from None
+        pipe = define_pipeline(
+            self._views,
+            self._max_batch,
+            self._num_threads,
+            fused_crop=self._fused_crop,
+            device=self._device,
+            device_id=self._device_id,
+            output_dtype=self._dtype,
+            hw_decoder_load=self._hw_decoder_load,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            if not on_gpu:
+                raise
+            raise EngineError(
+                f"cannot build the DALI GPU pipeline on device {self._device_id}: {_first_line(exc)} "
+                "(use device='cpu' on a machine without a usable NVIDIA GPU)"
+            ) from None
+        self._pipe = pipe
         log.debug(
             "DALI %s pipeline built in %.3f s (%d views)",
             self._device,
@@ -534,20 +529,6 @@ class DaliPreprocessor:
         )
 
 
-def _gpu_absent_reason() -> str | None:
-    """Why no CUDA device is usable here, or None (asks the driver, creates no context)."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver (libcuda.so.1 not found)"
-    if lib.cuInit(0) != 0:
-        return "the CUDA driver is present but cuInit failed"
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return "no CUDA device visible"
-    return None
-
-
 def _original_size(entry: _Entry, decoded_shapes: Any, j: int) -> tuple[int, int]:
     if entry.route is Route.HOST:
         return (int(entry.rgba.shape[0]), int(entry.rgba.shape[1]))
@@ -626,40 +607,10 @@ def _placeholder_png() -> np.ndarray:
 # -- graph ---------------------------------------------------------------------------
 
 
-def build_pipeline(
-    views: Sequence[tuple[str, Preprocess]],
-    max_batch: int,
-    num_threads: int,
-    antialias: Sequence[bool] | None = None,
-    fused_crop: bool = True,
-    *,
-    device: str = "cpu",
-    device_id: int | None = None,
-    output_dtype: Any = np.float32,
-    hw_decoder_load: float = 0.65,
-) -> Any:
-    """Build the pipeline. Outputs: the decoded shape (CPU), then one CHW view per spec
-    (``output_dtype``; on the GPU for ``device="gpu"``)."""
-    pipe = define_pipeline(
-        views,
-        max_batch,
-        num_threads,
-        antialias,
-        fused_crop,
-        device=device,
-        device_id=device_id,
-        output_dtype=output_dtype,
-        hw_decoder_load=hw_decoder_load,
-    )
-    pipe.build()
-    return pipe
-
-
 def define_pipeline(
     views: Sequence[tuple[str, Preprocess]],
     max_batch: int,
     num_threads: int,
-    antialias: Sequence[bool] | None = None,
     fused_crop: bool = True,
     *,
     device: str = "cpu",
@@ -677,7 +628,6 @@ def define_pipeline(
         ) from None
 
     views = tuple(views)
-    antialias = tuple(antialias) if antialias is not None else (True,) * len(views)
     on_gpu = device == "gpu"
     out_type = types.FLOAT16 if np.dtype(output_dtype) == np.dtype(np.float16) else types.FLOAT
 
@@ -692,10 +642,10 @@ def define_pipeline(
             decoded = fn.decoders.image(enc, device="cpu", output_type=types.RGB)
         selected: dict[AlphaMode, Any] = {}
         outputs = [decoded.shape(dtype=types.INT64)]
-        for (_key, pre), smooth in zip(views, antialias):
+        for _key, pre in views:
             if pre.alpha not in selected:
                 selected[pre.alpha] = _select(on_host, _composite(rgba, pre.alpha), decoded)
-            outputs.append(_view(selected[pre.alpha], pre, smooth, fused_crop, out_type))
+            outputs.append(_view(selected[pre.alpha], pre, pre.antialias, fused_crop, out_type))
         return tuple(outputs)
 
     if on_gpu:

@@ -59,7 +59,7 @@ def test_gpu_graph_passes_dalis_graph_checks(fused_crop, dtype):
 
     views = BOTH + [("black_bgr", dataclasses.replace(QUALITY.preprocess, alpha=AlphaMode.BLACK,
                                                       channel_order=ChannelOrder.BGR))]
-    pipe = define_pipeline(views, 4, 2, None, fused_crop, device="gpu", device_id=0, output_dtype=dtype)
+    pipe = define_pipeline(views, 4, 2, fused_crop, device="gpu", device_id=0, output_dtype=dtype)
     pipe._build_graph()
     assert [o.device for o in pipe._graph_outputs] == ["cpu", "gpu", "gpu", "gpu"]
 
