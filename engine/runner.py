@@ -278,7 +278,7 @@ def run(config: RunConfig) -> RunSummary:
     from engine.preprocess.dali_pipeline import DaliPreprocessor
 
     # Fail fast on a missing input before any model work.
-    first = iter_images(config.input)
+    discovered = iter_images(config.input)
     registry = SpecRegistry.load(config.spec_file)
     models = [
         resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models
@@ -314,7 +314,7 @@ def run(config: RunConfig) -> RunSummary:
         total = None
         if config.progress:
             total = sum(1 for p in iter_images(config.input) if display_path(p) not in writer.done)
-        todo = (p for p in first if display_path(p) not in writer.done)
+        todo = (p for p in discovered if display_path(p) not in writer.done)
         reader = _Reader(_batches(todo, config.batch_size), pre)
         bar = stack.enter_context(_progress(total, config.progress))
         start = time.perf_counter()
