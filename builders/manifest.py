@@ -297,8 +297,8 @@ def check_engine(engine_path: Path, wanted: Manifest) -> Manifest:
     return found
 
 
-def check_runtime(found: Manifest, target: BuildTarget, where: str) -> None:
-    """Raise :class:`ModelError` if an engine's manifest names another GPU or TensorRT."""
+def runtime_differences(found: Manifest, target: BuildTarget) -> list[str]:
+    """Where an engine's build target differs from this GPU/TensorRT, one line each."""
     diffs = []
     if found.target.gpu_name != target.gpu_name:
         diffs.append(f"GPU: engine built on {found.target.gpu_name!r}, this is {target.gpu_name!r}")
@@ -310,11 +310,51 @@ def check_runtime(found: Manifest, target: BuildTarget, where: str) -> None:
         diffs.append(
             f"TensorRT version: engine {found.target.tensorrt_version}, installed {target.tensorrt_version}"
         )
+    return diffs
+
+
+def check_runtime(found: Manifest, target: BuildTarget, where: str) -> None:
+    """Raise :class:`ModelError` if an engine's manifest names another GPU or TensorRT."""
+    diffs = runtime_differences(found, target)
     if diffs:
         raise ModelError(f"engine {where} cannot run here ({'; '.join(diffs)}); rebuild it with `engine build`")
 
 
 # --------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class EngineQuery:
+    """What `engine run` needs an engine for: ``source_onnx_sha256`` is
+    :func:`onnx_sha256` of the model's ONNX before precision preparation."""
+
+    model: str
+    source_onnx_sha256: str
+    precision: str
+    target: BuildTarget
+    batch_size: int
+
+    def rejects(self, m: Manifest) -> str | None:
+        """Why an engine with manifest ``m`` (same model and precision) cannot serve
+        this query, or None."""
+        if m.source_onnx_sha256 != self.source_onnx_sha256:
+            return (
+                f"built from another ONNX (sha256 {_short(m.source_onnx_sha256 or '?')}, "
+                f"this model is {_short(self.source_onnx_sha256)})"
+            )
+        diffs = runtime_differences(m, self.target)
+        if diffs:
+            return "; ".join(diffs)
+        for r in m.profile:
+            if not r.min[0] <= self.batch_size <= r.max[0]:
+                return f"its batch profile {r.min[0]}..{r.max[0]} does not include batch size {self.batch_size}"
+        return None
+
+
+@dataclass(frozen=True)
+class EngineSearch:
+    entry: "CacheEntry | None"
+    rejected: tuple[str, ...]  # "<engine file>: <reason>", one per engine passed over
 
 
 @dataclass(frozen=True)
@@ -366,6 +406,42 @@ class EngineCache:
                     "cached engine %s not reusable (%s)", entry.engine_path.name, "; ".join(mismatches(m, wanted))
                 )
         return None
+
+    def find_for_run(self, query: "EngineQuery") -> "EngineSearch":
+        """The engine `engine run` should load for ``query``, or None with one reason per
+        cached engine of that model and precision that was passed over.
+
+        A run does not know the build options (profile, optimisation level, workspace)
+        nor, for INT8, the calibration set, so it matches on what decides whether an
+        engine computes this model here: the model, the ONNX the engine was prepared
+        from (``source_onnx_sha256``), the precision, the GPU and TensorRT; and the
+        profile must accept the run's batch size. Among several usable engines the one
+        tuned closest to the batch size (profile ``opt``) wins, then the newest. Every
+        candidate's bytes are checked against the hash in its manifest."""
+        usable: list[CacheEntry] = []
+        rejected: list[str] = []
+        for entry in self.entries():
+            m = entry.manifest
+            if m.model != query.model or m.precision != query.precision:
+                continue
+            why = query.rejects(m)
+            if why is None:
+                try:
+                    check_engine(entry.engine_path, m)
+                except ModelError as exc:
+                    why = str(exc)
+            if why is None:
+                usable.append(entry)
+            else:
+                rejected.append(f"{entry.engine_path.name}: {why}")
+        if not usable:
+            return EngineSearch(None, tuple(rejected))
+
+        def rank(e: CacheEntry) -> tuple[int, str]:
+            opt = e.manifest.profile[0].opt[0] if e.manifest.profile else 0
+            return (-abs(opt - query.batch_size), e.manifest.built_at)
+
+        return EngineSearch(max(usable, key=rank), tuple(rejected))
 
     def store(self, engine_bytes: bytes, manifest: Manifest) -> CacheEntry:
         """Write the engine then its manifest (the manifest last, so that a crash never

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from builders.manifest import (
     BuildTarget,
     EngineCache,
+    EngineQuery,
     Manifest,
     ShapeRange,
     check_engine,
@@ -186,3 +187,52 @@ def test_onnx_hash_of_garbage_is_a_model_error(tmp_path):
     bad.write_bytes(b"\xff\x00 definitely not protobuf" * 10)
     with pytest.raises(ModelError, match="cannot read ONNX"):
         onnx_sha256(bad)
+
+
+def _query(**changes) -> EngineQuery:
+    base = EngineQuery(model="quality/baseline", source_onnx_sha256="b" * 64, precision="fp16", target=H100, batch_size=32)
+    return dataclasses.replace(base, **changes)
+
+
+def _profile(lo: int, opt: int, hi: int) -> tuple[ShapeRange, ...]:
+    return (ShapeRange("input", (lo, 3, 384, 384), (opt, 3, 384, 384), (hi, 3, 384, 384)),)
+
+
+def test_run_lookup_ignores_build_options_but_not_what_decides_the_result(tmp_path):
+    cache = EngineCache(tmp_path)
+    # Another opt level / workspace / prepared hash (e.g. INT8 calibrated on other images)
+    # is still this model at this precision on this GPU: usable.
+    stored = cache.store(b"e1", _manifest(builder_optimization_level=5, workspace_bytes=1 << 30, onnx_sha256="c" * 64))
+    found = cache.find_for_run(_query())
+    assert found.entry is not None and found.entry.engine_path == stored.engine_path and found.rejected == ()
+
+    assert cache.find_for_run(_query(precision="int8")).entry is None  # nothing built at int8
+    assert cache.find_for_run(_query(model="gender/alpha")).rejected == ()  # other models are not candidates
+
+    other_onnx = cache.find_for_run(_query(source_onnx_sha256="d" * 64))
+    assert other_onnx.entry is None
+    assert len(other_onnx.rejected) == 1 and "built from another ONNX" in other_onnx.rejected[0]
+
+    other_gpu = cache.find_for_run(_query(target=A100))
+    assert other_gpu.entry is None and "GPU: engine built on 'NVIDIA H100 80GB HBM3'" in other_gpu.rejected[0]
+    other_trt = cache.find_for_run(_query(target=dataclasses.replace(H100, tensorrt_version="10.13.0.35")))
+    assert "TensorRT version: engine 11.4.0.1, installed 10.13.0.35" in other_trt.rejected[0]
+
+    too_big = cache.find_for_run(_query(batch_size=128))
+    assert too_big.entry is None and "batch profile 1..64 does not include batch size 128" in too_big.rejected[0]
+
+
+def test_run_lookup_prefers_the_profile_tuned_nearest_the_batch_then_the_newest(tmp_path):
+    cache = EngineCache(tmp_path)
+    wide = cache.store(b"wide", _manifest(profile=_profile(1, 64, 256), built_at="2026-01-02T00:00:00+00:00"))
+    near_old = cache.store(b"near-old", _manifest(profile=_profile(1, 16, 64), workspace_bytes=1 << 30,
+                                                  built_at="2026-01-01T00:00:00+00:00"))
+    near_new = cache.store(b"near-new", _manifest(profile=_profile(1, 16, 64), workspace_bytes=2 << 30,
+                                                  built_at="2026-01-03T00:00:00+00:00"))
+    assert cache.find_for_run(_query(batch_size=16)).entry.engine_path == near_new.engine_path
+    assert cache.find_for_run(_query(batch_size=128)).entry.engine_path == wide.engine_path
+    # A tampered engine is passed over with the reason, and the next best is used.
+    near_new.engine_path.write_bytes(b"tampered")
+    found = cache.find_for_run(_query(batch_size=16))
+    assert found.entry.engine_path == near_old.engine_path
+    assert any("modified after it was built" in r for r in found.rejected)
