@@ -322,6 +322,8 @@ def _measure_engine_run(
                         threads=cfg.effective_threads,
                         overwrite=True,
                         progress=False,
+                        device="cpu",  # the entry measured here (runner=True) is ONNX Runtime on the CPU
+                        precision="fp32",
                     )
                 )
                 return summary.images

@@ -22,7 +22,8 @@ log = logging.getLogger("engine")
 EPILOG = """\
 examples:
   engine models                                   list the model specs and their unconfirmed points
-  engine run /data/frames --out results.parquet   classify every image (published models)
+  engine run /data/frames --out results.parquet   classify every image (published models; GPU if ready)
+  engine run /data/frames --device gpu            insist on the GPU path (says what is missing otherwise)
   engine run examples/images --random-weights     smoke run with random-weight models (labels meaningless)
   engine build --precision fp16 --calib /data/frames   prepare FP16 graphs, check them, build TensorRT engines
   engine run /data/crops --quality-variant head_crop --gender-onnx my_gender.onnx
@@ -99,11 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
     p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="auto (default): the GPU path when a GPU, the GPU packages and the engines are all here, else "
+        "the CPU path; the path taken and why are printed first. gpu: refuse to start without them "
+        "(naming what is missing, and the `engine build` command for a missing engine). cpu: never use a GPU",
+    )
+    p.add_argument(
+        "--gpu-backend",
+        default="tensorrt",
+        choices=["tensorrt", "torch"],
+        help="what runs the models on the GPU path: tensorrt (default; engines from `engine build`) or torch "
+        "(PyTorch on CUDA, fp32/fp16 autocast; needs --<model>-checkpoint or --random-weights)",
+    )
+    p.add_argument(
         "--precision",
-        default="fp32",
+        default=None,
         choices=["fp32", "fp16", "int8"],
-        help="inference precision (default fp32). On the CPU, fp16/int8 run the prepared ONNX graphs "
-        "(see `engine build`): useful to check them, but fp32 is the fastest there",
+        help="inference precision (default: fp16 on the GPU path, fp32 on the CPU path). On the CPU, "
+        "fp16/int8 run the prepared ONNX graphs (see `engine build`): useful to check them, but fp32 is "
+        "the fastest there. On the GPU it selects which TensorRT engines are used",
     )
     p.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --precision int8")
     p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming into --out")
@@ -259,10 +276,12 @@ def cmd_run(args) -> int:
         flush_every=args.flush_every,
         calib_dir=args.calib,
         progress=not args.no_progress and sys.stderr.isatty(),
+        device=args.device,
+        gpu_backend=args.gpu_backend,
     )
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        summary = run(config)
+        summary = run(config, announce=lambda text: print(f"engine: {text}", file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         print(
             f"engine: interrupted; finished rows are kept in {args.out}.parts/. "

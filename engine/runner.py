@@ -1,8 +1,15 @@
 """`engine run`: files -> decode/preprocess -> both models -> labels -> parquet.
 
-The CPU path: a reader thread reads file bytes and runs the DALI pipeline (CPU) for
-batch k+1 while the main thread runs ONNX Runtime on batch k; rows go to the
-:class:`~engine.writer.ResultWriter` as each batch finishes.
+The path is chosen by :func:`engine.gpu_path.plan_path` (``--device auto|cpu|gpu``).
+Both paths share discovery, resume, the reader thread, rows and the writer; they differ
+in the *inference* object that turns read batches into classified rows:
+
+* CPU: the reader thread also runs the DALI pipeline (CPU) for batch k+1 while the
+  main thread runs ONNX Runtime on batch k (:class:`CpuInference`);
+* GPU: the reader thread only reads bytes; DALI on the GPU and the streamed executor
+  run from the main thread (:class:`engine.streamed_run.StreamedInference`).
+
+Rows go to the :class:`~engine.writer.ResultWriter` as each batch finishes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -28,7 +35,7 @@ import polars as pl
 from engine.discovery import iter_images
 from engine.errors import EngineError, InputError
 from engine.models import ModelSource, ResolvedModel, WeightsKind, resolve_model
-from engine.postprocess import classify
+from engine.postprocess import Classified, classify
 from engine.specs import SpecRegistry, Task, spec_as_dict
 from engine.writer import ResultWriter
 
@@ -51,13 +58,17 @@ class RunConfig:
     spec_file: Path | None = None
     batch_size: int = 16
     threads: int | None = None
-    precision: str = "fp32"
+    precision: str | None = None  # None: fp16 on the GPU path, fp32 on the CPU path
     overwrite: bool = False
     flush_every: int = 512
     calib_dir: Path | None = None
     progress: bool = True
+    device: str = "auto"  # auto | cpu | gpu
+    gpu_backend: str = "tensorrt"  # tensorrt | torch (PyTorch on CUDA; checkpoints or random weights)
 
     def __post_init__(self) -> None:
+        if self.precision not in (None, "fp32", "fp16", "int8"):
+            raise InputError(f"precision must be fp32, fp16 or int8, got {self.precision!r}")
         if not 1 <= self.batch_size <= 4096:
             raise InputError(f"batch size must be between 1 and 4096, got {self.batch_size}")
         if self.flush_every < 1:
@@ -78,8 +89,10 @@ class RunSummary:
     elapsed_s: float = 0.0
     backend: str = ""
     precision: str = ""
+    path: str = ""
     models: list[str] = field(default_factory=list)
     random_weights: bool = False
+    details: list[str] = field(default_factory=list)  # e.g. the executor's per-model accounting
 
     @property
     def images_per_s(self) -> float:
@@ -90,9 +103,11 @@ class RunSummary:
             f"wrote {self.out}",
             f"images: {self.images} ({self.errors} errors), {self.skipped} already done from an earlier run",
             f"speed: {self.images_per_s:.1f} images/s over {self.elapsed_s:.1f} s",
+            f"path: {self.path}",
             f"backend: {self.backend}, precision: {self.precision}",
         ]
         out += [f"model: {m}" for m in self.models]
+        out += self.details
         if self.random_weights:
             out.append("WARNING: random weights were used: these labels are meaningless (smoke run only)")
         return out
@@ -166,21 +181,29 @@ def read_file(path: Path) -> tuple[bytes, str | None]:
 
 @dataclass
 class _Batch:
+    """One batch of files as the reader hands it on: the bytes (``payload``, b"" where
+    ``read_errors`` has the cause), and once preprocessed ``result`` (a
+    :class:`~engine.preprocess.PreprocessResult`; its views may be empty when they
+    live on the GPU), at which point ``payload`` is dropped."""
+
     paths: list[str]
-    result: object  # engine.preprocess.PreprocessResult
+    payload: list[bytes] | None
     read_errors: dict[int, str]
+    result: object = None
 
 
 _DONE = object()
 
 
 class _Reader(threading.Thread):
-    """Reads files and preprocesses them one batch ahead of inference."""
+    """Reads files, and preprocesses them when given ``preprocess`` (payload ->
+    PreprocessResult), one batch ahead of inference."""
 
-    def __init__(self, batches: Iterator[list[Path]], preprocessor, depth: int = 2) -> None:
+    def __init__(self, batches: Iterator[list[Path]], preprocess: Callable[[list[bytes]], object] | None,
+                 depth: int = 2) -> None:
         super().__init__(name="engine-reader", daemon=True)
         self._batches = batches
-        self._pre = preprocessor
+        self._preprocess = preprocess
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self._halt = threading.Event()
 
@@ -198,8 +221,10 @@ class _Reader(threading.Thread):
                     payload.append(data)
                     if cause is not None:
                         read_errors[i] = cause
-                result = self._pre.process(payload)
-                self._put(_Batch([display_path(p) for p in paths], result, read_errors))
+                batch = _Batch([display_path(p) for p in paths], payload, read_errors)
+                if self._preprocess is not None:
+                    batch.result, batch.payload = self._preprocess(payload), None
+                self._put(batch)
             self._put(_DONE)
         except BaseException as exc:  # hand any failure to the consumer, which re-raises it
             self._put(exc)
@@ -211,6 +236,16 @@ class _Reader(threading.Thread):
                 return
             except queue.Full:
                 continue
+
+    def items(self) -> Iterator[_Batch]:
+        """The batches in order, from the calling thread; re-raises the reader's error."""
+        while True:
+            item = self.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _batches(paths: Iterator[Path], size: int) -> Iterator[list[Path]]:
@@ -255,54 +290,55 @@ def _progress(total: int | None, enabled: bool):
     return tqdm(total=total, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
-def _precision_graph(model: ResolvedModel, config: RunConfig) -> Path:
-    """The ONNX to run: the model itself for fp32, else its prepared fp16/int8 graph
-    (made once by builders.precision and cached; FP32 inputs and outputs are kept)."""
-    if config.precision == "fp32":
+def _precision_graph(model: ResolvedModel, config: RunConfig, precision: str) -> Path:
+    """The ONNX to run on the CPU: the model itself for fp32, else its prepared
+    fp16/int8 graph (made once by builders.precision and cached; FP32 inputs and
+    outputs are kept)."""
+    if precision == "fp32":
         return model.onnx_path
     from builders.calibration import find_calibration_images
     from builders.precision import prepare
 
     calib = find_calibration_images(config.calib_dir) if config.calib_dir else None
-    if config.precision == "int8" and not calib:
+    if precision == "int8" and not calib:
         raise EngineError("--precision int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
     prepared = prepare(
-        model.onnx_path, model.spec, config.precision, calib, config.cache_dir / "prepared",
+        model.onnx_path, model.spec, precision, calib, config.cache_dir / "prepared",
         output_kind=model.output_kind,
     )
     return prepared.path
 
 
-def run(config: RunConfig) -> RunSummary:
-    from engine.backends.onnxruntime import OrtBackend
-    from engine.preprocess.dali_pipeline import DaliPreprocessor
+class Inference(Protocol):
+    """Turns read batches into classified rows, in order. ``preprocess`` (or None) is
+    run by the reader thread on each batch's bytes; ``batches`` yields ``(batch,
+    outputs)`` with ``batch.result`` set and ``outputs[spec key]`` for its ok rows."""
 
-    # Fail fast on a missing input before any model work.
-    discovered = iter_images(config.input)
-    registry = SpecRegistry.load(config.spec_file)
-    models = [
-        resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models
-    ]
-    onnx_paths = {m.spec.key: _precision_graph(m, config) for m in models}
-    schema = result_schema(models)
-    summary = RunSummary(out=config.out, precision=config.precision)
-    summary.models = [f"{m.spec.key} [{m.weights.value}: {m.weights_detail}] {m.onnx_path}" for m in models]
-    summary.random_weights = any(m.weights is WeightsKind.RANDOM for m in models)
-    threads = config.threads or os.cpu_count() or 1
+    backend: str
+    preprocess: Callable[[list[bytes]], object] | None
 
-    with ExitStack() as stack:
-        writer = stack.enter_context(
-            ResultWriter(config.out, schema, run_config_record(models, config.precision), overwrite=config.overwrite,
-                         part_rows=config.flush_every)
-        )
-        summary.skipped = len(writer.done)
-        backends = {
+    def batches(self, read: Iterator[_Batch]) -> Iterator[tuple[_Batch, dict[str, Classified]]]: ...
+
+    def details(self) -> list[str]: ...
+
+
+class CpuInference:
+    """DALI on the CPU in the reader thread, ONNX Runtime per model on the main thread."""
+
+    def __init__(self, models: Sequence[ResolvedModel], config: RunConfig, precision: str, threads: int,
+                 stack: ExitStack) -> None:
+        from engine.backends.onnxruntime import OrtBackend
+        from engine.preprocess.dali_pipeline import DaliPreprocessor
+
+        self._models = list(models)
+        self._backends = {
             m.spec.key: stack.enter_context(
-                OrtBackend(onnx_paths[m.spec.key], m.info.input, m.info.output, precision=config.precision, threads=threads)
+                OrtBackend(_precision_graph(m, config, precision), m.info.input, m.info.output,
+                           precision=precision, threads=threads)
             )
             for m in models
         }
-        summary.backend = "onnxruntime " + "/".join(next(iter(backends.values())).providers)
+        self.backend = "onnxruntime " + "/".join(next(iter(self._backends.values())).providers)
         pre = stack.enter_context(
             DaliPreprocessor(
                 views=[(m.spec.key, m.spec.preprocess) for m in models],
@@ -311,26 +347,100 @@ def run(config: RunConfig) -> RunSummary:
                 device="cpu",
             )
         )
+        self.preprocess = pre.process
+
+    def batches(self, read: Iterator[_Batch]) -> Iterator[tuple[_Batch, dict[str, Classified]]]:
+        for item in read:
+            outputs = {}
+            for m in self._models:
+                view = item.result.views[m.spec.key]
+                raw = self._backends[m.spec.key].run(view) if len(view) else np.zeros((0, m.spec.num_classes))
+                outputs[m.spec.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
+            yield item, outputs
+
+    def details(self) -> list[str]:
+        return []
+
+
+class StreamedRunInference:
+    """:class:`engine.streamed_run.StreamedInference` as an :class:`Inference`."""
+
+    preprocess = None
+
+    def __init__(self, inner, backend: str) -> None:
+        self._inner = inner
+        self.backend = backend
+
+    def batches(self, read: Iterator[_Batch]) -> Iterator[tuple[_Batch, dict[str, Classified]]]:
+        return self._inner.batches(read)
+
+    def details(self) -> list[str]:
+        from engine.streamed_run import stats_lines
+
+        return stats_lines(self._inner.stats)
+
+
+def resolve_models(config: RunConfig) -> list[ResolvedModel]:
+    registry = SpecRegistry.load(config.spec_file)
+    return [resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models]
+
+
+def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> RunSummary:
+    """Classify every image under ``config.input`` into ``config.out``; ``announce`` is
+    told which path was taken (and why) before the first image."""
+    from engine.gpu_path import open_gpu_inference, plan_path
+
+    # Fail fast on a missing input before any model work.
+    discovered = iter_images(config.input)
+    models = resolve_models(config)
+    plan = plan_path(config, models)
+    if announce is not None:
+        announce(plan.describe())
+    threads = config.threads or os.cpu_count() or 1
+
+    def open_inference(stack: ExitStack) -> Inference:
+        if plan.device == "gpu":
+            inner = open_gpu_inference(plan, models, config, threads, stack)
+            backend = "tensorrt" if plan.gpu_backend == "tensorrt" else "torch-cuda"
+            return StreamedRunInference(inner, f"{backend} (streamed executor, DALI on the GPU)")
+        return CpuInference(models, config, plan.precision, threads, stack)
+
+    return execute(config, discovered, models, plan.precision, plan.describe(), open_inference)
+
+
+def execute(
+    config: RunConfig,
+    discovered: Iterator[Path],
+    models: Sequence[ResolvedModel],
+    precision: str,
+    path: str,
+    open_inference: Callable[[ExitStack], Inference],
+) -> RunSummary:
+    """The rows loop shared by every path: resume filter, reader thread, the given
+    inference, rows, writer, progress and summary."""
+    schema = result_schema(models)
+    summary = RunSummary(out=config.out, precision=precision, path=path)
+    summary.models = [f"{m.spec.key} [{m.weights.value}: {m.weights_detail}] {m.onnx_path}" for m in models]
+    summary.random_weights = any(m.weights is WeightsKind.RANDOM for m in models)
+
+    with ExitStack() as stack:
+        writer = stack.enter_context(
+            ResultWriter(config.out, schema, run_config_record(models, precision), overwrite=config.overwrite,
+                         part_rows=config.flush_every)
+        )
+        summary.skipped = len(writer.done)
+        inference = open_inference(stack)
+        summary.backend = inference.backend
         total = None
         if config.progress:
             total = sum(1 for p in iter_images(config.input) if display_path(p) not in writer.done)
         todo = (p for p in discovered if display_path(p) not in writer.done)
-        reader = _Reader(_batches(todo, config.batch_size), pre)
+        reader = _Reader(_batches(todo, config.batch_size), inference.preprocess)
         bar = stack.enter_context(_progress(total, config.progress))
         start = time.perf_counter()
         reader.start()
         try:
-            while True:
-                item = reader.queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                outputs = {}
-                for m in models:
-                    view = item.result.views[m.spec.key]
-                    raw = backends[m.spec.key].run(view) if len(view) else np.zeros((0, m.spec.num_classes))
-                    outputs[m.spec.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
+            for item, outputs in inference.batches(reader.items()):
                 df = _rows(item, models, outputs, schema)
                 writer.add(df)
                 summary.images += df.height
@@ -340,4 +450,5 @@ def run(config: RunConfig) -> RunSummary:
             reader.stop()
             reader.join(timeout=5)
             summary.elapsed_s = time.perf_counter() - start
+        summary.details = inference.details()
     return summary

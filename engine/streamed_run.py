@@ -1,0 +1,146 @@
+"""`engine run` through the streamed executor: the loop of the GPU path.
+
+Per batch of files, in order:
+
+1. a reader thread reads the files' bytes one batch ahead (``engine.runner._Reader``);
+2. the *producer* preprocesses them into one view per model, left where the executor's
+   device can copy from (on the GPU: DALI's output buffers, ordered on DALI's stream);
+3. :meth:`StreamedExecutor.submit_device` queues, per model, a device-to-device copy
+   into the slot's own buffer (after DALI's stream), inference and copy-out, and
+   returns at once; before the producer runs again (which releases its buffers) the
+   host waits for those copies only (:class:`~engine.executor.Consumed`), never for
+   inference;
+4. results come back in submission order and become rows.
+
+The loop knows nothing of CUDA: with :class:`engine.gpu.CudaDevice`, TensorRT or
+PyTorch backends and DALI on the GPU it is the GPU path; with
+:class:`engine.executor.HostDevice`, ONNX Runtime behind
+:class:`engine.executor.HostBackend` and :class:`HostProducer` it runs the same code on
+a machine without a GPU, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from engine.executor import LaneStats, StreamedExecutor
+from engine.postprocess import Classified, classify
+from engine.preprocess.result import PreprocessResult
+
+if TYPE_CHECKING:
+    from engine.models import ResolvedModel
+    from engine.preprocess.dali_pipeline import DaliPreprocessor, DeviceBatch
+
+# payload (file bytes, b"" where unreadable) -> one DeviceBatch
+Producer = Callable[[Sequence[bytes]], "DeviceBatch"]
+
+
+class HostProducer:
+    """A producer without a GPU: the CPU DALI pipeline, its views exposed as
+    :class:`~engine.preprocess.dali_pipeline.DeviceView` over host memory (what
+    :class:`~engine.executor.HostDevice` copies from). The arrays are kept alive until
+    the next call, as DALI keeps its GPU buffers."""
+
+    def __init__(self, preprocessor: "DaliPreprocessor") -> None:
+        if preprocessor.device != "cpu":
+            raise ValueError("HostProducer wraps a CPU DaliPreprocessor")
+        self._pre = preprocessor
+
+    def __call__(self, payload: Sequence[bytes]) -> "DeviceBatch":
+        from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+
+        res = self._pre.process(payload)
+        views = {}
+        for key, array in res.views.items():
+            array = np.ascontiguousarray(array)
+            views[key] = DeviceView(key, int(array.ctypes.data) if len(array) else 0, array.shape, array.dtype, array)
+        return DeviceBatch(
+            ok=tuple(res.ok), sizes=tuple(res.sizes), errors=dict(res.errors), views=views, device_id=0, cuda_stream=None
+        )
+
+
+def dali_gpu_producer(preprocessor: "DaliPreprocessor", stream: Any) -> Producer:
+    """DALI on the GPU, its outputs ordered on ``stream`` (a stream of the executor's
+    device, e.g. a pycuda ``Stream``); the executor's slots wait on that stream."""
+    handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
+    return lambda payload: preprocessor.process_device(payload, cuda_stream=handle)
+
+
+@dataclass
+class _Entry:
+    batch: Any  # engine.runner._Batch
+    outputs: dict[str, Classified] | None = None
+
+
+class StreamedInference:
+    """Drives ``executor`` (one lane per model, keyed by spec key) from ``producer``.
+
+    :meth:`batches` takes an iterator of read batches (objects with ``paths``,
+    ``payload`` and ``read_errors``; the reader's output) and yields ``(batch,
+    outputs)`` in input order, ``batch.result`` filled in (ok rows, sizes, errors),
+    ``outputs[spec key]`` the classified rows of ``batch.result.ok``."""
+
+    def __init__(self, models: Sequence["ResolvedModel"], executor: StreamedExecutor, producer: Producer) -> None:
+        self._models = list(models)
+        self._executor = executor
+        self._producer = producer
+        self._order: deque[_Entry] = deque()
+
+    @property
+    def stats(self) -> Mapping[str, LaneStats]:
+        return self._executor.stats
+
+    def _classify(self, raw: Mapping[str, np.ndarray]) -> dict[str, Classified]:
+        return {m.spec.key: classify(raw[m.spec.key], m.output_kind, m.spec.labels, m.spec.key) for m in self._models}
+
+    def _complete(self, done) -> None:
+        for c in done:
+            c.tag.outputs = self._classify({m.spec.key: c.output(m.spec.key) for m in self._models})
+
+    def _ready(self) -> Iterator[tuple[Any, dict[str, Classified]]]:
+        while self._order and self._order[0].outputs is not None:
+            entry = self._order.popleft()
+            yield entry.batch, entry.outputs
+
+    def batches(self, read: Iterator[Any]) -> Iterator[tuple[Any, dict[str, Classified]]]:
+        consumed = None
+        for batch in read:
+            if consumed is not None:  # the producer's buffers are reused by its next run
+                consumed.synchronize()
+                consumed = None
+            produced = self._producer(batch.payload)
+            batch.payload = None
+            batch.result = PreprocessResult(
+                ok=list(produced.ok), views={}, sizes=list(produced.sizes), errors=dict(produced.errors)
+            )
+            entry = _Entry(batch)
+            self._order.append(entry)
+            if produced.ok:
+                inputs = {m.spec.key: produced.views[m.spec.key] for m in self._models}
+                done, consumed = self._executor.submit_device(inputs, producer=produced.cuda_stream, tag=entry)
+                self._complete(done)
+            else:  # nothing decoded: error rows only, kept in order behind earlier batches
+                entry.outputs = self._classify({m.spec.key: np.zeros((0, m.spec.num_classes), np.float32) for m in self._models})
+            yield from self._ready()
+        if consumed is not None:
+            consumed.synchronize()
+        self._complete(self._executor.drain())
+        yield from self._ready()
+
+
+def stats_lines(stats: Mapping[str, LaneStats]) -> list[str]:
+    """Per model: batches, host overhead and device time per batch (the executor's own
+    accounting; device times come from CUDA events on the GPU)."""
+    out = []
+    for key, s in stats.items():
+        if not s.batches:
+            continue
+        out.append(
+            f"executor {key}: {s.batches} batches ({s.graph_batches} as graphs, {s.padded_batches} padded), "
+            f"host {s.host_overhead_ms_per_batch:.2f} ms/batch, device {s.device_ms_per_batch:.2f} ms/batch"
+        )
+    return out

@@ -1,0 +1,272 @@
+"""`engine run` path choice (--device auto|cpu|gpu), the `engine build` command it
+prints for missing engines, the run-time engine lookup, and the streamed loop of the
+GPU path run for real on the executor's host device (ONNX Runtime behind HostBackend,
+DALI on the CPU) against the CPU path's rows.
+
+What needs a GPU (the same loop on CudaDevice with DALI on the GPU and TensorRT or
+PyTorch) is in test_gpu_backends.py / the gpu_check kit under the ``gpu`` marker."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shlex
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from builders.manifest import BuildTarget, EngineCache, Manifest, ShapeRange, onnx_sha256
+from engine.cli import main
+from engine.errors import EngineError
+from engine.executor import ExecutorConfig, HostBackend, StreamedExecutor
+from engine.gpu import cuda_absent_reason
+from engine.gpu_path import build_command, find_engines, plan_path, torch_backend_problem
+from engine.models import ModelSource
+from engine.runner import ModelChoice, RunConfig, StreamedRunInference, execute, resolve_models, run
+from engine.specs import SpecRegistry, Task
+from engine.streamed_run import HostProducer, StreamedInference
+
+no_gpu = pytest.mark.skipif(cuda_absent_reason() is None, reason="checks the behaviour on a machine without a GPU")
+
+H100 = BuildTarget("NVIDIA H100 80GB HBM3", "9.0", "11.4.0.1")
+
+
+def _config(tmp_path: Path, *, tasks=(Task.GENDER, Task.QUALITY), source=None, **changes) -> RunConfig:
+    source = source or ModelSource(random_weights=True, download=False)
+    base = RunConfig(
+        input=tmp_path, out=tmp_path / "out.parquet", models=tuple(ModelChoice(t, None, source) for t in tasks),
+        cache_dir=tmp_path / "cache", progress=False,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+# --------------------------------------------------------------------------- choice
+
+
+@no_gpu
+def test_auto_takes_the_cpu_path_and_says_why(tmp_path):
+    plan = plan_path(_config(tmp_path), [])
+    assert plan.device == "cpu" and plan.precision == "fp32"
+    assert "no GPU: no NVIDIA driver" in plan.reason
+    assert plan.describe().startswith("CPU path (DALI on the CPU, ONNX Runtime, fp32)")
+    assert plan_path(_config(tmp_path, precision="int8"), []).precision == "int8"
+
+
+@no_gpu
+def test_device_gpu_refuses_in_one_line(tmp_path):
+    for backend in ("tensorrt", "torch"):
+        with pytest.raises(EngineError, match=r"^--device gpu: no GPU: no NVIDIA driver") as info:
+            plan_path(_config(tmp_path, device="gpu", gpu_backend=backend), [])
+        assert "\n" not in str(info.value)
+
+
+def test_device_cpu_never_looks_and_bad_values_are_refused(tmp_path):
+    plan = plan_path(_config(tmp_path, device="cpu"), [])
+    assert (plan.device, plan.reason, plan.precision) == ("cpu", "--device cpu", "fp32")
+    with pytest.raises(EngineError, match="--device must be one of auto, cpu, gpu"):
+        plan_path(_config(tmp_path, device="tpu"), [])
+    with pytest.raises(EngineError, match="--gpu-backend must be one of tensorrt, torch"):
+        plan_path(_config(tmp_path, gpu_backend="onnx"), [])
+
+
+def test_torch_backend_needs_pytorch_weights_and_fp32_or_fp16(tmp_path, random_models):
+    gender = random_models["gender/alpha"]
+    random = ModelChoice(Task.GENDER, None, ModelSource(random_weights=True))
+    published = ModelChoice(Task.GENDER, None, ModelSource())
+    assert torch_backend_problem([gender], [random], "fp16") is None
+    assert "runs fp32 or fp16, not int8" in torch_backend_problem([gender], [random], "int8")
+    assert "needs --gender-checkpoint or --random-weights" in torch_backend_problem([gender], [published], "fp32")
+
+
+@no_gpu
+def test_cli_prints_the_path_and_refuses_device_gpu(tmp_path, capsys, random_models, model_cache_dir):
+    random_models["gender/alpha"]
+    img = tmp_path / "in" / "a.png"
+    img.parent.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(img)
+    common = ["run", str(img.parent), "--only", "gender", "--random-weights", "--no-download",
+              "--cache-dir", str(model_cache_dir), "--no-progress", "--out", str(tmp_path / "o.parquet")]
+    assert main(common + ["--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "engine: error: --device gpu: no GPU" in err and not (tmp_path / "o.parquet").exists()
+    assert main(common) == 0
+    captured = capsys.readouterr()
+    assert "engine: CPU path (DALI on the CPU, ONNX Runtime, fp32): the GPU path is not available: no GPU" in captured.err
+    assert "path: CPU path" in captured.out
+    assert pl.read_parquet(tmp_path / "o.parquet").height == 1
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def test_build_command_reproduces_the_run_models(tmp_path):
+    ckpt, onnx_file = tmp_path / "q.safetensors", tmp_path / "my gender.onnx"
+    config = _config(
+        tmp_path,
+        source=ModelSource(),
+        models=(ModelChoice(Task.GENDER, "alpha", ModelSource(onnx=onnx_file, download=False)),
+                ModelChoice(Task.QUALITY, "head_crop", ModelSource(checkpoint=ckpt))),
+        batch_size=512,
+        spec_file=tmp_path / "specs.toml",
+        calib_dir=tmp_path / "frames",
+    )
+    registry = SpecRegistry.builtin()
+    specs = [registry.get(c.task, c.variant) for c in config.models]
+    both = shlex.split(build_command(config, list(zip(config.models, specs)), "int8"))
+    assert both[:4] == ["engine", "build", "--precision", "int8"] and "--only" not in both
+    pairs = {both[i]: both[i + 1] for i in range(4, len(both) - 1) if both[i].startswith("--") and not both[i + 1].startswith("--")}
+    assert pairs["--gender-variant"] == "alpha" and pairs["--gender-onnx"] == str(onnx_file)
+    assert pairs["--quality-variant"] == "head_crop" and pairs["--quality-checkpoint"] == str(ckpt)
+    # batch 512 is outside both default profiles (resnet18 1..256, caformer 1..64)
+    assert pairs["--gender-profile"] == "1,512,512" and pairs["--quality-profile"] == "1,512,512"
+    assert pairs["--calib"] == str(tmp_path / "frames") and pairs["--spec-file"] == str(tmp_path / "specs.toml")
+    assert pairs["--cache-dir"] == str(tmp_path / "cache") and "--no-download" in both
+
+    one = shlex.split(build_command(dataclasses.replace(config, batch_size=32), [(config.models[1], specs[1])], "fp16"))
+    assert one[one.index("--only") + 1] == "quality" and "--gender-onnx" not in one
+    assert "--quality-profile" not in one and "--calib" not in one and "--random-weights" not in one
+    random = _config(tmp_path).models
+    assert "--random-weights" in build_command(_config(tmp_path), list(zip(random, specs)), "fp16")
+
+
+def _tiny_onnx(path: Path, size: int, classes: int) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Slice", ["flat", "s", "e", "a"], ["output"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])],
+        [helper.make_tensor("s", TensorProto.INT64, [1], [0]), helper.make_tensor("e", TensorProto.INT64, [1], [classes]),
+         helper.make_tensor("a", TensorProto.INT64, [1], [1])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _store_engine(cache_dir: Path, model: str, source: Path, precision: str, target: BuildTarget, size: int):
+    shape = (3, size, size)
+    manifest = Manifest(
+        model=model, onnx_sha256="c" * 64, precision=precision,
+        profile=(ShapeRange("input", (1, *shape), (32, *shape), (64, *shape)),),
+        target=target, builder_optimization_level=3, workspace_bytes=4 << 30,
+        source_onnx_sha256=onnx_sha256(source), built_at="2026-11-25T00:00:00+00:00",
+    )
+    # Bytes standing in for a serialised engine: this tests the cache bookkeeping only.
+    return EngineCache(cache_dir / "engines").store(b"not-an-engine:" + model.encode(), manifest)
+
+
+def test_find_engines_for_a_run_or_the_command_that_builds_them(tmp_path):
+    registry = SpecRegistry.builtin()
+    config = _config(tmp_path, source=ModelSource(download=False))
+    g_onnx, q_onnx = _tiny_onnx(tmp_path / "g.onnx", 224, 2), _tiny_onnx(tmp_path / "q.onnx", 384, 4)
+
+    class _Resolved:  # what find_engines reads of a ResolvedModel
+        def __init__(self, spec, path):
+            self.spec, self.onnx_path = spec, path
+
+    models = [_Resolved(registry.get(Task.GENDER), g_onnx), _Resolved(registry.get(Task.QUALITY), q_onnx)]
+    g_key, q_key = models[0].spec.key, models[1].spec.key
+
+    found, problem = find_engines(models, config.models, config, "fp16", H100)
+    assert found == {} and problem.startswith(f"no TensorRT engine for {g_key}, {q_key} at fp16 for NVIDIA H100")
+    assert "build it with: engine build --precision fp16 --no-download --cache-dir" in problem
+
+    g_entry = _store_engine(config.cache_dir, g_key, g_onnx, "fp16", H100, 224)
+    found, problem = find_engines(models, config.models, config, "fp16", H100)
+    assert list(found) == [g_key] and found[g_key].engine_path == g_entry.engine_path
+    assert f"no TensorRT engine for {q_key} at fp16" in problem and "--only quality" in problem
+
+    # An engine of the quality model built from another ONNX is passed over, with the reason.
+    _store_engine(config.cache_dir, q_key, g_onnx, "fp16", H100, 384)
+    _, problem = find_engines(models, config.models, config, "fp16", H100)
+    assert "passed over:" in problem and "built from another ONNX" in problem
+
+    q_entry = _store_engine(config.cache_dir, q_key, q_onnx, "fp16", H100, 384)
+    found, problem = find_engines(models, config.models, config, "fp16", H100)
+    assert problem is None and found[q_key].engine_path == q_entry.engine_path
+    # ...but not at another precision, nor on another GPU.
+    assert find_engines(models, config.models, config, "int8", H100)[1] is not None
+    other = BuildTarget("NVIDIA A100-SXM4-80GB", "8.0", "11.4.0.1")
+    _, problem = find_engines(models, config.models, config, "fp16", other)
+    assert "GPU: engine built on 'NVIDIA H100 80GB HBM3', this is 'NVIDIA A100-SXM4-80GB'" in problem
+
+
+# --------------------------------------------------------------------------- the streamed loop
+
+
+def _png(color, size=(48, 36)) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(sum(color))
+    arr = np.clip(np.array(color) + rng.integers(-30, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Batches of 3 in discovery order: [good, good, good], [bad, bad, bad] (nothing to
+    infer: error rows only, kept in order), [good] (a partial batch)."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a1.png").write_bytes(_png((200, 30, 30)))
+    (root / "a2.png").write_bytes(_png((30, 200, 30), (20, 64)))
+    Image.new("RGB", (70, 50), (90, 90, 220)).save(root / "a3.jpg", quality=90)
+    (root / "b1.png").write_bytes(b"")
+    (root / "b2.jpg").write_bytes(b"not an image")
+    (root / "b3.png").write_bytes(_png((1, 2, 3))[:60])
+    (root / "c1.png").write_bytes(_png((240, 240, 10), (64, 64)))
+    return root
+
+
+def _streamed_host(models, config):
+    """The GPU path's inference on the host device: the same StreamedInference loop,
+    HostDevice + ONNX Runtime behind HostBackend + DALI on the CPU."""
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.preprocess.dali_pipeline import DaliPreprocessor
+
+    def open_inference(stack):
+        backends = {
+            m.spec.key: HostBackend(stack.enter_context(OrtBackend(m.onnx_path, m.info.input, m.info.output, threads=1)))
+            for m in models
+        }
+        pre = stack.enter_context(DaliPreprocessor([(m.spec.key, m.spec.preprocess) for m in models],
+                                                   max_batch=config.batch_size, num_threads=1))
+        executor = stack.enter_context(StreamedExecutor(backends, "host", ExecutorConfig(config.batch_size)))
+        return StreamedRunInference(StreamedInference(models, executor, HostProducer(pre)), "host executor")
+
+    return open_inference
+
+
+def test_streamed_loop_gives_the_cpu_path_rows(mixed_folder, tmp_path, random_models, model_cache_dir):
+    from engine.discovery import iter_images
+
+    for key in random_models:
+        random_models[key]
+    config = _config(mixed_folder, cache_dir=model_cache_dir, batch_size=3, device="cpu",
+                     out=tmp_path / "cpu.parquet")
+    cpu = run(config)
+    streamed_config = dataclasses.replace(config, out=tmp_path / "streamed.parquet")
+    models = resolve_models(streamed_config)
+    summary = execute(streamed_config, iter_images(mixed_folder), models, "fp32", "test: streamed on host",
+                      _streamed_host(models, streamed_config))
+    assert (summary.images, summary.errors) == (cpu.images, cpu.errors) == (7, 3)
+    # Two batches went through each model's lanes (the all-bad one did not), the last
+    # one partial and padded through the captured "graph".
+    assert len(summary.details) == 2 and all("2 batches (2 as graphs, 1 padded)" in d for d in summary.details)
+
+    a, b = pl.read_parquet(config.out), pl.read_parquet(streamed_config.out)
+    assert a["path"].to_list() == b["path"].to_list()  # same order: error-only batch kept in place
+    assert [Path(p).name for p in a["path"]] == ["a1.png", "a2.png", "a3.jpg", "b1.png", "b2.jpg", "b3.png", "c1.png"]
+    assert a["error"].to_list() == b["error"].to_list()
+    assert a.select("width", "height").equals(b.select("width", "height"))
+    probs = [c for c in a.columns if "_p_" in c]
+    np.testing.assert_allclose(b.select(probs).to_numpy(), a.select(probs).to_numpy(), atol=1e-5, equal_nan=True)
+    assert a["gender_label"].to_list() == b["gender_label"].to_list()
+    assert a["quality_label"].to_list() == b["quality_label"].to_list()
