@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_check/run.sh measure   # DALI throughput, executor overlap, benchmark
 #     bash benchmarks/gpu_check/run.sh check     # tests + measure (over 600 s worst case: use two calls)
 # Each ends with a short table. One device call may run 600 s at most; the timeouts
-# below keep install <= 550 s, tests <= 420 s, measure <= 330 s.
+# below keep install <= 550 s, tests <= 470 s, measure <= 545 s.
 #
 # Installs into .stash/site (inside the repo copy, git-ignored, never named in carry, so
 # a warm machine keeps it between calls). Full results go under $OUT (at most 8 files
@@ -81,7 +81,7 @@ tests() {
     step pytest_kernels_gpu 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/kernels
     step pytest_dali_gpu 150 "$PY" -m pytest -m gpu -q -s -rs -p no:cacheprovider \
         tests/engine/preprocess/test_dali_gpu.py --junitxml="$OUT/pytest_gpu.xml"
-    step pytest_other_gpu 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests \
+    step pytest_other_gpu 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests \
         --ignore=tests/kernels --ignore=tests/engine/preprocess/test_dali_gpu.py
 }
 
@@ -89,6 +89,14 @@ measure() {
     env_info
     step dali_throughput 60 "$PY" benchmarks/gpu_check/dali_check.py "$OUT/dali_check.json"
     step executor_overlap 60 "$PY" benchmarks/gpu_check/overlap.py "$OUT"
+    # `engine run` itself on the GPU path (PyTorch backend: no TensorRT here), twice:
+    # the first run exports the random-weight models; the second is the figure.
+    step bench_images 45 "$PY" -m benchmarks images --out /tmp/gpu_check_images --frames 192 --crops 192
+    for pass in 1 2; do
+        step "engine_run_gpu_$pass" 90 "$PY" -m engine.cli run /tmp/gpu_check_images --device gpu \
+            --gpu-backend torch --precision fp16 --random-weights --no-download --batch-size 32 \
+            --no-progress --overwrite --cache-dir /tmp/gpu_check_cache --out /tmp/gpu_check_run.parquet
+    done
     rm -rf /tmp/gpu_check_bench
     step benchmark 200 "$PY" -m benchmarks run --device cuda --frames 16 --crops 16 --batch-size 16 \
         --repeats 2 --warmup-batches 1 --rounds 1 --no-plot --out /tmp/gpu_check_bench
@@ -106,6 +114,7 @@ table() {
         grep -E '(passed|failed|skipped|error|deselected).* in [0-9.]+s' "$LOG" | tail -5
         grep -E '^dali (cpu|gpu)' "$LOG" | tail -12
         grep -E '^overlap:' "$LOG" | tail -1
+        grep -E '^(speed|path|executor) ' "$LOG" | tail -4
         [[ -f "$OUT/bench/summary.md" ]] && head -30 "$OUT/bench/summary.md"
     } | tee -a "$SUMMARY"
     rm -f "$OUT/.steps"
