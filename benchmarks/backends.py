@@ -7,13 +7,10 @@ manager with ``run(batch) -> output``). Optionally ``"module:function"`` of an
 availability check returning ``None`` when usable here, else the reason it is not.
 Both are imported only when the backend is measured, so this module stays light.
 
-For instance, when the TensorRT backend and the PyTorch-on-CUDA executor land (other
-issues), their lines will read::
-
-    BackendEntry("tensorrt", "cuda", (FP16, INT8, FP32), "engine.backends.tensorrt:bench_factory",
-                 available="engine.backends.tensorrt:unavailable_reason"),
-    BackendEntry("torch-cuda", "cuda", (FP16, FP32), "engine.backends.torch_cuda:bench_factory",
-                 available="engine.backends.torch_cuda:unavailable_reason"),
+Entries with ``executor`` set return an :class:`engine.executor.DeviceBackend` instead,
+driven by the streamed executor on that device (``"cuda"``: pycuda; ``"host"``: the
+executor's numpy/thread device), exactly as ``engine run`` drives it on the GPU path;
+``run_backend`` is then the ``--gpu-backend`` that `engine run` takes for it.
 """
 
 from __future__ import annotations
@@ -58,8 +55,10 @@ class BackendEntry:
     precisions: tuple[Precision, ...]
     factory: str  # "module:function", a BackendFactory
     available: str | None = None  # "module:function" -> None or the reason it is unusable here
-    preprocess_device: Device = "cpu"  # where the DALI pipeline runs for this backend
-    runner: bool = False  # `engine run` (engine.runner.run) drives exactly this backend at FP32
+    preprocess_device: str = "cpu"  # where the DALI pipeline runs for this backend (DALI's words: "cpu" or "gpu")
+    runner: bool = False  # `engine run` (engine.runner.run) drives exactly this backend
+    executor: str | None = None  # "cuda" / "host": the factory returns a DeviceBackend for the streamed executor
+    run_backend: str | None = None  # `engine run --gpu-backend` for this entry (GPU entries)
 
     def config_id(self, precision: Precision) -> str:
         return f"engine/{self.name}/{self.device}/{precision.value}"
@@ -144,11 +143,68 @@ def ort_cuda_factory(model: "ResolvedModel", precision: Precision, context: Back
     )
 
 
+# --------------------------------------------------------------------------- streamed executor
+
+
+def host_executor_factory(model: "ResolvedModel", precision: Precision, context: BackendContext):
+    """ONNX Runtime behind the executor's host adapter: the streamed executor's own
+    scheduling measured on the CPU (slots on threads instead of CUDA streams)."""
+    from engine.executor import HostBackend
+
+    return HostBackend(ort_cpu_factory(model, precision, context), max_batch=context.batch_size)
+
+
+def torch_cuda_unavailable() -> str | None:
+    from engine.gpu_path import gpu_problem
+
+    return gpu_problem("torch")
+
+
+def torch_cuda_factory(model: "ResolvedModel", precision: Precision, context: BackendContext):
+    """The model in PyTorch on CUDA (same architecture and seeded random weights as the
+    benchmark's ONNX), FP32 or FP16 autocast, channels_last."""
+    from builders.export import build_random_model
+    from engine.backends.torch_cuda import TorchCudaBackend
+    from engine.models import RANDOM_SEED
+
+    spec = model.spec
+    module = build_random_model(spec.architecture, spec.num_classes, RANDOM_SEED)
+    size = spec.preprocess.size
+    return TorchCudaBackend(module, (3, size, size), precision=precision.value, max_batch=context.batch_size)
+
+
+def tensorrt_unavailable() -> str | None:
+    from engine.gpu_path import gpu_problem
+
+    return gpu_problem("tensorrt")
+
+
+def tensorrt_factory(model: "ResolvedModel", precision: Precision, context: BackendContext):
+    """Prepare the graph at ``precision``, build (or reuse) its engine under
+    ``work_dir/engines`` with a profile that admits the batch size, and load it."""
+    from builders.precision import prepare
+    from builders.trt_build import BatchProfile, build_engine, default_profile
+    from engine.backends.tensorrt import TensorRTBackend
+
+    calib = list(context.calibration_images) if precision is Precision.INT8 else None
+    prepared = prepare(model.onnx_path, model.spec, precision.value, calib, context.work_dir / "prepared",
+                       output_kind=model.output_kind)
+    default = default_profile(model.spec)
+    profile = BatchProfile(1, context.batch_size, max(default.max, context.batch_size))
+    artifact = build_engine(prepared, model.spec, context.work_dir / "engines", profile)
+    return TensorRTBackend(artifact.path, artifact.manifest)
+
+
 BACKENDS: tuple[BackendEntry, ...] = (
     # INT8 (Q/DQ) is not offered on the CPU: ONNX Runtime ran the calibrated resnet18 at
     # half its FP32 speed on the CI box (27 vs 57 images/s); it is a TensorRT precision.
     BackendEntry("onnxruntime", "cpu", (FP32,), "benchmarks.backends:ort_cpu_factory", "benchmarks.backends:ort_cpu_unavailable", runner=True),
     BackendEntry("onnxruntime-cuda", "cuda", (FP32, FP16), "benchmarks.backends:ort_cuda_factory", "benchmarks.backends:ort_cuda_unavailable"),
+    BackendEntry("onnxruntime-executor", "cpu", (FP32,), "benchmarks.backends:host_executor_factory", "benchmarks.backends:ort_cpu_unavailable", executor="host"),
+    BackendEntry("torch-cuda", "cuda", (FP32, FP16), "benchmarks.backends:torch_cuda_factory", "benchmarks.backends:torch_cuda_unavailable",
+                 preprocess_device="gpu", runner=True, executor="cuda", run_backend="torch"),
+    BackendEntry("tensorrt", "cuda", (FP16, INT8, FP32), "benchmarks.backends:tensorrt_factory", "benchmarks.backends:tensorrt_unavailable",
+                 preprocess_device="gpu", runner=True, executor="cuda", run_backend="tensorrt"),
 )
 
 

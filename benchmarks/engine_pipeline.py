@@ -195,3 +195,84 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> None:
             return
         except queue.Full:
             continue
+
+
+class StreamedEnginePipeline(EnginePipeline):
+    """An entry run by the streamed executor (``entry.executor``: ``"cuda"`` or
+    ``"host"``): every model is a lane of one :class:`~engine.executor.StreamedExecutor`.
+
+    ``infer`` (the inference-alone stage) submits one host batch and waits for it: copy
+    in, model, copy out, no overlap between batches. ``end_to_end`` is the loop of
+    `engine run`'s GPU path (:class:`engine.streamed_run.StreamedInference`): a reader
+    thread reads bytes, DALI writes the views where the executor copies from (GPU
+    buffers on CUDA), batches overlap. The preprocess stage alone still returns host
+    arrays (``DaliPreprocessor.process``), so on the GPU it includes the copy back.
+    """
+
+    def __init__(self, config: EngineConfig, models: Mapping[str, "ResolvedModel"], context: BackendContext) -> None:
+        from engine.executor import ExecutorConfig, StreamedExecutor, make_device
+
+        self.config = config
+        self.models = dict(models)
+        self.context = context
+        self._stack = ExitStack()
+        self.backends = {}
+        self._preprocessors = {}
+        try:
+            self.device = make_device(config.entry.executor)
+            self._stack.callback(self.device.close)
+            for key, model in self.models.items():
+                backend = config.entry.create(model, config.precision, context)
+                if hasattr(backend, "__exit__"):
+                    backend = self._stack.enter_context(backend)
+                self.backends[key] = backend
+            self.executor = self._stack.enter_context(
+                StreamedExecutor(self.backends, self.device, ExecutorConfig(context.batch_size))
+            )
+            self._dali_stream = self.device.stream() if config.entry.executor == "cuda" else None
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def infer(self, key: str, batch: np.ndarray) -> np.ndarray:
+        from engine.postprocess import classify
+
+        model = self.models[key]
+        done = self.executor.submit({key: batch}) + self.executor.drain()
+        (completed,) = done
+        return classify(completed.output(key), model.output_kind, model.spec.labels, key).probabilities
+
+    def end_to_end(
+        self, paths: Sequence[Path], keys: Sequence[str], limit: int | None = None
+    ) -> tuple[int, dict[str, np.ndarray], list[int]]:
+        from engine.runner import FileReader
+        from engine.streamed_run import HostProducer, StreamedInference, dali_gpu_producer
+
+        pre = self.preprocessor(keys)
+        producer = HostProducer(pre) if self._dali_stream is None else dali_gpu_producer(pre, self._dali_stream)
+        inference = StreamedInference([self.models[k] for k in keys], self.executor, producer)
+        size = self.context.batch_size
+        chunks = [list(paths[i : i + size]) for i in range(0, len(paths), size)][:limit]
+        reader = FileReader(iter(chunks), None)
+        images, offset = 0, 0
+        probs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        ok_indices: list[int] = []
+        reader.start()
+        try:
+            for batch, outputs in inference.batches(reader.items()):
+                images += len(batch.paths)
+                for k in keys:
+                    probs[k].append(outputs[k].probabilities)
+                ok_indices.extend(offset + i for i in batch.result.ok)
+                offset += len(batch.paths)
+        finally:
+            reader.stop()
+            reader.join()
+        out = {k: np.concatenate(v) for k, v in probs.items()}
+        return images, out, ok_indices
+
+
+def open_pipeline(config: EngineConfig, models: Mapping[str, "ResolvedModel"], context: BackendContext) -> EnginePipeline:
+    """The pipeline an entry is measured with."""
+    cls = StreamedEnginePipeline if config.entry.executor else EnginePipeline
+    return cls(config, models, context)

@@ -289,13 +289,24 @@ def _measure_engine(
 
 
 def _measure_engine_run(
-    rec: _Recorder, cid: str, image_set: ImageSet, specs: Sequence[ModelSpec], models: Mapping[str, "ResolvedModel"]
+    rec: _Recorder,
+    ec: "EngineConfig",
+    image_set: ImageSet,
+    specs: Sequence[ModelSpec],
+    models: Mapping[str, "ResolvedModel"],
+    context: BackendContext,
 ) -> None:
-    """Time `engine run` itself: the product path, parquet included."""
+    """Time `engine run` itself: the product path, parquet included, forced onto the
+    entry's device and backend (``--device cpu`` or ``--device gpu --gpu-backend``) at
+    the entry's precision. TensorRT engines are the ones the entry's factory built (same
+    cache folder); the PyTorch backend rebuilds the same seeded random weights."""
     from engine.models import ModelSource
-    from engine.runner import ModelChoice, RunConfig, run
+    from engine.runner import ModelChoice, RunConfig, resolve_models, run
 
     cfg = rec.cfg
+    cid = ec.config_id
+    on_gpu = ec.entry.device == "cuda"
+    torch_backend = ec.entry.run_backend == "torch"
     if image_set.source == "folder" and cfg.max_images is not None:
         rec.skip(f"{cid} engine_run", "`engine run` takes a whole folder; --max-images limits the benchmark set")
         return
@@ -305,28 +316,32 @@ def _measure_engine_run(
         for scenario in scenarios:
             keys = _keys(scenario, specs)
             choices = tuple(
-                ModelChoice(models[k].spec.task, models[k].spec.variant, ModelSource(onnx=models[k].onnx_path))
+                ModelChoice(
+                    models[k].spec.task,
+                    models[k].spec.variant,
+                    ModelSource(random_weights=True) if torch_backend else ModelSource(onnx=models[k].onnx_path),
+                )
                 for k in keys
             )
             out = work / f"{scenario.value}.parquet"
 
-            def once(choices=choices, out=out) -> int:
-                summary = run(
-                    RunConfig(
-                        input=image_set.root,
-                        out=out,
-                        models=choices,
-                        cache_dir=cfg.cache_dir or work / "cache",
-                        spec_file=cfg.spec_file,
-                        batch_size=cfg.batch_size,
-                        threads=cfg.effective_threads,
-                        overwrite=True,
-                        progress=False,
-                        device="cpu",  # the entry measured here (runner=True) is ONNX Runtime on the CPU
-                        precision="fp32",
-                    )
-                )
-                return summary.images
+            config = RunConfig(
+                input=image_set.root,
+                out=out,
+                models=choices,
+                cache_dir=context.work_dir,
+                spec_file=cfg.spec_file,
+                batch_size=cfg.batch_size,
+                threads=cfg.effective_threads,
+                overwrite=True,
+                progress=False,
+                device="gpu" if on_gpu else "cpu",
+                gpu_backend=ec.entry.run_backend or "tensorrt",
+                precision=ec.precision.value,
+            )
+
+            def once(config=config) -> int:
+                return run(config).images
 
             rec.stage(
                 cid,
@@ -334,7 +349,8 @@ def _measure_engine_run(
                 scenario,
                 None,
                 once,
-                None,
+                # random-weight models are exported into the cache once, before timing
+                (lambda config=config: resolve_models(config)) if torch_backend else None,
                 note="whole `engine run` per repetition: model load, pipeline build and parquet writing included",
             )
 
@@ -553,13 +569,13 @@ def _run_engine_config(
     image_set: ImageSet,
     specs: Sequence[ModelSpec],
 ) -> None:
-    from benchmarks.engine_pipeline import EnginePipeline
+    from benchmarks.engine_pipeline import open_pipeline
 
     cid = ec.config_id
     log.info("engine configuration %s: setting up", cid)
     rec.opening(cid)
     try:
-        pipe = EnginePipeline(ec, resolved, context)
+        pipe = open_pipeline(ec, resolved, context)
     except EngineError as exc:  # e.g. a precision the graph cannot be prepared for
         rec.skip(cid, str(exc))
         return
@@ -567,14 +583,15 @@ def _run_engine_config(
         details = {
             "threads": context.threads,
             "preprocess_device": ec.entry.preprocess_device,
+            "executor": ec.entry.executor,
             "backend_details": {k: getattr(b, "providers", None) and list(b.providers) for k, b in pipe.backends.items()},
         }
         rec.add_config(cid, Pipeline.ENGINE, ec.entry.name, ec.device, ec.precision, ec.label(), details)
         _measure_engine(rec, pipe, image_set, specs, resolved)
     gc.collect()
-    if rec.cfg.engine_run_check and ec.entry.runner and ec.precision is Precision.FP32:
+    if rec.cfg.engine_run_check and ec.entry.runner:
         rec.opening(cid)  # `engine run` opens its own models: the benchmark's are closed by now
-        _measure_engine_run(rec, cid, image_set, specs, resolved)
+        _measure_engine_run(rec, ec, image_set, specs, resolved, context)
 
 
 def _reference_units(

@@ -195,7 +195,7 @@ class _Batch:
 _DONE = object()
 
 
-class _Reader(threading.Thread):
+class FileReader(threading.Thread):
     """Reads files, and preprocesses them when given ``preprocess`` (payload ->
     PreprocessResult), one batch ahead of inference."""
 
@@ -435,7 +435,7 @@ def execute(
         if config.progress:
             total = sum(1 for p in iter_images(config.input) if display_path(p) not in writer.done)
         todo = (p for p in discovered if display_path(p) not in writer.done)
-        reader = _Reader(_batches(todo, config.batch_size), inference.preprocess)
+        reader = FileReader(_batches(todo, config.batch_size), inference.preprocess)
         bar = stack.enter_context(_progress(total, config.progress))
         start = time.perf_counter()
         reader.start()

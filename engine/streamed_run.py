@@ -2,7 +2,7 @@
 
 Per batch of files, in order:
 
-1. a reader thread reads the files' bytes one batch ahead (``engine.runner._Reader``);
+1. a reader thread reads the files' bytes one batch ahead (``engine.runner.FileReader``);
 2. the *producer* preprocesses them into one view per model, left where the executor's
    device can copy from (on the GPU: DALI's output buffers, ordered on DALI's stream);
 3. :meth:`StreamedExecutor.submit_device` queues, per model, a device-to-device copy

@@ -181,6 +181,21 @@ def test_backend_registry():
     assert cuda.device == "cuda" and (cuda.unavailable_reason() is None or "CUDAExecutionProvider" in cuda.unavailable_reason())
 
 
+def test_registry_references_resolve_and_gpu_entries_say_why_not_here():
+    from benchmarks.backends import BACKENDS, _load, find_backend
+    from engine.gpu import cuda_absent_reason
+
+    for entry in BACKENDS:  # a typo in "module:function" fails here, not on a GPU runner
+        assert callable(_load(entry.factory)) and (entry.available is None or callable(_load(entry.available)))
+        assert (entry.executor is not None) >= (entry.run_backend is not None)
+    for name, run_backend in (("torch-cuda", "torch"), ("tensorrt", "tensorrt")):
+        entry = find_backend(name)
+        assert (entry.device, entry.executor, entry.preprocess_device, entry.run_backend) == ("cuda", "cuda", "gpu", run_backend)
+        if cuda_absent_reason() is not None:
+            assert entry.unavailable_reason().startswith("no GPU: ")
+    assert find_backend("onnxruntime-executor").executor == "host"
+
+
 def test_import_is_light():
     code = (
         "import sys, benchmarks, benchmarks.suite, benchmarks.compare, benchmarks.backends, benchmarks.plot, "
