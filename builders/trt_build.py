@@ -331,8 +331,20 @@ def parser_errors(parser) -> list[str]:
     return lines or ["the parser reported failure without details"]
 
 
+_TRT_LOGGER = None
+
+
 def _make_logger(trt):
-    """A TensorRT logger that forwards to this module's :mod:`logging` logger."""
+    """The process's TensorRT logger, forwarding to this module's :mod:`logging` logger.
+    One instance for every Builder and Runtime: TensorRT keeps the first logger it is
+    given as its global one (and warns about others), so it must live as long as they do."""
+    global _TRT_LOGGER
+    if _TRT_LOGGER is None:
+        _TRT_LOGGER = _new_logger(trt)
+    return _TRT_LOGGER
+
+
+def _new_logger(trt):
     levels = {
         trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
         trt.ILogger.Severity.ERROR: logging.ERROR,

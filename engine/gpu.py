@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # cuda.h values (stable across CUDA 11-13)
 CU_EVENT_DISABLE_TIMING = 0x2
+CU_STREAM_NON_BLOCKING = 0x1
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 
 
@@ -129,11 +130,13 @@ def capture_graph(stream: Any, enqueue: Callable[[], None]) -> DriverGraph:
     handle = ctypes.c_void_p(stream_handle(stream))
     drv.call("cuStreamBeginCapture_v2", handle, ctypes.c_int(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
     graph = ctypes.c_void_p()
+    enqueued = False
     try:
         enqueue()
+        enqueued = True
     finally:
         end_rc = drv.lib.cuStreamEndCapture(handle, ctypes.byref(graph))
-        if end_rc != 0 and graph.value:
+        if (end_rc != 0 or not enqueued) and graph.value:  # never instantiated: not leaked
             drv.lib.cuGraphDestroy(graph)
     drv.check("cuStreamEndCapture", end_rc)
     exec_ = ctypes.c_void_p()
@@ -143,6 +146,13 @@ def capture_graph(stream: Any, enqueue: Callable[[], None]) -> DriverGraph:
         drv.lib.cuGraphDestroy(graph)
         raise
     return DriverGraph(graph, exec_)
+
+
+def _current_context() -> int | None:
+    """The calling thread's current CUcontext (an address), None when there is none."""
+    ctx = ctypes.c_void_p()
+    driver().call("cuCtxGetCurrent", ctypes.byref(ctx))
+    return ctx.value
 
 
 class CudaContext:
@@ -157,6 +167,7 @@ class CudaContext:
         cuda.init()
         self.device_id = device_id
         self.device = cuda.Device(device_id)
+        self._previous = _current_context()  # what was current before us (restored by close)
         self._ctx = self.device.retain_primary_context()
         self._ctx.push()
         self.name = self.device.name()
@@ -178,6 +189,11 @@ class CudaContext:
         ctx, self._ctx = self._ctx, None
         ctx.pop()
         ctx.detach()
+        # pycuda's detach() of a context that is not current pushes it, releases the
+        # primary context and does not pop it again: undo that, so the thread's context
+        # stack is as it was before this object.
+        if _current_context() != self._previous:
+            driver().call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 
 
 class CudaArray:
@@ -251,7 +267,9 @@ class CudaDevice:
     # streams and events -----------------------------------------------------------
 
     def stream(self) -> Any:
-        s = self._cuda.Stream()
+        # CU_STREAM_NON_BLOCKING: no implicit sync with the legacy default stream, so a
+        # stray default-stream call elsewhere does not serialise every slot.
+        s = self._cuda.Stream(flags=CU_STREAM_NON_BLOCKING)
         self._streams.append(s)
         return s
 

@@ -64,8 +64,9 @@ class TensorRTBackend:
             raise ModelError(f"{engine_path}: engine has {len(inputs)} inputs and {len(outputs)} outputs")
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.max_batch = int(max_batch or 1)
-        self._contexts: dict[int, Any] = {}
-        self._batch: dict[int, int] = {}  # the input batch each slot's context is set to
+        self._contexts: dict[Any, Any] = {}  # slot index (or ("eager", index)) -> context
+        self._batch: dict[Any, int] = {}  # the input batch each context is set to
+        self._captured: dict[int, int] = {}  # slot index -> batch its graph was captured at
         log.info("%s: loaded engine %s (%s), max batch %d", found.model, engine_path.name, self.precision, self.max_batch)
 
     def __enter__(self) -> "TensorRTBackend":
@@ -74,7 +75,8 @@ class TensorRTBackend:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def bind(self, slot) -> None:
+    def _new_context(self, slot) -> Any:
+        """An execution context with the slot's buffers as tensor addresses."""
         if self._engine is None:
             raise RuntimeError("backend is closed")
         context = self._engine.create_execution_context()
@@ -88,22 +90,37 @@ class TensorRTBackend:
             ok = context.set_tensor_address(decl.name, slot.device_outputs[decl.name].ptr)
             if ok is False:
                 raise ModelError(f"TensorRT refused the address of output {decl.name!r}")
-        self._contexts[slot.index] = context
+        return context
+
+    def bind(self, slot) -> None:
+        self._contexts[slot.index] = self._new_context(slot)
         self._batch[slot.index] = 0
 
-    def _set_batch(self, slot, batch_size: int) -> Any:
-        context = self._contexts[slot.index]
-        if self._batch[slot.index] != batch_size:
+    def _set_batch(self, context, key, batch_size: int) -> Any:
+        if self._batch[key] != batch_size:
             for decl in self.inputs:
                 if decl.shape and decl.shape[0] is None:
                     dims = (batch_size, *decl.shape[1:])
                     if not context.set_input_shape(decl.name, dims):
                         raise ModelError(f"TensorRT refused input shape {dims} for {decl.name!r}")
-            self._batch[slot.index] = batch_size
+            self._batch[key] = batch_size
         return context
 
+    def _context_for(self, slot, batch_size: int) -> Any:
+        """The slot's context at ``batch_size``. Once a graph was captured on it, its
+        shape must not change (the graph was recorded for that shape), so a batch of
+        another size runs on a second context of the slot, made on first need."""
+        captured = self._captured.get(slot.index)
+        if captured is None or captured == batch_size:
+            return self._set_batch(self._contexts[slot.index], slot.index, batch_size)
+        key = ("eager", slot.index)
+        if key not in self._contexts:
+            self._contexts[key] = self._new_context(slot)
+            self._batch[key] = 0
+        return self._set_batch(self._contexts[key], key, batch_size)
+
     def enqueue(self, slot, batch_size: int, stream) -> None:
-        context = self._set_batch(slot, batch_size)
+        context = self._context_for(slot, batch_size)
         if not context.execute_async_v3(int(stream.handle)):
             raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT messages above")
 
@@ -112,21 +129,26 @@ class TensorRTBackend:
         (the executor has already enqueued once at this shape, as TensorRT requires)."""
         from engine.gpu import capture_graph
 
-        context = self._set_batch(slot, batch_size)
+        context = self._context_for(slot, batch_size)
         handle = int(stream.handle)
 
         def enqueue() -> None:
             if not context.execute_async_v3(handle):
                 raise RuntimeError("execute_async_v3 failed during graph capture")
 
-        return capture_graph(stream, enqueue)
+        graph = capture_graph(stream, enqueue)
+        self._captured[slot.index] = batch_size
+        return graph
 
     def release(self, slot) -> None:
-        self._contexts.pop(slot.index, None)
-        self._batch.pop(slot.index, None)
+        for key in (slot.index, ("eager", slot.index)):
+            self._contexts.pop(key, None)
+            self._batch.pop(key, None)
+        self._captured.pop(slot.index, None)
 
     def close(self) -> None:
         """Contexts first, then the engine, then the runtime."""
         self._contexts.clear()
+        self._captured.clear()
         self._engine = None
         self._runtime = None

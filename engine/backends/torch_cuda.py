@@ -45,9 +45,14 @@ class _CudaArray:
         }
 
 
-def tensor_over(buffer, torch) -> Any:
-    """A torch CUDA tensor viewing an executor device buffer (``.ptr``, ``.shape``, ``.dtype``)."""
-    return torch.as_tensor(_CudaArray(buffer.ptr, buffer.shape, buffer.dtype), device="cuda")
+def tensor_over(buffer, torch, device: Any = "cuda") -> Any:
+    """A torch CUDA tensor viewing an executor device buffer (``.ptr``, ``.shape``,
+    ``.dtype``) on ``device`` (the buffer's GPU: torch copies to any other device, so
+    the result is checked to be a view)."""
+    tensor = torch.as_tensor(_CudaArray(buffer.ptr, buffer.shape, buffer.dtype), device=device)
+    if tensor.data_ptr() != int(buffer.ptr):
+        raise ModelError(f"torch made a copy of the executor buffer on {device} instead of a view (wrong device?)")
+    return tensor
 
 
 class TorchCudaBackend:
@@ -108,8 +113,8 @@ class TorchCudaBackend:
 
     def bind(self, slot) -> None:
         torch = self._torch
-        x = tensor_over(slot.device_inputs[self.inputs[0].name], torch)
-        y = tensor_over(slot.device_outputs[self.outputs[0].name], torch)
+        x = tensor_over(slot.device_inputs[self.inputs[0].name], torch, self.device)
+        y = tensor_over(slot.device_outputs[self.outputs[0].name], torch, self.device)
         stream = torch.cuda.ExternalStream(int(slot.stream.handle), device=self.device)
         self._bound[slot.index] = (x, y, stream)
 

@@ -131,15 +131,18 @@ class DeviceView:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
     def copy_to(self, dst_ptr: int, cuda_stream: int | None = None) -> None:
-        """Enqueue a device-to-device copy of the whole view to ``dst_ptr`` (``nbytes``
-        bytes of GPU memory) on ``cuda_stream`` (a ``cudaStream_t`` as an int; None:
-        the legacy default stream). Does not wait: the data is in place once the
-        stream gets there."""
+        """Copy the whole view to ``dst_ptr`` (``nbytes`` bytes of GPU memory). With
+        ``cuda_stream`` (a ``cudaStream_t`` as an int) the copy is queued on it and the
+        call does not wait: the data is in place once the stream gets there. Without
+        one the call returns when the copy is done (DALI would otherwise run it on a
+        stream of its own pool, which no caller can wait on)."""
         if self.tensors is None:
             return
         dst = ctypes.c_void_p(int(dst_ptr))
-        stream = None if cuda_stream is None else ctypes.c_void_p(int(cuda_stream))
-        self.tensors.copy_to_external(dst, stream, non_blocking=True)
+        if cuda_stream is None:
+            self.tensors.copy_to_external(dst, None, non_blocking=False)
+        else:
+            self.tensors.copy_to_external(dst, ctypes.c_void_p(int(cuda_stream)), non_blocking=True)
 
     def to_numpy(self) -> np.ndarray:
         """A host copy (synchronous), shape ``shape``, dtype ``dtype``."""
