@@ -285,4 +285,6 @@ def open_gpu_inference(plan: PathPlan, models: Sequence["ResolvedModel"], config
     )
     dali_stream = device.stream()
     executor = stack.enter_context(StreamedExecutor(backends, device, ExecutorConfig(config.batch_size)))
-    return StreamedInference(models, executor, dali_gpu_producer(pre, dali_stream))
+    backend = "tensorrt" if plan.gpu_backend == "tensorrt" else "torch-cuda"
+    return StreamedInference(models, executor, dali_gpu_producer(pre, dali_stream),
+                             backend=f"{backend} (streamed executor, DALI on the GPU)")

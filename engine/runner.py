@@ -362,24 +362,6 @@ class CpuInference:
         return []
 
 
-class StreamedRunInference:
-    """:class:`engine.streamed_run.StreamedInference` as an :class:`Inference`."""
-
-    preprocess = None
-
-    def __init__(self, inner, backend: str) -> None:
-        self._inner = inner
-        self.backend = backend
-
-    def batches(self, read: Iterator[_Batch]) -> Iterator[tuple[_Batch, dict[str, Classified]]]:
-        return self._inner.batches(read)
-
-    def details(self) -> list[str]:
-        from engine.streamed_run import stats_lines
-
-        return stats_lines(self._inner.stats)
-
-
 def resolve_models(config: RunConfig) -> list[ResolvedModel]:
     registry = SpecRegistry.load(config.spec_file)
     return [resolve_model(registry.get(c.task, c.variant), c.source, config.cache_dir) for c in config.models]
@@ -400,9 +382,7 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
 
     def open_inference(stack: ExitStack) -> Inference:
         if plan.device == "gpu":
-            inner = open_gpu_inference(plan, models, config, threads, stack)
-            backend = "tensorrt" if plan.gpu_backend == "tensorrt" else "torch-cuda"
-            return StreamedRunInference(inner, f"{backend} (streamed executor, DALI on the GPU)")
+            return open_gpu_inference(plan, models, config, threads, stack)
         return CpuInference(models, config, plan.precision, threads, stack)
 
     return execute(config, discovered, models, plan.precision, plan.describe(), open_inference)

@@ -77,22 +77,30 @@ class _Entry:
 
 
 class StreamedInference:
-    """Drives ``executor`` (one lane per model, keyed by spec key) from ``producer``.
+    """Drives ``executor`` (one lane per model, keyed by spec key) from ``producer``; an
+    :class:`engine.runner.Inference`.
 
     :meth:`batches` takes an iterator of read batches (objects with ``paths``,
     ``payload`` and ``read_errors``; the reader's output) and yields ``(batch,
     outputs)`` in input order, ``batch.result`` filled in (ok rows, sizes, errors),
     ``outputs[spec key]`` the classified rows of ``batch.result.ok``."""
 
-    def __init__(self, models: Sequence["ResolvedModel"], executor: StreamedExecutor, producer: Producer) -> None:
+    preprocess = None  # the reader thread only reads bytes: DALI runs in batches()
+
+    def __init__(self, models: Sequence["ResolvedModel"], executor: StreamedExecutor, producer: Producer,
+                 backend: str = "streamed executor") -> None:
         self._models = list(models)
         self._executor = executor
         self._producer = producer
         self._order: deque[_Entry] = deque()
+        self.backend = backend  # what the run summary calls it
 
     @property
     def stats(self) -> Mapping[str, LaneStats]:
         return self._executor.stats
+
+    def details(self) -> list[str]:
+        return stats_lines(self.stats)
 
     def _classify(self, raw: Mapping[str, np.ndarray]) -> dict[str, Classified]:
         return {m.spec.key: classify(raw[m.spec.key], m.output_kind, m.spec.labels, m.spec.key) for m in self._models}

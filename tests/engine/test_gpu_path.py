@@ -24,7 +24,7 @@ from engine.executor import ExecutorConfig, HostBackend, StreamedExecutor
 from engine.gpu import cuda_absent_reason
 from engine.gpu_path import build_command, find_engines, plan_path, torch_backend_problem
 from engine.models import ModelSource
-from engine.runner import ModelChoice, RunConfig, StreamedRunInference, execute, resolve_models, run
+from engine.runner import ModelChoice, RunConfig, execute, resolve_models, run
 from engine.specs import SpecRegistry, Task
 from engine.streamed_run import HostProducer, StreamedInference
 
@@ -214,7 +214,7 @@ def _streamed_host(models, config):
         pre = stack.enter_context(DaliPreprocessor([(m.spec.key, m.spec.preprocess) for m in models],
                                                    max_batch=config.batch_size, num_threads=1))
         executor = stack.enter_context(StreamedExecutor(backends, "host", ExecutorConfig(config.batch_size)))
-        return StreamedRunInference(StreamedInference(models, executor, HostProducer(pre)), "host executor")
+        return StreamedInference(models, executor, HostProducer(pre), backend="host executor")
 
     return open_inference
 
