@@ -50,3 +50,27 @@ def test_gpu_path_rows_match_the_cpu_path(mixed_folder, tmp_path, random_models,
     diff = np.abs(a.select(probs).to_numpy()[ok] - b.select(probs).to_numpy()[ok])
     print(f"GPU ({precision}) vs CPU path: max |dp| {diff.max():.4f}, mean {diff.mean():.5f}")
     assert diff.max() < 0.05
+
+
+def test_engine_run_finds_the_engine_engine_build_made(mixed_folder, tmp_path, random_models, model_cache_dir, capsys):
+    """TensorRT end to end: where it is installed (never in this workplace)."""
+    pytest.importorskip("tensorrt")
+    random_models["gender/alpha"]
+    cache = tmp_path / "cache"
+    common = ["--only", "gender", "--random-weights", "--no-download", "--cache-dir", str(cache)]
+    out = tmp_path / "trt.parquet"
+    # No engine yet: --device gpu refuses and names the command that builds it.
+    assert _run(mixed_folder, out, cache, "--only", "gender", "--device", "gpu") == 2
+    assert "build it with: engine build --precision fp16 --only gender --random-weights" in capsys.readouterr().err
+    assert main(["build", "--precision", "fp16", *common]) == 0
+    capsys.readouterr()
+    assert _run(mixed_folder, out, cache, "--only", "gender") == 0  # auto: now the GPU path
+    captured = capsys.readouterr()
+    assert "engine: GPU path (DALI on the GPU, streamed executor, TensorRT engines, fp16)" in captured.err
+    cpu = tmp_path / "cpu.parquet"
+    assert _run(mixed_folder, cpu, cache, "--only", "gender", "--device", "cpu") == 0
+    a, b = pl.read_parquet(cpu), pl.read_parquet(out)
+    assert a["error"].to_list() == b["error"].to_list()
+    ok = a["error"].is_null().to_numpy()
+    probs = [c for c in a.columns if "_p_" in c]
+    assert np.abs(a.select(probs).to_numpy()[ok] - b.select(probs).to_numpy()[ok]).max() < 0.05
