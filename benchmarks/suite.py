@@ -343,14 +343,15 @@ def _measure_engine_run(
             def once(config=config) -> int:
                 return run(config).images
 
+            if torch_backend:  # random-weight models are exported into the cache once, before timing
+                resolve_models(config)
             rec.stage(
                 cid,
                 Stage.ENGINE_RUN,
                 scenario,
                 None,
                 once,
-                # random-weight models are exported into the cache once, before timing
-                (lambda config=config: resolve_models(config)) if torch_backend else None,
+                None,
                 note="whole `engine run` per repetition: model load, pipeline build and parquet writing included",
             )
 
