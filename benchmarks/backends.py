@@ -147,11 +147,15 @@ def ort_cuda_factory(model: "ResolvedModel", precision: Precision, context: Back
 
 
 def host_executor_factory(model: "ResolvedModel", precision: Precision, context: BackendContext):
-    """ONNX Runtime behind the executor's host adapter: the streamed executor's own
-    scheduling measured on the CPU (slots on threads instead of CUDA streams)."""
-    from engine.executor import HostBackend
+    """ONNX Runtime on the executor's host device, the slot buffers bound with IOBinding
+    (:class:`engine.backends.onnxruntime.OrtDeviceBackend`, as a GPU backend binds its
+    device buffers): the streamed executor's own scheduling measured on the CPU (slots
+    on threads instead of CUDA streams)."""
+    from engine.backends.onnxruntime import OrtDeviceBackend
 
-    return HostBackend(ort_cpu_factory(model, precision, context), max_batch=context.batch_size)
+    path = _prepared_onnx(model, precision, context)
+    return OrtDeviceBackend(path, model.info.input, model.info.output, device_kind="host", precision=precision.value,
+                            threads=context.threads, max_batch=context.batch_size)
 
 
 def torch_cuda_unavailable() -> str | None:

@@ -21,7 +21,8 @@ Separation of concerns, so that most of this is tested on the CPU for real:
   implements it with numpy and one thread per stream (a genuine second
   implementation: run the executor without a GPU, e.g. around ONNX Runtime).
 * :class:`DeviceBackend` is what the executor drives without knowing which backend it
-  is (TensorRT, the PyTorch reference on CUDA, :class:`HostBackend`).
+  is (TensorRT, the PyTorch reference on CUDA, ONNX Runtime binding the slot buffers
+  with IOBinding (:class:`engine.backends.onnxruntime.OrtDeviceBackend`), :class:`HostBackend`).
 * :func:`plan_batch`, :class:`Ring`, :class:`LaneStats` and :class:`OverlapReport` are
   pure logic: padding/trimming of a partial batch, slot state machine and order,
   per-stage timing bookkeeping.
