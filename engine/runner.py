@@ -27,7 +27,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Collection, Iterator, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -284,6 +284,40 @@ def _rows(batch: _Batch, models: Sequence[ResolvedModel], outputs: dict[str, obj
     return pl.DataFrame(cols, schema=schema)
 
 
+class TotalCounter:
+    """Counts the images still to do under ``root`` (those not in ``done``) on a daemon
+    thread; :meth:`apply` gives a progress bar its total once the count is known. A
+    failure to count only leaves the bar without a total (logged, never raised: the run
+    itself walks the same folder and reports its own errors)."""
+
+    def __init__(self, root: Path, done: Collection[str]) -> None:
+        self.total: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._count, args=(root, done), name="count-images", daemon=True)
+        self._thread.start()
+
+    def _count(self, root: Path, done: Collection[str]) -> None:
+        n = 0
+        try:
+            for p in iter_images(root):
+                if self._stop.is_set():
+                    return
+                if display_path(p) not in done:
+                    n += 1
+        except (OSError, EngineError) as exc:
+            log.warning("could not count the images for the progress bar: %s", exc)
+            return
+        self.total = n
+
+    def apply(self, bar) -> None:
+        if self.total is not None and bar.total is None:
+            bar.total = max(self.total, bar.n)
+            bar.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def _progress(total: int | None, enabled: bool):
     from tqdm import tqdm
 
@@ -411,12 +445,12 @@ def execute(
         summary.skipped = len(writer.done)
         inference = open_inference(stack)
         summary.backend = inference.backend
-        total = None
-        if config.progress:
-            total = sum(1 for p in iter_images(config.input) if display_path(p) not in writer.done)
         todo = (p for p in discovered if display_path(p) not in writer.done)
         reader = FileReader(_batches(todo, config.batch_size), inference.preprocess)
-        bar = stack.enter_context(_progress(total, config.progress))
+        bar = stack.enter_context(_progress(None, config.progress))
+        # The bar's total comes from a second walk of the folder on a thread of its own,
+        # so the first images are classified at once, not after the whole tree is listed.
+        counter = TotalCounter(config.input, writer.done) if config.progress else None
         start = time.perf_counter()
         reader.start()
         try:
@@ -426,7 +460,11 @@ def execute(
                 summary.images += df.height
                 summary.errors += df["error"].is_not_null().sum()
                 bar.update(df.height)
+                if counter is not None:
+                    counter.apply(bar)
         finally:
+            if counter is not None:
+                counter.stop()
             reader.stop()
             reader.join(timeout=5)
             summary.elapsed_s = time.perf_counter() - start
