@@ -1,8 +1,10 @@
 """CUDA C kernels compiled at run time (pycuda), each with a NumPy reference.
 
 * ``preprocess.cu``: fused resize + crop + normalise + HWC->CHW (float16/float32) for
-  images decoded on the host; bilinear, bicubic (OpenCV's a = -0.75) and Lanczos4, no
-  antialiasing (matches cv2.resize).
+  images decoded on the host, in two conventions: OpenCV's cv2.resize (bilinear, bicubic
+  a = -0.75, Lanczos4, no antialiasing; ``antialias = false`` specs) and PIL's
+  Image.resize (bilinear, bicubic a = -0.5, Lanczos3, filter widened when shrinking;
+  ``antialias = true`` specs).
 * ``postprocess.cu``: fused softmax + argmax, one warp per row.
 
 References: :mod:`kernels.reference`; argument packing: :mod:`kernels.launch`.

@@ -72,6 +72,7 @@ def preprocess_launch(
         _i32(geom.left, "left"),
         _i32(geom.size, "out_size"),
         _i32(int(norm.filter), "mode"),
+        _i32(int(norm.convention), "convention"),
         np.float32(norm.cubic_a),
         _i32(1 if norm.swap_rb else 0, "swap_rb"),
         *(np.float32(m) for m in norm.mean),

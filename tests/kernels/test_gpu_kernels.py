@@ -17,7 +17,15 @@ import pytest
 import kernels
 from engine.specs import ChannelOrder, CropPosition, Interpolation, ResizeRule, SpecRegistry
 from kernels.launch import Launch, postprocess_launch, preprocess_launch
-from kernels.reference import Filter, Normalise, ResizeCrop, postprocess_reference, preprocess_reference
+from kernels.reference import (
+    CUBIC_A_PIL,
+    Convention,
+    Filter,
+    Normalise,
+    ResizeCrop,
+    postprocess_reference,
+    preprocess_reference,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -88,7 +96,8 @@ def pitched(image: np.ndarray, pad: int) -> tuple[np.ndarray, int]:
 
 
 def tolerance(norm: Normalise, out_dtype: str) -> dict:
-    # Float accumulation of up to 64 taps on 0..255 values: far below 0.05 grey level.
+    # Float accumulation of up to 64 taps (OpenCV convention) or a few hundred (PIL
+    # convention, long filters) on 0..255 values: far below 0.05 grey level.
     atol = 0.05 / 255.0 / min(norm.std)
     if out_dtype == "float16":
         return {"rtol": 1e-3, "atol": atol + 1e-3}  # fp16 half-ulp is 2**-11 relative
@@ -167,6 +176,81 @@ def test_preprocess_batch_is_filled_image_by_image(gpu, out_dtype):
             expected[index] = preprocess_reference(image, geom, norm, np.float64)
         got = gpu.fetch(out, out_host)
     for index, ref in expected.items():
+        assert not np.isnan(got[index]).any()
+        np.testing.assert_allclose(got[index].astype(np.float64), ref, **tolerance(norm, out_dtype))
+    assert np.isnan(got[2]).all(), "a launch wrote outside its own batch slot"
+
+
+# -- PIL convention (antialias = true) --------------------------------------------------
+
+
+def _pil_specs():
+    quality = SpecRegistry.builtin().get("quality").preprocess
+    assert quality.antialias
+    return {
+        "quality": quality,
+        "pil-bilinear-bgr": dataclasses.replace(
+            quality, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
+        ),
+        "pil-lanczos3-topleft-61": dataclasses.replace(quality, interpolation=Interpolation.LANCZOS, crop=CropPosition.TOP_LEFT, size=61),
+        "pil-squash-29": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH),
+        "pil-one-pixel": dataclasses.replace(quality, size=1),
+    }
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("spec_name", list(_pil_specs()))
+@pytest.mark.parametrize("hw", [(97, 131), (131, 97), (120, 100), (17, 23), (1080, 1920)])
+def test_preprocess_pil_convention_matches_reference(gpu, spec_name, hw, out_dtype):
+    """Up- and downscaling with the filter widened (antialiased) as PIL does."""
+    pre = _pil_specs()[spec_name]
+    h, w = hw
+    image = np.random.default_rng(h * 1000 + w + 1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    geom = ResizeCrop.from_preprocess(pre, h, w)
+    norm = Normalise.from_preprocess(pre)
+    assert norm.convention is Convention.PIL
+    got = run_preprocess(gpu, image, geom, norm, out_dtype, pad=5)[0]
+    assert not np.isnan(got).any(), "some output elements were not written"
+    expected = preprocess_reference(image, geom, norm, np.float64)
+    np.testing.assert_allclose(got.astype(np.float64), expected, **tolerance(norm, out_dtype))
+
+
+@pytest.mark.parametrize("filt", list(Filter), ids=["bilinear", "bicubic", "lanczos3"])
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_preprocess_pil_long_filters(gpu, filt, out_dtype):
+    """More taps than the kernel caches (kPilCache = 32): 16000 -> 384 columns is ~84-250
+    taps per row, 900 -> 45 rows ~40-120; an off-centre window reaching the right edge."""
+    image = np.random.default_rng(5).integers(0, 256, (900, 16000, 3), dtype=np.uint8)
+    geom = ResizeCrop(900, 16000, 45, 384, 0, 384 - 45, 45)
+    norm = Normalise(filt, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CUBIC_A_PIL, Convention.PIL)
+    got = run_preprocess(gpu, image, geom, norm, out_dtype, pad=3)[0]
+    assert not np.isnan(got).any()
+    expected = preprocess_reference(image, geom, norm, np.float64)
+    np.testing.assert_allclose(got.astype(np.float64), expected, **tolerance(norm, out_dtype))
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_preprocess_pil_batch_mixes_conventions(gpu, out_dtype):
+    """PIL- and OpenCV-convention launches into one batch: each slot has its own image's
+    result and slot 2, never launched, stays NaN."""
+    quality = dataclasses.replace(SpecRegistry.builtin().get("quality").preprocess, size=45)
+    specs = {0: quality, 1: dataclasses.replace(quality, antialias=False), 3: quality}
+    rng = np.random.default_rng(13)
+    images = {0: (610, 900), 1: (200, 45), 3: (45, 45)}
+    out_host = np.full((4, 3, quality.size, quality.size), np.nan, _OUT[out_dtype])
+    expected = {}
+    with gpu.buffers() as alloc:
+        out = alloc(out_host)
+        for index, (h, w) in images.items():
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            geom = ResizeCrop.from_preprocess(specs[index], h, w)
+            norm = Normalise.from_preprocess(specs[index])
+            src_host, pitch = pitched(image, pad=index)
+            src = alloc(src_host)
+            gpu.run(preprocess_launch(int(src), pitch, geom, norm, int(out), index, out_dtype), "preprocess")
+            expected[index] = (preprocess_reference(image, geom, norm, np.float64), norm)
+        got = gpu.fetch(out, out_host)
+    for index, (ref, norm) in expected.items():
         assert not np.isnan(got[index]).any()
         np.testing.assert_allclose(got[index].astype(np.float64), ref, **tolerance(norm, out_dtype))
     assert np.isnan(got[2]).all(), "a launch wrote outside its own batch slot"

@@ -19,9 +19,17 @@ import numpy as np
 import pytest
 
 import kernels
-from engine.specs import ChannelOrder, Interpolation, ResizeRule, SpecRegistry
+from engine.specs import ChannelOrder, CropPosition, Interpolation, ResizeRule, SpecRegistry
 from kernels.launch import postprocess_launch, preprocess_launch
-from kernels.reference import Normalise, ResizeCrop, postprocess_reference, preprocess_reference
+from kernels.reference import (
+    CUBIC_A_PIL,
+    Convention,
+    Filter,
+    Normalise,
+    ResizeCrop,
+    postprocess_reference,
+    preprocess_reference,
+)
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/clang++) to emulate the kernels")
@@ -75,11 +83,11 @@ extern "C" void run(int f16, const unsigned char* src, const int* ints, float cu
             threadIdx = {(unsigned)(t % bx), (unsigned)(t / bx), 0};
             if (f16)
                 preprocess_u8_to_f16(src, ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7],
-                                     ints[8], cubic_a, ints[9], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
+                                     ints[8], ints[9], cubic_a, ints[10], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
                                      (__half*)out, batch_index);
             else
                 preprocess_u8_to_f32(src, ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7],
-                                     ints[8], cubic_a, ints[9], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
+                                     ints[8], ints[9], cubic_a, ints[10], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
                                      (float*)out, batch_index);
         }
 }
@@ -129,12 +137,12 @@ def emulated(tmp_path_factory):
 
 def emulate_preprocess(lib, launch) -> None:
     a = launch.args
-    ints = np.array([int(x) for x in a[1:10]] + [int(a[11])], np.int32)
-    ms = np.array([float(x) for x in a[12:18]], np.float32)
+    ints = np.array([int(x) for x in a[1:11]] + [int(a[12])], np.int32)
+    ms = np.array([float(x) for x in a[13:19]], np.float32)
     p = ctypes.c_void_p
     lib.run(
-        ctypes.c_int(launch.function.endswith("f16")), p(int(a[0])), ints.ctypes.data_as(p), ctypes.c_float(float(a[10])),
-        ms.ctypes.data_as(p), p(int(a[18])), ctypes.c_int(int(a[19])),
+        ctypes.c_int(launch.function.endswith("f16")), p(int(a[0])), ints.ctypes.data_as(p), ctypes.c_float(float(a[11])),
+        ms.ctypes.data_as(p), p(int(a[19])), ctypes.c_int(int(a[20])),
         *(ctypes.c_int(v) for v in (launch.grid[0], launch.grid[1], launch.block[0], launch.block[1])),
     )
 
@@ -161,12 +169,17 @@ def test_preprocess_source_matches_reference(emulated, spec_name, hw, out_dtype)
     pre = _specs()[spec_name]
     h, w = hw
     image = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    check_preprocess(emulated, image, ResizeCrop.from_preprocess(pre, h, w), Normalise.from_preprocess(pre), out_dtype)
+
+
+def check_preprocess(emulated, image, geom, norm, out_dtype) -> None:
+    """Run the emulated kernel into batch slot 1 of 3 (source rows padded) and compare it
+    with the reference; slots 0 and 2 must stay NaN and slot 1 must be fully written."""
+    h, w, _ = image.shape
     pitch = 3 * w + 5
     src = np.zeros((h, pitch), np.uint8)
     src[:, : 3 * w] = image.reshape(h, 3 * w)
-    geom = ResizeCrop.from_preprocess(pre, h, w)
-    norm = Normalise.from_preprocess(pre)
-    out = np.full((3, 3, pre.size, pre.size), np.nan, {"float32": np.float32, "float16": np.float16}[out_dtype])
+    out = np.full((3, 3, geom.size, geom.size), np.nan, {"float32": np.float32, "float16": np.float16}[out_dtype])
     emulate_preprocess(emulated["preprocess"], preprocess_launch(src.ctypes.data, pitch, geom, norm, out.ctypes.data, 1, out_dtype))
     assert np.isnan(out[0]).all() and np.isnan(out[2]).all(), "wrote outside batch slot 1"
     assert not np.isnan(out[1]).any(), "some output elements were not written"
@@ -176,6 +189,45 @@ def test_preprocess_source_matches_reference(emulated, spec_name, hw, out_dtype)
         np.testing.assert_allclose(out[1].astype(np.float64), expected, rtol=1e-3, atol=atol + 1e-3)
     else:
         np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=atol)
+
+
+def _pil_specs():
+    """antialias = true: the PIL convention (the quality spec as built in, and variants)."""
+    quality = SpecRegistry.builtin().get("quality").preprocess
+    assert quality.antialias
+    return {
+        "quality": quality,
+        "bilinear-bgr": dataclasses.replace(
+            quality, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
+        ),
+        "lanczos3-topleft-61": dataclasses.replace(quality, interpolation=Interpolation.LANCZOS, crop=CropPosition.TOP_LEFT, size=61),
+        "squash-29-bicubic": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH),
+        "one-pixel-lanczos3": dataclasses.replace(quality, size=1, interpolation=Interpolation.LANCZOS),
+    }
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("spec_name", list(_pil_specs()))
+@pytest.mark.parametrize("hw", [(97, 131), (17, 23), (120, 100), (1080, 1920)])
+def test_preprocess_source_pil_convention_matches_reference(emulated, spec_name, hw, out_dtype):
+    """Up- and downscaling (17x23 and 120x100 -> 384 enlarge, 1080x1920 shrinks 2.8x)."""
+    pre = _pil_specs()[spec_name]
+    h, w = hw
+    image = np.random.default_rng(h * 1000 + w + 1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    norm = Normalise.from_preprocess(pre)
+    assert norm.convention is Convention.PIL
+    check_preprocess(emulated, image, ResizeCrop.from_preprocess(pre, h, w), norm, out_dtype)
+
+
+@pytest.mark.parametrize("filt", list(Filter), ids=["bilinear", "bicubic", "lanczos3"])
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_preprocess_source_pil_long_filters(emulated, filt, out_dtype):
+    """More taps than the kernel caches (kPilCache = 32): 16000 -> 384 columns is ~84-250
+    taps per row, 900 -> 45 rows ~40-120; an off-centre window reaching the right edge."""
+    image = np.random.default_rng(5).integers(0, 256, (900, 16000, 3), dtype=np.uint8)
+    geom = ResizeCrop(900, 16000, 45, 384, 0, 384 - 45, 45)
+    norm = Normalise(filt, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CUBIC_A_PIL, Convention.PIL)
+    check_preprocess(emulated, image, geom, norm, out_dtype)
 
 
 def run_postprocess(lib, raw: np.ndarray, probabilities_input: bool = False):

@@ -11,7 +11,7 @@ import pytest
 import kernels
 from engine.specs import SpecRegistry
 from kernels.launch import POSTPROCESS_BLOCK, PREPROCESS_BLOCK, postprocess_launch, preprocess_launch
-from kernels.reference import Filter, Normalise, ResizeCrop
+from kernels.reference import CUBIC_A_OPENCV, CUBIC_A_PIL, Convention, Filter, Normalise, ResizeCrop
 
 _SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)', re.S)
 
@@ -26,6 +26,15 @@ def signatures() -> dict[str, list[str]]:
                 decl = " ".join(param.replace("__restrict__", "").split())
                 types.append(decl.rsplit(" ", 1)[0].replace(" *", "*"))
             out[fn] = types
+    return out
+
+
+def parameter_names() -> dict[str, list[str]]:
+    """kernel name -> parameter names, from every packaged source."""
+    out: dict[str, list[str]] = {}
+    for name in kernels.sources():
+        for fn, params in _SIGNATURE.findall(kernels.load_source(name)):
+            out[fn] = [param.split()[-1].lstrip("*") for param in params.split(",")]
     return out
 
 
@@ -56,6 +65,22 @@ def test_preprocess_arguments_match_the_signature(out_dtype):
     assert launch.block == PREPROCESS_BLOCK and launch.grid == (14, 14, 1)
     assert int(launch.args[0]) == 0x7F0000001000 and int(launch.args[-1]) == 5
     assert int(launch.args[9]) == int(Filter.LANCZOS4)
+    assert int(launch.args[10]) == int(Convention.OPENCV) and float(launch.args[11]) == CUBIC_A_OPENCV
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+def test_preprocess_pil_convention_arguments(out_dtype):
+    """The quality spec (antialias = true) packs convention 1 and PIL's a = -0.5, in the
+    positions the signature names them."""
+    pre = SpecRegistry.builtin().get("quality").preprocess
+    launch = preprocess_launch(0x1000, 640 * 3, ResizeCrop.from_preprocess(pre, 480, 640), Normalise.from_preprocess(pre), 0x2000, 0, out_dtype)
+    check(launch)
+    names = parameter_names()[launch.function]
+    assert names[9:12] == ["mode", "convention", "cubic_a"]
+    assert int(launch.args[9]) == int(Filter.BICUBIC)
+    assert int(launch.args[10]) == int(Convention.PIL) == 1
+    assert float(launch.args[11]) == CUBIC_A_PIL
+    assert launch.grid == (24, 24, 1)
 
 
 @pytest.mark.parametrize("in_dtype", ["float16", "float32"])
