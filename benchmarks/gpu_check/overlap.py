@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 
-def gpu_overlap_check(out_dir: str, *, batch: int = 32, batches: int = 12) -> dict:
+def gpu_overlap_check(out_dir: str, *, batch: int = 32, batches: int = 12, on_run=None) -> dict:
     """Overlap efficiency of the streamed executor on CUDA with the PyTorch backend standing
     in for TensorRT: random-weight resnet18 (224) and caformer_s36 (384), fp32 and fp16,
-    each model alone and both together. Efficiency = slowest stage alone / pipelined."""
+    each model alone and both together. Efficiency = slowest stage alone / pipelined.
+    A run that raises is recorded with its ``error`` and the others go on; ``on_run(report)``
+    is called after each run (main writes the JSON then, so a timeout keeps what finished)."""
     import numpy as np
 
     from builders.export import build_random_model
@@ -42,16 +44,15 @@ def gpu_overlap_check(out_dir: str, *, batch: int = 32, batches: int = 12) -> di
     combos = [[k] for k in specs] + [list(specs)]  # each model alone, then both together
     for precision in ("fp32", "fp16"):
         for chosen in combos:
-            backends = {
-                k: TorchCudaBackend(
-                    build_random_model(specs[k].architecture, specs[k].num_classes, 0),
-                    (3, specs[k].preprocess.size, specs[k].preprocess.size),
-                    precision=precision,
-                    max_batch=batch,
-                )
-                for k in chosen
-            }
+            backends: dict = {}
             try:
+                for k in chosen:
+                    backends[k] = TorchCudaBackend(
+                        build_random_model(specs[k].architecture, specs[k].num_classes, 0),
+                        (3, specs[k].preprocess.size, specs[k].preprocess.size),
+                        precision=precision,
+                        max_batch=batch,
+                    )
                 with StreamedExecutor(backends, "cuda", ExecutorConfig(batch)) as ex:
                     feed = [{k: data[k][i] for k in chosen} for i in range(batches)]
                     result = measure_overlap(ex, feed).as_dict()
@@ -59,12 +60,19 @@ def gpu_overlap_check(out_dir: str, *, batch: int = 32, batches: int = 12) -> di
                         k: s.host_overhead_ms_per_batch for k, s in ex.stats.items()
                     }
                     result["device_ms_per_batch"] = {k: s.device_ms_per_batch for k, s in ex.stats.items()}
+                    result["graph_batch"] = {k: ex.graph_batch(k) for k in chosen}
+            except Exception as exc:  # one failed run must not cost the others' figures
+                log.exception("overlap %s %s failed", precision, "+".join(chosen))
+                result = {"error": f"{type(exc).__name__}: {exc}"}
             finally:
                 for b in backends.values():
                     b.close()
             result.update(models=chosen, precision=precision)
             report["runs"].append(result)
-            print(f"overlap {precision} {'+'.join(chosen)}: efficiency {result.get('efficiency')}")
+            if on_run is not None:
+                on_run(report)
+            print(f"overlap {precision} {'+'.join(chosen)}: efficiency {result.get('efficiency')}"
+                  + (f" ERROR {result['error']}" if "error" in result else ""))
     return report
 
 
@@ -77,10 +85,16 @@ def main(out_dir: str) -> int:
     except ImportError as exc:
         print(f"overlap: skipped: the executor cannot be imported ({exc})")
         return 0
-    report = gpu_overlap_check(out_dir)
-    Path(out_dir, "overlap.json").write_text(json.dumps(report, indent=2, default=str))
+    path = Path(out_dir, "overlap.json")
+
+    def write(report: dict) -> None:
+        path.write_text(json.dumps(report, indent=2, default=str))
+
+    report = gpu_overlap_check(out_dir, on_run=write)
+    write(report)
     print("overlap:", json.dumps(report, default=str)[:400])
-    return 0
+    failed = [r for r in report["runs"] if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
