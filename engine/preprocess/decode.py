@@ -12,6 +12,10 @@ has none). 16-bit samples become 8-bit by ``round(v / 257)`` (what DALI does), p
 and grey+alpha images are expanded, and the EXIF orientation is applied (as DALI's
 decoder does by default). Failures raise :class:`ImageDecodeError` with a one-line
 cause such as "truncated or corrupt JPEG" or "cannot decode: not an image (text)".
+
+:func:`composite` is the NumPy form of the alpha rule the DALI graph applies to RGBA
+(``dali_pipeline._composite``), value for value: the OpenCV reference and the frames API
+(:mod:`engine.frames`) use it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from enum import Enum
 import numpy as np
 
 from engine.errors import InputError
+from engine.specs import AlphaMode
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +164,21 @@ def undecodable_cause(data: bytes | memoryview, container: Container | None = No
         kind = "text" if looks_like_text(data) else "unrecognised format"
         return f"cannot decode: not an image ({kind})"
     return f"truncated or corrupt {container.name}"
+
+
+def composite(colour: np.ndarray, alpha: np.ndarray, mode: AlphaMode) -> np.ndarray:
+    """(H, W, 3) uint8 from ``colour`` (H, W, 3) uint8 and ``alpha`` (H, W) or (H, W, 1)
+    uint8 per the alpha mode: ``colour * a + background * (1 - a)`` in float32 with
+    ``a = alpha / 255``, rounded to nearest (what the DALI graph's cast to uint8 gives:
+    equal on all 256 x 256 value/alpha pairs, tests/engine/test_frames.py), over white
+    (255) or black (0). ``DROP`` returns ``colour`` itself (possibly a strided view).
+    The channels are composited alike, so their order (RGB or BGR) passes through."""
+    if mode is AlphaMode.DROP:
+        return colour
+    a = alpha.reshape(alpha.shape[0], alpha.shape[1], 1).astype(np.float32) / 255.0
+    background = 255.0 if mode is AlphaMode.WHITE else 0.0
+    out = colour.astype(np.float32) * a + background * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def decode_rgba(data: bytes | memoryview) -> np.ndarray:

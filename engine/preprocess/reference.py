@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import DependencyError
-from engine.preprocess.decode import ImageDecodeError, undecodable_cause
+from engine.preprocess.decode import ImageDecodeError, composite, undecodable_cause
 from engine.specs import AlphaMode, ChannelOrder, Interpolation, Preprocess, Task
 
 Library = Literal["opencv", "pil"]
@@ -107,10 +107,7 @@ def _opencv_composite(raw: np.ndarray, alpha: AlphaMode) -> np.ndarray:
         colour = raw[..., 2::-1]  # BGR(A) -> RGB
     if channels not in (2, 4):
         return np.ascontiguousarray(colour)
-    a = raw[..., -1:].astype(np.float32) / 255.0
-    background = 255.0 if alpha is AlphaMode.WHITE else 0.0
-    out = colour.astype(np.float32) * a + background * (1.0 - a)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return composite(colour, raw[..., -1], alpha)
 
 
 # -- PIL ------------------------------------------------------------------------------
