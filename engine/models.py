@@ -20,7 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from builders.export import (
 from builders.hub import alternatives_hint, download_published
 from builders.onnx_io import OnnxInfo, inspect_onnx, make_batch_dynamic
 from engine.errors import DependencyError, ModelError
-from engine.specs import ModelSpec, OutputKind
+from engine.specs import ModelSpec, OutputKind, Task
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,18 @@ class ModelSource:
             object.__setattr__(self, "onnx", Path(self.onnx).expanduser())
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", Path(self.checkpoint).expanduser())
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One model as a run selects it: the task, the variant (None: the task's default)
+    and where its weights come from. (Defined here, beside :class:`ModelSource`, so that
+    code that must not import polars, such as the GPU side of :mod:`engine.frames`, can
+    name one; :mod:`engine.runner` re-exports it.)"""
+
+    task: Task
+    variant: str | None = None  # None: the task's default variant
+    source: ModelSource = field(default_factory=ModelSource)
 
 
 @dataclass(frozen=True)

@@ -34,19 +34,12 @@ import polars as pl
 
 from engine.discovery import iter_images
 from engine.errors import EngineError, InputError
-from engine.models import ModelSource, ResolvedModel, WeightsKind, resolve_model
+from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model  # ModelChoice: re-exported
 from engine.postprocess import Classified, classify
-from engine.specs import SpecRegistry, Task, spec_as_dict
+from engine.specs import SpecRegistry, spec_as_dict
 from engine.writer import ResultWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    task: Task
-    variant: str | None = None  # None: the task's default variant
-    source: ModelSource = field(default_factory=ModelSource)
 
 
 @dataclass(frozen=True)
@@ -324,23 +317,33 @@ def _progress(total: int | None, enabled: bool):
     return tqdm(total=total, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
-def _precision_graph(model: ResolvedModel, config: RunConfig, precision: str) -> Path:
+def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib_dir: Path | None = None) -> Path:
     """The ONNX to run on the CPU: the model itself for fp32, else its prepared
-    fp16/int8 graph (made once by builders.precision and cached; FP32 inputs and
-    outputs are kept)."""
+    fp16/int8 graph (made once by builders.precision and cached under ``cache_dir``;
+    FP32 inputs and outputs are kept; int8 is calibrated on the images in ``calib_dir``)."""
     if precision == "fp32":
         return model.onnx_path
     from builders.calibration import find_calibration_images
     from builders.precision import prepare
 
-    calib = find_calibration_images(config.calib_dir) if config.calib_dir else None
+    calib = find_calibration_images(calib_dir) if calib_dir else None
     if precision == "int8" and not calib:
         raise EngineError("--precision int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
     prepared = prepare(
-        model.onnx_path, model.spec, precision, calib, config.cache_dir / "prepared",
+        model.onnx_path, model.spec, precision, calib, Path(cache_dir) / "prepared",
         output_kind=model.output_kind,
     )
     return prepared.path
+
+
+def open_cpu_backend(model: ResolvedModel, precision: str, *, threads: int | None, cache_dir: Path,
+                     calib_dir: Path | None = None):
+    """ONNX Runtime on the CPU for ``model`` at ``precision`` (its :func:`precision_graph`):
+    what the CPU path runs, also used by :mod:`engine.frames`."""
+    from engine.backends.onnxruntime import OrtBackend
+
+    return OrtBackend(precision_graph(model, precision, cache_dir, calib_dir), model.info.input, model.info.output,
+                      precision=precision, threads=threads)
 
 
 class Inference(Protocol):
@@ -361,14 +364,12 @@ class CpuInference:
 
     def __init__(self, models: Sequence[ResolvedModel], config: RunConfig, precision: str, threads: int,
                  stack: ExitStack) -> None:
-        from engine.backends.onnxruntime import OrtBackend
         from engine.preprocess.dali_pipeline import DaliPreprocessor
 
         self._models = list(models)
         self._backends = {
             m.spec.key: stack.enter_context(
-                OrtBackend(_precision_graph(m, config, precision), m.info.input, m.info.output,
-                           precision=precision, threads=threads)
+                open_cpu_backend(m, precision, threads=threads, cache_dir=config.cache_dir, calib_dir=config.calib_dir)
             )
             for m in models
         }
