@@ -21,6 +21,7 @@ import logging
 import shlex
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -145,6 +146,34 @@ def build_command(config: "RunConfig", missing: Sequence[tuple["ModelChoice", "M
     return shlex.join(args)
 
 
+def lookup_engines(
+    models: Sequence["ResolvedModel"], precision: str, target: "BuildTarget", cache_dir: Path, batch_size: int
+) -> tuple[dict[str, "CacheEntry"], str | None]:
+    """The cached engine of every model for a run at ``precision`` and ``batch_size``,
+    or the problem: which models have none in ``cache_dir`` (with the reasons other
+    engines were passed over). :func:`find_engines` adds the build command."""
+    from builders.manifest import EngineCache, EngineQuery, onnx_sha256
+
+    cache = EngineCache(Path(cache_dir) / "engines")
+    found: dict[str, CacheEntry] = {}
+    missing: list[str] = []
+    notes: list[str] = []
+    for m in models:
+        query = EngineQuery(m.spec.key, onnx_sha256(m.onnx_path), precision, target, batch_size)
+        search = cache.find_for_run(query)
+        if search.entry is None:
+            missing.append(m.spec.key)
+            notes += list(search.rejected)
+        else:
+            found[m.spec.key] = search.entry
+    if not missing:
+        return found, None
+    problem = f"no TensorRT engine for {', '.join(missing)} at {precision} for {target.describe()} in {cache.cache_dir}"
+    if notes:
+        problem += f" (passed over: {'; '.join(notes)})"
+    return found, problem
+
+
 def find_engines(
     models: Sequence["ResolvedModel"],
     choices: Sequence["ModelChoice"],
@@ -155,28 +184,11 @@ def find_engines(
     """The cached engine of every model for this run, or the problem: which models have
     none here (with the reasons other engines were passed over) and the command that
     builds them."""
-    from builders.manifest import EngineCache, EngineQuery, onnx_sha256
-
-    cache = EngineCache(config.cache_dir / "engines")
-    found: dict[str, CacheEntry] = {}
-    missing: list[tuple[ModelChoice, ModelSpec]] = []
-    notes: list[str] = []
-    for m, c in zip(models, choices):
-        query = EngineQuery(m.spec.key, onnx_sha256(m.onnx_path), precision, target, config.batch_size)
-        search = cache.find_for_run(query)
-        if search.entry is None:
-            missing.append((c, m.spec))
-            notes += list(search.rejected)
-        else:
-            found[m.spec.key] = search.entry
-    if not missing:
+    found, problem = lookup_engines(models, precision, target, config.cache_dir, config.batch_size)
+    if problem is None:
         return found, None
-    names = ", ".join(spec.key for _, spec in missing)
-    problem = f"no TensorRT engine for {names} at {precision} for {target.describe()} in {cache.cache_dir}"
-    if notes:
-        problem += f" (passed over: {'; '.join(notes)})"
-    problem += f"; build it with: {build_command(config, missing, precision)}"
-    return found, problem
+    missing = [(c, m.spec) for m, c in zip(models, choices) if m.spec.key not in found]
+    return found, f"{problem}; build it with: {build_command(config, missing, precision)}"
 
 
 # --------------------------------------------------------------------------- choice
