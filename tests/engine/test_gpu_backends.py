@@ -68,6 +68,9 @@ def test_wait_producer_orders_after_a_torch_stream(device):
     src = torch.zeros(1 << 20, device="cuda")
     dst = device.device_empty((1 << 20,), np.float32)
     back = device.host_empty((1 << 20,), np.float32)
+    # torch's streams are non-blocking: without this wait, the zeros queued on the
+    # default stream could land after the fill (then the test fails, not the code).
+    producer.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(producer):
         torch.cuda._sleep(5_000_000)
         src.fill_(3.0)
