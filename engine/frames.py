@@ -1,0 +1,691 @@
+"""Classify frames handed in as arrays: the library API for callers that already hold
+decoded images (a video decoder, a camera, an image library); `engine run` is for folders.
+
+    from engine.frames import FrameClassifier
+
+    with FrameClassifier(models, batch_size=16) as classifier:   # models: ResolvedModel, one per task
+        results = classifier.classify(frames)                    # any iterable of uint8 arrays
+    results["gender/alpha"].probabilities                        # (n, 2) float32, in input order
+    results["gender/alpha"].labels                               # ("female", "male", ...) per frame
+    results.to_polars()                                          # engine run's columns, ``frame`` for ``path``
+
+Frames, each of its own size: uint8 (H, W, 3) in ``channel_order`` (RGB, or BGR as
+OpenCV decodes), (H, W) grey, or (H, W, 4) with alpha last (RGBA; BGRA with
+``channel_order="bgr"``), composited per each model spec's alpha mode by
+:func:`engine.preprocess.decode.composite` (the DALI graph's rule, value for value).
+Strided arrays are fine (they are copied). Anything else raises
+:class:`~engine.errors.InputError` naming the frame's index, before any work is done for
+the batch it is in (earlier batches are finished and dropped with the error).
+
+Each model's view of a frame is its spec's geometry and normalisation
+(:meth:`ResizeCrop.from_preprocess <kernels.reference.ResizeCrop.from_preprocess>`,
+:meth:`Normalise.from_preprocess <kernels.reference.Normalise.from_preprocess>`) computed
+by the host-decoded-image kernel (``kernels/preprocess.cu``) or its NumPy reference
+(:func:`kernels.reference.preprocess_reference`, exact for the kernel's conventions); a BGR
+input flips the kernel's channel swap instead of being copied into RGB. This is the
+kernel's resize, not DALI's: the same images through `engine run` (DALI) give slightly
+different probabilities (tests/engine/test_frames.py measures it).
+
+Paths:
+
+* ``device="cpu"`` (default): per batch, the NumPy reference per frame and view, ONNX
+  Runtime per model (:func:`engine.runner.open_cpu_backend`, the CPU path's own backend
+  at ``precision``), :func:`engine.postprocess.classify`.
+* ``device="cpu", streamed=True``: the GPU path's loop on the streamed executor's host
+  device (:class:`~engine.executor.HostDevice`, ONNX Runtime behind
+  :class:`~engine.executor.HostBackend`), :class:`FrameProducer` with the NumPy reference
+  standing in for the kernel launch. This is how the GPU loop is tested without a GPU.
+* ``device="gpu"``: :class:`engine.gpu.CudaDevice`, the backends of the GPU path
+  (:func:`engine.gpu_path.open_gpu_backends`: TensorRT engines from the cache, or
+  ``gpu_backend="torch"``), :class:`FrameProducer` launching ``preprocess_u8_to_f16`` /
+  ``_f32`` (the engine's input dtype) on its own stream, and the streamed executor copying
+  each view into its slots after that stream (:meth:`StreamedExecutor.submit_device
+  <engine.executor.StreamedExecutor.submit_device>`, driven by
+  :class:`engine.streamed_run.StreamedInference`). THE GPU PATH HAS NOT RUN ON A GPU: it
+  is written against the pycuda 2026.1 sources and engine.gpu's CudaDevice, and tested
+  only through the same classes on the host device; tests/engine/test_frames.py has a
+  ``gpu``-marked test for it.
+
+Use a classifier from one thread (on the GPU, the thread that made it: the CUDA context
+is current there). Nothing here imports polars except :meth:`FrameResults.to_polars`, nor
+CUDA packages except on ``device="gpu"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from engine.errors import EngineError, InputError
+from engine.postprocess import Classified, classify
+from engine.preprocess.decode import composite
+from engine.specs import AlphaMode, Preprocess
+from kernels.launch import INT32_MAX, Launch, preprocess_launch
+from kernels.reference import Normalise, ResizeCrop, preprocess_reference
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from engine.executor import Device, DeviceArray, StreamedExecutor
+    from engine.models import ModelSource, ResolvedModel
+    from engine.preprocess.dali_pipeline import DeviceBatch
+
+log = logging.getLogger(__name__)
+
+DeviceChoice = Literal["cpu", "gpu"]
+GpuBackend = Literal["tensorrt", "torch"]
+PRECISIONS = ("fp32", "fp16", "int8")
+MAX_BATCH = 4096
+# Each frame's pixels start at a multiple of this in the staging buffer.
+STAGING_ALIGN = 256
+# Staging is grown to at least this factor of its old size, so that a run of frames that
+# grow slowly does not reallocate per batch.
+STAGING_GROWTH = 1.5
+_VIEW_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True)
+class FrameView:
+    """One model's view: its key, preprocessing, and the kernel's normalisation for the
+    caller's channel order (``swap_rb`` flipped for BGR input)."""
+
+    key: str
+    preprocess: Preprocess
+    norm: Normalise
+
+    @classmethod
+    def of(cls, model: "ResolvedModel", channel_order: str) -> "FrameView":
+        pre = model.spec.preprocess
+        norm = Normalise.from_preprocess(pre)
+        if channel_order == "bgr":  # the kernel reads channel 0 as R: swapping fixes BGR input for free
+            norm = dataclasses.replace(norm, swap_rb=not norm.swap_rb)
+        return cls(model.spec.key, pre, norm)
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One checked frame: its (H, W, 3) uint8 sources (the frame itself, a grey frame
+    broadcast to three channels, or one composite per alpha mode in use; possibly
+    strided views), which source each view reads, and each view's geometry."""
+
+    index: int
+    height: int
+    width: int
+    sources: tuple[np.ndarray, ...]
+    view_source: tuple[int, ...]
+    geometry: tuple[ResizeCrop, ...]
+
+
+def _describe(frame: Any) -> str:
+    return f"{frame.dtype} array of shape {tuple(frame.shape)}"
+
+
+def check_frame(frame: Any, index: int, views: Sequence[FrameView], channel_order: str = "rgb") -> tuple[ResizeCrop, ...]:
+    """Check one frame, raising :class:`InputError` that names ``index`` and what is
+    wrong; return each view's geometry for it."""
+    order = channel_order.upper()
+    if not isinstance(frame, np.ndarray):
+        raise InputError(f"frame {index}: expected a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise InputError(f"frame {index}: {_describe(frame)}: the pixels must be uint8 (0-255)")
+    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))):
+        raise InputError(
+            f"frame {index}: {_describe(frame)}: expected (H, W, 3) {order}, (H, W) grey or (H, W, 4) {order}A"
+        )
+    height, width = int(frame.shape[0]), int(frame.shape[1])
+    if height == 0 or width == 0:
+        raise InputError(f"frame {index}: {_describe(frame)} has no pixels")
+    if 3 * width > INT32_MAX:
+        raise InputError(f"frame {index}: {width} pixels wide, more than the kernel's row limit")
+    geometry = []
+    for view in views:
+        geom = ResizeCrop.from_preprocess(view.preprocess, height, width)
+        if max(geom.resized_h, geom.resized_w) > INT32_MAX:
+            raise InputError(f"frame {index}: {height}x{width} is too elongated to resize for {view.key}")
+        geometry.append(geom)
+    return tuple(geometry)
+
+
+def prepare_frame(frame: np.ndarray, index: int, views: Sequence[FrameView], geometry: Sequence[ResizeCrop]) -> Frame:
+    """Lay out what each view of a checked frame reads. No pixel is copied except for an
+    alpha composite (one per alpha mode the views use)."""
+    height, width = int(frame.shape[0]), int(frame.shape[1])
+    if frame.ndim == 2:
+        sources: tuple[np.ndarray, ...] = (np.broadcast_to(frame[:, :, None], (height, width, 3)),)
+        view_source = (0,) * len(views)
+    elif frame.shape[2] == 3:
+        sources, view_source = (frame,), (0,) * len(views)
+    else:
+        modes: list[AlphaMode] = []
+        for view in views:
+            if view.preprocess.alpha not in modes:
+                modes.append(view.preprocess.alpha)
+        sources = tuple(composite(frame[:, :, :3], frame[:, :, 3], mode) for mode in modes)
+        view_source = tuple(modes.index(view.preprocess.alpha) for view in views)
+    return Frame(index, height, width, sources, view_source, tuple(geometry))
+
+
+def frame_batches(frames: Iterable[Any], views: Sequence[FrameView], batch_size: int,
+                  channel_order: str = "rgb") -> Iterator[list[Frame]]:
+    """Batches of prepared frames; every frame of a batch is checked before any of them
+    is prepared."""
+    it = iter(frames)
+    start = 0
+    while True:
+        chunk = list(itertools.islice(it, batch_size))
+        if not chunk:
+            return
+        geometry = [check_frame(f, start + j, views, channel_order) for j, f in enumerate(chunk)]
+        yield [prepare_frame(f, start + j, views, g) for j, (f, g) in enumerate(zip(chunk, geometry))]
+        start += len(chunk)
+
+
+def reference_view(frame: Frame, v: int, view: FrameView, dtype: Any = np.float32) -> np.ndarray:
+    """What the kernel writes for view ``v`` of ``frame``: (3, S, S) of ``dtype``."""
+    source = np.ascontiguousarray(frame.sources[frame.view_source[v]])
+    return preprocess_reference(source, frame.geometry[v], view.norm, dtype)
+
+
+# --------------------------------------------------------------------------- producer
+
+
+class Launcher(Protocol):
+    """Queues one frame's view on ``stream``: ``launch`` holds the kernel's arguments
+    (addresses included); the other arguments say the same in buffers and geometry."""
+
+    def __call__(self, launch: Launch, stream: Any, *, src: "DeviceArray", offset: int, geom: ResizeCrop,
+                 norm: Normalise, out: "DeviceArray", index: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class KernelLauncher:
+    """``kernels/preprocess.cu`` compiled once with pycuda in the current CUDA context
+    (the executor's device's: create it after the :class:`engine.gpu.CudaDevice`), launched
+    asynchronously on the producer's stream (``Function.__call__(..., stream=)``).
+    NOT RUN ON A GPU."""
+
+    def __init__(self) -> None:
+        import kernels
+
+        self._module = kernels.compile_module("preprocess")
+        self._functions = {name: self._module.get_function(name) for name in ("preprocess_u8_to_f16", "preprocess_u8_to_f32")}
+
+    def __enter__(self) -> "KernelLauncher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, launch: Launch, stream: Any, **_: Any) -> None:
+        if self._module is None:
+            raise RuntimeError("kernel launcher is closed")
+        self._functions[launch.function](*launch.args, block=launch.block, grid=launch.grid, stream=stream)
+
+    def close(self) -> None:
+        """Drop the module (unloaded by pycuda while the context is still current: close
+        this before the device)."""
+        self._functions.clear()
+        self._module = None
+
+
+class ReferenceLauncher:
+    """The kernel's NumPy reference queued on a :class:`~engine.executor.HostStream` in
+    its place: reads the staged frame from the host device's "device" buffer and writes
+    batch row ``index`` of the view buffer, in stream order, as the kernel does."""
+
+    def __enter__(self) -> "ReferenceLauncher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, launch: Launch, stream: Any, *, src: Any, offset: int, geom: ResizeCrop, norm: Normalise,
+                 out: Any, index: int) -> None:
+        nbytes = 3 * geom.src_h * geom.src_w
+
+        def run() -> None:
+            image = src.array[offset : offset + nbytes].reshape(geom.src_h, geom.src_w, 3)
+            out.array[index] = preprocess_reference(image, geom, norm, out.dtype)
+
+        stream.submit(run)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class ProducerStats:
+    batches: int = 0
+    frames: int = 0
+    staging_bytes: int = 0  # capacity of the staging buffers now
+    staging_allocations: int = 0  # times the (pinned host, device) staging pair was (re)allocated
+    uploaded_bytes: int = 0
+
+
+class FrameProducer:
+    """Frames -> one :class:`~engine.preprocess.dali_pipeline.DeviceBatch` per batch, the
+    producer of :class:`engine.streamed_run.StreamedInference` for frames.
+
+    Per batch: every frame's sources go into one staging buffer (pinned on CUDA), each at
+    a multiple of :data:`STAGING_ALIGN`; one host-to-device copy on the producer's own
+    stream uploads it; the kernel (``launcher``) runs once per frame per view into that
+    view's device batch buffer (``max_batch`` rows, allocated once). The batch returned
+    names the view buffers and the stream: the executor's slots wait on that stream, then
+    copy. The staging buffers are allocated at the first batch's size (or
+    ``staging_bytes``) and reallocated only when a batch needs more (counted in
+    :attr:`stats`).
+
+    Buffers are reused by the next call: the caller must synchronise the
+    :class:`~engine.executor.Consumed` of the previous batch first (StreamedInference
+    does). ``device`` is the executor's :class:`~engine.executor.Device`; the same class
+    runs on :class:`engine.gpu.CudaDevice` with :class:`KernelLauncher` and on
+    :class:`~engine.executor.HostDevice` with :class:`ReferenceLauncher`.
+    """
+
+    def __init__(self, device: "Device", views: Sequence[tuple[FrameView, Any]], max_batch: int, launcher: Launcher,
+                 *, staging_bytes: int = 0, device_id: int = 0) -> None:
+        self._device = device
+        self._launcher = launcher
+        self._device_id = device_id
+        self.max_batch = int(max_batch)
+        self.views = tuple(view for view, _ in views)
+        self.stats = ProducerStats()
+        self._closed = False
+        for view, dtype in views:
+            if np.dtype(dtype) not in _VIEW_DTYPES:
+                raise EngineError(f"{view.key}: the model takes {np.dtype(dtype)} input; the preprocessing kernel writes float32 or float16")
+        self._outputs: dict[str, Any] = {}
+        self._host_staging: np.ndarray | None = None
+        self._dev_staging: Any = None
+        self.stream = device.stream()
+        for view, dtype in views:
+            size = view.preprocess.size
+            self._outputs[view.key] = device.device_empty((self.max_batch, 3, size, size), np.dtype(dtype))
+        if staging_bytes:
+            self._grow(int(staging_bytes))
+
+    def __enter__(self) -> "FrameProducer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _free_staging(self) -> None:
+        for buf in (self._host_staging, self._dev_staging):
+            if buf is not None:
+                self._device.free(buf)
+        self._host_staging = self._dev_staging = None
+
+    def _grow(self, need: int) -> None:
+        """Staging of at least ``need`` bytes. The old buffers are idle: the caller waited
+        for the previous batch's copies (the contract above)."""
+        old = self.stats.staging_bytes
+        capacity = max(need, int(old * STAGING_GROWTH)) if old else need
+        capacity = -(-capacity // STAGING_ALIGN) * STAGING_ALIGN
+        self._free_staging()
+        self._host_staging = self._device.host_empty((capacity,), np.uint8)
+        self._dev_staging = self._device.device_empty((capacity,), np.uint8)
+        self.stats.staging_bytes = capacity
+        self.stats.staging_allocations += 1
+        if old:
+            log.info("frame staging grown from %d to %d bytes", old, capacity)
+
+    def __call__(self, frames: Sequence[Frame]) -> "DeviceBatch":
+        from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+
+        if self._closed:
+            raise RuntimeError("frame producer is closed")
+        n = len(frames)
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"a batch of {n} frames for a producer of at most {self.max_batch}")
+        offsets: list[list[int]] = []
+        used = 0
+        for f in frames:
+            row = []
+            for src in f.sources:
+                row.append(used)
+                used += -(-src.size // STAGING_ALIGN) * STAGING_ALIGN
+            offsets.append(row)
+        if used > self.stats.staging_bytes:
+            self._grow(used)
+        host, dev, stream = self._host_staging, self._dev_staging, self.stream
+        for f, row in zip(frames, offsets):
+            for src, off in zip(f.sources, row):
+                np.copyto(host[off : off + src.size].reshape(src.shape), src)  # makes strided frames contiguous
+        self._device.h2d(dev, host[:used], stream)
+        for j, (f, row) in enumerate(zip(frames, offsets)):
+            for v, view in enumerate(self.views):
+                out, geom, off = self._outputs[view.key], f.geometry[v], row[f.view_source[v]]
+                launch = preprocess_launch(dev.ptr + off, 3 * f.width, geom, view.norm, out.ptr, j,
+                                           out_dtype=np.dtype(out.dtype).name)
+                self._launcher(launch, stream, src=dev, offset=off, geom=geom, norm=view.norm, out=out, index=j)
+        self.stats.batches += 1
+        self.stats.frames += n
+        self.stats.uploaded_bytes += used
+        views = {}
+        for view in self.views:
+            out = self._outputs[view.key]
+            views[view.key] = DeviceView(view.key, out.ptr, (n, *out.shape[1:]), np.dtype(out.dtype), out)
+        return DeviceBatch(ok=tuple(range(n)), sizes=tuple((f.height, f.width) for f in frames), errors={},
+                           views=views, device_id=self._device_id, cuda_stream=stream)
+
+    def close(self) -> None:
+        """Wait for the producer's stream, free its buffers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._device.synchronize_stream(self.stream)
+        finally:
+            self._free_staging()
+            for buf in self._outputs.values():
+                self._device.free(buf)
+            self._outputs.clear()
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, eq=False)
+class FrameResults:
+    """The results of :meth:`FrameClassifier.classify`, in input order: per model key a
+    :class:`~engine.postprocess.Classified` (``probabilities`` (n, classes) float32,
+    ``index`` (n,) label indices, ``labels`` the label names), and each frame's
+    (height, width) in ``sizes`` (n, 2)."""
+
+    models: tuple["ResolvedModel", ...]
+    sizes: np.ndarray
+    outputs: Mapping[str, Classified]
+
+    def __len__(self) -> int:
+        return int(len(self.sizes))
+
+    def __getitem__(self, key: str) -> Classified:
+        return self.outputs[key]
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.outputs)
+
+    @classmethod
+    def concat(cls, models: Sequence["ResolvedModel"], parts: Sequence[tuple[Sequence[tuple[int, int]], Mapping[str, Classified]]]) -> "FrameResults":
+        sizes = np.array([s for part_sizes, _ in parts for s in part_sizes], dtype=np.int64).reshape(-1, 2)
+        outputs = {}
+        for m in models:
+            key, classes = m.spec.key, m.spec.num_classes
+            chunks = [out[key] for _, out in parts]
+            outputs[key] = Classified(
+                np.concatenate([c.probabilities for c in chunks]) if chunks else np.zeros((0, classes), np.float32),
+                np.concatenate([c.index for c in chunks]) if chunks else np.zeros((0,), np.int64),
+                tuple(label for c in chunks for label in c.labels),
+            )
+        return cls(tuple(models), sizes, outputs)
+
+    def to_polars(self) -> "pl.DataFrame":
+        """One row per frame with `engine run`'s columns for these models (its row code),
+        ``frame`` (the input index, Int64) in place of ``path``; ``error`` is always null
+        (a bad frame raises instead)."""
+        import polars as pl
+
+        from engine.preprocess.result import PreprocessResult
+        from engine.runner import _Batch, _rows, result_schema
+
+        schema = dict(result_schema(self.models))
+        schema["path"] = pl.Int64  # renamed below: the runner's rows fill "path"
+        n = len(self)
+        batch = _Batch(paths=list(range(n)), payload=None, read_errors={},
+                       result=PreprocessResult(ok=list(range(n)), views={}, sizes=[tuple(s) for s in self.sizes.tolist()]))
+        return _rows(batch, self.models, dict(self.outputs), schema).rename({"path": "frame"})
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+@dataclass
+class _FrameBatch:
+    """What StreamedInference reads (``payload``) and fills in (``result``)."""
+
+    payload: list[Frame] | None
+    result: Any = None
+
+
+def _gpu_plan(models: Sequence["ResolvedModel"], choices: Sequence[Any], precision: str, gpu_backend: str,
+              cache_dir: Path, batch_size: int):
+    """The GPU path's :class:`~engine.gpu_path.PathPlan` for these models, or EngineError."""
+    from engine.gpu_path import GPU_BACKENDS, PathPlan, gpu_problem, lookup_engines, torch_backend_problem
+
+    if gpu_backend not in GPU_BACKENDS:
+        raise EngineError(f"gpu_backend must be one of {', '.join(GPU_BACKENDS)}, got {gpu_backend!r}")
+    problem = gpu_problem(gpu_backend)
+    engines: dict = {}
+    if problem is None and gpu_backend == "torch":
+        problem = torch_backend_problem(models, choices, precision)
+        if problem is not None:
+            problem += " (FrameClassifier: pass sources=[ModelSource(checkpoint=...), ...])"
+    if problem is None and gpu_backend == "tensorrt":
+        from builders.trt_build import TensorRTUnavailable, detect_target, import_tensorrt
+
+        try:
+            target = detect_target(import_tensorrt())
+        except TensorRTUnavailable as exc:
+            problem = exc.reason
+        else:
+            engines, problem = lookup_engines(models, precision, target, cache_dir, batch_size)
+            if problem is not None:
+                problem += f"; build them with `engine build --precision {precision} --cache-dir {cache_dir}` and these models' options"
+    if problem is not None:
+        raise EngineError(f"FrameClassifier(device='gpu'): {problem}")
+    return PathPlan("gpu", "device='gpu'", precision, gpu_backend, engines)
+
+
+class FrameClassifier:
+    """Classifies frames held as arrays with ``models`` (resolved models, one per task;
+    see the module docstring for the frames accepted and the paths).
+
+    ``batch_size``: frames per batch (and the device buffers' rows); ``precision``: fp32,
+    fp16 or int8 (int8 on the CPU needs ``calib_dir``); ``threads``: ONNX Runtime's
+    (default: every core); ``channel_order``: of the 3- and 4-channel frames;
+    ``streamed``: on the CPU, run the GPU path's streamed loop on the host device;
+    ``gpu_backend``: TensorRT engines (built by `engine build` into ``cache_dir``) or
+    PyTorch on CUDA (``"torch"``: random weights, or checkpoints named by ``sources``,
+    one :class:`~engine.models.ModelSource` per model); ``cache_dir``: the model cache
+    (prepared fp16/int8 graphs, engines; default :func:`engine.models.default_cache_dir`).
+
+    Everything is opened in the constructor and released by :meth:`close` (idempotent;
+    also on leaving a ``with`` block).
+    """
+
+    def __init__(
+        self,
+        models: Sequence["ResolvedModel"],
+        *,
+        device: DeviceChoice = "cpu",
+        batch_size: int = 16,
+        precision: str = "fp32",
+        threads: int | None = None,
+        channel_order: Literal["rgb", "bgr"] = "rgb",
+        gpu_backend: GpuBackend = "tensorrt",
+        streamed: bool = False,
+        cache_dir: Path | None = None,
+        calib_dir: Path | None = None,
+        sources: Sequence["ModelSource"] | None = None,
+    ) -> None:
+        self._models = tuple(models)
+        if not self._models:
+            raise EngineError("FrameClassifier needs at least one model")
+        tasks = [m.spec.task for m in self._models]
+        if len(set(tasks)) != len(tasks):
+            raise EngineError("FrameClassifier runs one model per task (the results' columns are named by task)")
+        if device not in ("cpu", "gpu"):
+            raise EngineError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+            raise EngineError(f"batch size must be an integer between 1 and {MAX_BATCH}, got {batch_size!r}")
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        channel_order = getattr(channel_order, "value", channel_order)
+        if channel_order not in ("rgb", "bgr"):
+            raise EngineError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        if sources is not None and len(sources) != len(self._models):
+            raise EngineError(f"sources: one ModelSource per model ({len(self._models)}), got {len(sources)}")
+        from engine.models import default_cache_dir
+
+        self.device = device
+        self.batch_size = batch_size
+        self.precision = precision
+        self.channel_order = channel_order
+        self.streamed = device == "gpu" or bool(streamed)
+        self.views = tuple(FrameView.of(m, channel_order) for m in self._models)
+        self._threads = threads or os.cpu_count() or 1
+        self._cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self._calib_dir = calib_dir
+        self._stack = ExitStack()
+        self._backends: dict[str, Any] = {}  # the plain CPU path's OrtBackends
+        self._executor: StreamedExecutor | None = None
+        self._producer: FrameProducer | None = None
+        self._closed = False
+        self.backend = ""
+        started = time.perf_counter()
+        try:
+            if device == "gpu":
+                self._open_gpu(gpu_backend, sources)
+            elif self.streamed:
+                self._open_host_streamed()
+            else:
+                self._backends = {m.spec.key: self._stack.enter_context(self._cpu_backend(m)) for m in self._models}
+                providers = "/".join(next(iter(self._backends.values())).providers)
+                self.backend = f"onnxruntime {providers}, NumPy reference preprocessing"
+        except BaseException:
+            self._stack.close()
+            raise
+        log.info("frame classifier ready in %.2f s: %s, %s, batch %d", time.perf_counter() - started,
+                 ", ".join(m.spec.key for m in self._models), self.backend, batch_size)
+
+    # set-up -------------------------------------------------------------------------
+
+    def _cpu_backend(self, model: "ResolvedModel"):
+        from engine.runner import open_cpu_backend
+
+        return open_cpu_backend(model, self.precision, threads=self._threads, cache_dir=self._cache_dir,
+                                calib_dir=self._calib_dir)
+
+    def _open_streamed(self, device: "Device", backends: Mapping[str, Any], launcher: Launcher) -> None:
+        from engine.executor import ExecutorConfig, StreamedExecutor
+
+        views = [(view, backends[view.key].inputs[0].dtype) for view in self.views]
+        self._producer = self._stack.enter_context(FrameProducer(device, views, self.batch_size, launcher))
+        self._executor = self._stack.enter_context(StreamedExecutor(backends, device, ExecutorConfig(self.batch_size)))
+
+    def _open_host_streamed(self) -> None:
+        from engine.executor import HostBackend, HostDevice
+
+        device = self._stack.enter_context(HostDevice())
+        backends = {
+            m.spec.key: HostBackend(self._stack.enter_context(self._cpu_backend(m)), max_batch=self.batch_size)
+            for m in self._models
+        }
+        launcher = self._stack.enter_context(ReferenceLauncher())
+        self._open_streamed(device, backends, launcher)
+        self.backend = f"streamed executor on the host device ({next(iter(backends.values())).name}, NumPy reference preprocessing)"
+
+    def _open_gpu(self, gpu_backend: str, sources: Sequence["ModelSource"] | None) -> None:
+        from engine.gpu import CudaDevice
+        from engine.gpu_path import open_gpu_backends
+        from engine.models import ModelChoice, ModelSource
+
+        if sources is None:
+            sources = [ModelSource(random_weights=m.is_random) for m in self._models]
+        choices = [ModelChoice(m.spec.task, m.spec.variant, s) for m, s in zip(self._models, sources)]
+        plan = _gpu_plan(self._models, choices, self.precision, gpu_backend, self._cache_dir, self.batch_size)
+        device = self._stack.enter_context(CudaDevice(0))  # the context everything below lives in
+        backends = open_gpu_backends(plan, self._models, choices, self.batch_size, self._stack)
+        launcher = self._stack.enter_context(KernelLauncher())
+        self._open_streamed(device, backends, launcher)
+        what = "TensorRT" if gpu_backend == "tensorrt" else "torch-cuda"
+        self.backend = f"{what} {self.precision} (streamed executor, preprocessing kernel on {device.name})"
+
+    # lifetime -----------------------------------------------------------------------
+
+    def __enter__(self) -> "FrameClassifier":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # keep the error on its way out; report a cleanup failure beside it
+            self.close()
+        except Exception as cleanup:
+            log.error("while closing the frame classifier after %s: %s", exc_type.__name__, cleanup)
+
+    def close(self) -> None:
+        """Release everything (executor, producer, backends, device, in that order). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor = self._producer = None
+        self._backends = {}
+        self._stack.close()
+
+    @property
+    def models(self) -> tuple["ResolvedModel", ...]:
+        return self._models
+
+    @property
+    def producer_stats(self) -> ProducerStats | None:
+        """The streamed paths' staging accounting (None on the plain CPU path)."""
+        return self._producer.stats if self._producer is not None else None
+
+    @property
+    def executor(self) -> "StreamedExecutor | None":
+        return self._executor
+
+    # work ---------------------------------------------------------------------------
+
+    def classify(self, frames: Iterable[np.ndarray]) -> FrameResults:
+        """Classify ``frames`` (any iterable; consumed one batch at a time) in order."""
+        if self._closed:
+            raise RuntimeError("frame classifier is closed")
+        batches = frame_batches(frames, self.views, self.batch_size, self.channel_order)
+        parts = self._run_streamed(batches) if self._executor is not None else [self._run_cpu(b) for b in batches]
+        return FrameResults.concat(self._models, parts)
+
+    def _run_cpu(self, batch: list[Frame]) -> tuple[list[tuple[int, int]], dict[str, Classified]]:
+        outputs = {}
+        for v, (view, m) in enumerate(zip(self.views, self._models)):
+            size = view.preprocess.size
+            x = np.empty((len(batch), 3, size, size), np.float32)
+            for j, frame in enumerate(batch):
+                x[j] = reference_view(frame, v, view)
+            raw = self._backends[view.key].run(x)
+            outputs[view.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
+        return [(f.height, f.width) for f in batch], outputs
+
+    def _run_streamed(self, batches: Iterator[list[Frame]]) -> list[tuple[list[tuple[int, int]], dict[str, Classified]]]:
+        from engine.streamed_run import StreamedInference
+
+        inference = StreamedInference(self._models, self._executor, self._producer, backend=self.backend)
+        parts = []
+        try:
+            for batch, outputs in inference.batches(_FrameBatch(b) for b in batches):
+                parts.append((list(batch.result.sizes), outputs))
+        except BaseException:
+            # A bad frame (or a failure) mid-run: wait for what is queued, so the
+            # producer's buffers and the executor's slots are free for the next call.
+            try:
+                self._executor.drain()
+            except Exception as exc:
+                log.error("while draining the executor after an error: %s", exc)
+            raise
+        return parts

@@ -1,0 +1,470 @@
+"""engine.frames: classifying frames handed in as arrays.
+
+* the CPU path against ONNX Runtime run by the test on the kernel reference's views,
+  frame by frame (mixed sizes, grey, RGBA per alpha mode, BGR, strided);
+* against `engine run` on the same images saved as PNG (DALI's resize there, the
+  kernel's here: a measured bound, printed);
+* the streamed loop (FrameProducer + StreamedExecutor on the host device) against the
+  plain CPU path, partial batches and batches of one included;
+* bad frames: InputError naming the frame, before any work for its batch;
+* the GPU path (``gpu`` marker, PyTorch backend) against the CPU path: NOT RUN YET.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import engine.frames as frames_mod
+from engine.backends.onnxruntime import OrtBackend
+from engine.errors import EngineError, InputError
+from engine.executor import HostDevice
+from engine.frames import FrameClassifier, FrameProducer, FrameView, ReferenceLauncher, frame_batches, reference_view
+from engine.postprocess import classify
+from engine.specs import AlphaMode
+from kernels.reference import Normalise, ResizeCrop, preprocess_reference
+
+GENDER, QUALITY = "gender/alpha", "quality/baseline"
+SIZES = [(48, 64), (100, 37), (224, 300), (31, 31), (80, 120), (60, 50), (70, 70)]
+
+
+def _picture(h: int, w: int, channels: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise (a resize of pure noise says little about a real one)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) * 255 // (w + h)], -1)
+    img = np.clip(base + rng.integers(-25, 25, base.shape), 0, 255).astype(np.uint8)
+    if channels == 1:
+        return np.ascontiguousarray(img[..., 1])
+    if channels == 4:
+        alpha = np.clip((xx * 511 // max(w - 1, 1)) - 128 + rng.integers(-10, 10, (h, w)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.dstack([img, alpha]))
+    return img
+
+
+def _mixed_frames(seed: int = 0) -> list[np.ndarray]:
+    out = [_picture(h, w, 3, seed + i) for i, (h, w) in enumerate(SIZES)]
+    out.append(_picture(50, 80, 1, seed + 20))  # grey
+    out.append(_picture(60, 66, 4, seed + 21))  # RGBA
+    return out
+
+
+def _with_alpha(model, mode: AlphaMode):
+    pre = dataclasses.replace(model.spec.preprocess, alpha=mode)
+    return dataclasses.replace(model, spec=dataclasses.replace(model.spec, preprocess=pre))
+
+
+def _rgb_in_test(frame: np.ndarray, order: str, alpha: AlphaMode) -> np.ndarray:
+    """The RGB image the model should see, worked out here (not with engine code)."""
+    if frame.ndim == 2:
+        return np.repeat(frame[:, :, None], 3, axis=2)
+    colour = frame[:, :, :3]
+    if order == "bgr":
+        colour = colour[:, :, ::-1]
+    if frame.shape[2] == 3 or alpha is AlphaMode.DROP:
+        return np.ascontiguousarray(colour)
+    a = frame[:, :, 3:].astype(np.float32) / np.float32(255)
+    bg = np.float32(255 if alpha is AlphaMode.WHITE else 0)
+    return np.clip(np.rint(colour.astype(np.float32) * a + bg * (np.float32(1) - a)), 0, 255).astype(np.uint8)
+
+
+def _expected_one_by_one(model, frames, order: str):
+    """ONNX Runtime on each frame's reference view, one frame at a time."""
+    pre = model.spec.preprocess
+    norm = Normalise.from_preprocess(pre)
+    probs, labels = [], []
+    with OrtBackend(model.onnx_path, model.info.input, model.info.output, threads=2) as ort:
+        for f in frames:
+            rgb = _rgb_in_test(f, order, pre.alpha)
+            x = preprocess_reference(rgb, ResizeCrop.from_preprocess(pre, *rgb.shape[:2]), norm)
+            c = classify(ort.run(x[None]), model.output_kind, model.spec.labels, model.spec.key)
+            probs.append(c.probabilities[0])
+            labels.append(c.labels[0])
+    return np.stack(probs), labels
+
+
+def _classify(models, frames, **kw):
+    with FrameClassifier(models, threads=2, **kw) as fc:
+        return fc.classify(frames)
+
+
+# --------------------------------------------------------------------------- CPU path vs reference
+
+
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+@pytest.mark.parametrize("alpha", [AlphaMode.DROP, AlphaMode.WHITE, AlphaMode.BLACK])
+def test_cpu_path_equals_onnxruntime_on_reference_views_per_frame(random_models, model_cache_dir, order, alpha):
+    model = _with_alpha(random_models[GENDER], alpha)
+    frames = _mixed_frames()
+    if order == "bgr":  # the same pictures handed in as BGR(A): the results must not change
+        frames = [f if f.ndim == 2 else np.ascontiguousarray(np.concatenate([f[..., 2::-1], f[..., 3:]], axis=2))
+                  for f in frames]
+    res = _classify([model], frames, batch_size=4, channel_order=order, cache_dir=model_cache_dir)
+    want, labels = _expected_one_by_one(model, frames, order)
+    got = res[GENDER]
+    assert len(res) == len(frames) and got.probabilities.shape == (len(frames), 2)
+    assert got.probabilities.dtype == np.float32
+    assert res.sizes.tolist() == [list(f.shape[:2]) for f in frames]
+    diff = np.abs(got.probabilities - want).max()
+    print(f"{order} {alpha.value}: batched vs one by one, max |dp| {diff:.2e}")
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-6, rtol=0)
+    assert list(got.labels) == labels
+    assert got.index.tolist() == [model.spec.labels.index(label) for label in labels]
+
+
+def test_alpha_modes_and_channel_order_change_the_view():
+    """The properties above are not vacuous: compositing and the swap reach the view."""
+    rgba = _picture(40, 52, 4, 3)
+
+    class _M:  # what FrameView.of reads of a ResolvedModel
+        def __init__(self, pre):
+            self.spec = type("S", (), {"preprocess": pre, "key": "m"})()
+
+    from engine.specs import SpecRegistry
+
+    pre = SpecRegistry.builtin().get("gender").preprocess
+    views = {mode: FrameView.of(_M(dataclasses.replace(pre, alpha=mode)), "rgb") for mode in AlphaMode}
+    out = {}
+    for mode, view in views.items():
+        (batch,) = frame_batches([rgba], [view], 4)
+        out[mode] = reference_view(batch[0], 0, view)
+    assert np.abs(out[AlphaMode.WHITE] - out[AlphaMode.BLACK]).max() > 0.5
+    assert np.abs(out[AlphaMode.DROP] - out[AlphaMode.BLACK]).max() > 0.5
+    bgr_view = FrameView.of(_M(pre), "bgr")
+    (batch,) = frame_batches([rgba[..., :3]], [bgr_view], 4)
+    swapped = reference_view(batch[0], 0, bgr_view)
+    np.testing.assert_allclose(swapped, out[AlphaMode.DROP][::-1], atol=1e-6)
+
+
+def test_strided_frames_give_the_results_of_their_contiguous_copies(random_models, model_cache_dir):
+    model = random_models[GENDER]
+    big = _picture(120, 160, 4, 7)
+    strided = [big[::2, ::3, :3], big[10:90, 20:100, :3], np.asfortranarray(big[..., :3]), big[:, ::2, 1], big[::-1, :, :]]
+    assert not any(f.flags.c_contiguous for f in strided)
+    a = _classify([model], strided, batch_size=8, cache_dir=model_cache_dir)
+    b = _classify([model], [np.ascontiguousarray(f) for f in strided], batch_size=8, cache_dir=model_cache_dir)
+    np.testing.assert_array_equal(a[GENDER].probabilities, b[GENDER].probabilities)
+
+
+def test_composite_is_the_dali_graphs_alpha_rule_on_every_value_pair():
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    from engine.preprocess.dali_pipeline import _composite
+    from engine.preprocess.decode import composite
+
+    v, a = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    rgba = np.stack([v, 255 - v, v, a], -1)
+    for mode in (AlphaMode.WHITE, AlphaMode.BLACK):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            x = fn.external_source(source=lambda: [rgba], dtype=types.UINT8, ndim=3, layout="HWC", batch=True)
+            return _composite(x, mode)
+
+        p = pipe()
+        p.build()
+        dali = np.array(p.run()[0].as_array()[0])
+        np.testing.assert_array_equal(composite(rgba[..., :3], rgba[..., 3], mode), dali)
+    assert composite(rgba[..., :3], rgba[..., 3], AlphaMode.DROP) is not None
+
+
+# --------------------------------------------------------------------------- vs engine run
+
+
+def _engine_run(folder, out, cache, tasks, batch_size=4):
+    import polars as pl
+
+    from engine.models import ModelSource
+    from engine.runner import ModelChoice, RunConfig, run
+
+    source = ModelSource(random_weights=True, download=False)
+    config = RunConfig(input=folder, out=out, models=tuple(ModelChoice(t, None, source) for t in tasks),
+                       cache_dir=cache, batch_size=batch_size, device="cpu", progress=False, threads=2)
+    summary = run(config)
+    return pl.read_parquet(out).sort("path"), summary
+
+
+def _compare_with_run(res, run_df, names):
+    """Row i of ``res`` is the file names[i]; same columns (frame for path), labels may
+    differ only where the probabilities are near a tie."""
+    df = res.to_polars()
+    assert df.columns[0] == "frame" and run_df.columns[0] == "path"
+    assert df.columns[1:] == run_df.columns[1:]
+    assert df.dtypes[1:] == run_df.dtypes[1:]
+    assert [Path(p).name for p in run_df["path"]] == names  # sorted by path: the frames' order
+    assert df["frame"].to_list() == list(range(len(names)))
+    assert df["error"].null_count() == len(df) and run_df["error"].null_count() == len(df)
+    assert df.select("width", "height").equals(run_df.select("width", "height"))
+    for c in [c for c in df.columns if c.endswith(("_model", "_weights"))]:
+        assert df[c].to_list() == run_df[c].to_list()
+    probs = [c for c in df.columns if "_p_" in c]
+    diff = np.abs(df.select(probs).to_numpy() - run_df.select(probs).to_numpy())
+    return df, run_df, diff
+
+
+def test_gender_frames_match_engine_run_rows_on_the_same_pngs(tmp_path, random_models, model_cache_dir, capsys):
+    from engine.specs import Task
+
+    model = random_models[GENDER]
+    frames = _mixed_frames(5) + [_picture(360, 640, 3, 40), _picture(720, 1280, 3, 41)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = []
+    for i, f in enumerate(frames):
+        names.append(f"f{i:02d}.png")
+        Image.fromarray(f).save(folder / names[-1])  # lossless: the run decodes these exact pixels
+    res = _classify([model], frames, batch_size=4, cache_dir=model_cache_dir)
+    run_df, _ = _engine_run(folder, tmp_path / "run.parquet", model_cache_dir, [Task.GENDER])
+    df, run_df, diff = _compare_with_run(res, run_df, names)
+    # Where it comes from: the views themselves (DALI's Lanczos3 vs the kernel's OpenCV
+    # Lanczos4), in grey levels (this spec has mean 0, std 1).
+    from engine.preprocess import DaliPreprocessor
+
+    view = FrameView.of(model, "rgb")
+    with DaliPreprocessor(views=[(GENDER, model.spec.preprocess)], max_batch=len(frames), num_threads=2) as pre:
+        dali = pre.process([(folder / n).read_bytes() for n in names]).views[GENDER]
+    (batch,) = frame_batches(frames, [view], len(frames))
+    grey = 255 * np.abs(np.stack([reference_view(f, 0, view) for f in batch]) - dali)
+    with capsys.disabled():
+        print(f"\n[frames vs engine run, {GENDER}] max |dp| {diff.max():.5f}, mean {diff.mean():.5f} over {len(frames)} "
+              f"frames; views differ by {grey.mean():.3f} grey levels on average, {grey.max():.2f} at most")
+    assert diff.max() < 0.005
+    assert grey.mean() < 1.5 and grey.max() < 16
+    # The bound is not vacuous: the random model's outputs move by much more across frames.
+    assert np.ptp(df["gender_p_male"].to_numpy()) > 4 * diff.max()
+
+
+def test_both_models_match_the_reference_and_engine_run(tmp_path, random_models, model_cache_dir, capsys):
+    """The 384 caformer once, on three small frames (RGB, grey, RGBA: composited on
+    white for quality, alpha dropped for gender), against both references."""
+    from engine.specs import Task
+
+    models = [random_models[GENDER], random_models[QUALITY]]
+    frames = [_picture(90, 120, 3, 50), _picture(64, 48, 1, 51), _picture(72, 72, 4, 52)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [f"f{i}.png" for i in range(len(frames))]
+    for n, f in zip(names, frames):
+        Image.fromarray(f).save(folder / n)
+    res = _classify(models, frames, batch_size=2, cache_dir=model_cache_dir)
+    for m in models:
+        want, labels = _expected_one_by_one(m, frames, "rgb")
+        np.testing.assert_allclose(res[m.spec.key].probabilities, want, atol=1e-5, rtol=0)
+        assert list(res[m.spec.key].labels) == labels
+    run_df, _ = _engine_run(folder, tmp_path / "run.parquet", model_cache_dir, [Task.GENDER, Task.QUALITY], 2)
+    _, _, diff = _compare_with_run(res, run_df, names)
+    with capsys.disabled():
+        print(f"\n[frames vs engine run, both models] max |dp| {diff.max():.5f}, mean {diff.mean():.5f}")
+    assert diff.max() < 0.005
+
+
+# --------------------------------------------------------------------------- streamed on the host device
+
+
+@pytest.mark.parametrize("batch_size,n", [(3, 10), (1, 3), (4, 4)])
+def test_streamed_host_path_equals_the_plain_cpu_path(random_models, model_cache_dir, batch_size, n):
+    """10 frames in batches of 3: a partial last batch of 1, padded through the lanes'
+    captured "graph"; batches of one; one exact full batch."""
+    model = random_models[GENDER]
+    frames = (_mixed_frames(9) * 2)[:n]
+    plain = _classify([model], frames, batch_size=batch_size, cache_dir=model_cache_dir)
+    with FrameClassifier([model], batch_size=batch_size, streamed=True, threads=2, cache_dir=model_cache_dir) as fc:
+        streamed = fc.classify(frames)
+        stats = fc.executor.stats[GENDER]
+        assert stats.batches == -(-n // batch_size) and stats.images == n
+        assert fc.producer_stats.frames == n
+    np.testing.assert_allclose(streamed[GENDER].probabilities, plain[GENDER].probabilities, atol=1e-5, rtol=0)
+    assert streamed[GENDER].labels == plain[GENDER].labels
+    np.testing.assert_array_equal(streamed.sizes, plain.sizes)
+
+
+def test_streamed_path_reuses_its_buffers_and_survives_a_bad_frame(random_models, model_cache_dir):
+    model = random_models[GENDER]
+    frames = _mixed_frames(11)
+    with FrameClassifier([model], batch_size=4, streamed=True, threads=2, cache_dir=model_cache_dir) as fc:
+        first = fc.classify(frames)
+        allocations = fc.executor.allocations
+        staging = fc.producer_stats.staging_allocations
+        with pytest.raises(InputError, match=r"^frame 5: "):
+            fc.classify(frames[:5] + [frames[0].astype(np.float32)] + frames[6:])
+        again = fc.classify(frames)
+        assert fc.executor.allocations == allocations  # nothing allocated per batch
+        assert fc.producer_stats.staging_allocations == staging
+    np.testing.assert_array_equal(again[GENDER].probabilities, first[GENDER].probabilities)
+
+
+def test_producer_on_the_host_device_writes_the_reference_views_and_grows_staging_only_when_needed():
+    from engine.specs import SpecRegistry
+
+    reg = SpecRegistry.builtin()
+    models = [type("M", (), {"spec": reg.get(t)})() for t in ("gender", "quality")]
+    views = [FrameView.of(m, "rgb") for m in models]
+    small = [_picture(40, 30, 3, 1), _picture(20, 20, 4, 2), _picture(33, 17, 1, 3)]
+    big = [_picture(200, 150, 3, 4)]
+    with HostDevice() as dev:
+        producer = FrameProducer(dev, [(views[0], np.float32), (views[1], np.float16)], 4, ReferenceLauncher())
+        base = dev.allocations
+        for batch_frames, allocations in ((small, 1), (small[:1], 1), (big, 2), (small, 2)):
+            (batch,) = frame_batches(batch_frames, views, 4)
+            produced = producer(batch)
+            dev.synchronize_stream(producer.stream)
+            assert producer.stats.staging_allocations == allocations
+            assert dev.allocations == base + 2 * allocations  # a pinned and a device buffer each time
+            assert produced.ok == tuple(range(len(batch))) and produced.cuda_stream is producer.stream
+            assert produced.sizes == tuple(f.shape[:2] for f in batch_frames)
+            for v, view in enumerate(views):
+                dv = produced.views[view.key]
+                assert dv.shape == (len(batch), 3, view.preprocess.size, view.preprocess.size)
+                got = dv.tensors.array[: len(batch)]
+                want = np.stack([reference_view(f, v, view, dv.dtype) for f in batch])
+                np.testing.assert_array_equal(got, want)
+        assert producer.stats.staging_bytes >= 200 * 150 * 3
+        producer.close()
+        producer.close()
+        with pytest.raises(RuntimeError):
+            producer(batch)
+
+
+def test_producer_refuses_a_dtype_the_kernel_cannot_write():
+    from engine.specs import SpecRegistry
+
+    view = FrameView.of(type("M", (), {"spec": SpecRegistry.builtin().get("gender")})(), "rgb")
+    with HostDevice() as dev, pytest.raises(EngineError, match="float32 or float16"):
+        FrameProducer(dev, [(view, np.int8)], 2, ReferenceLauncher())
+
+
+# --------------------------------------------------------------------------- bad frames and options
+
+
+BAD_FRAMES = [
+    (np.zeros((8, 8, 3), np.float32), "float32 array of shape (8, 8, 3): the pixels must be uint8 (0-255)"),
+    (np.zeros((8, 8, 3), np.uint16), "uint16 array of shape (8, 8, 3): the pixels must be uint8"),
+    ([[0, 1], [2, 3]], "expected a numpy array, got list"),
+    (None, "expected a numpy array, got NoneType"),
+    (np.zeros((8, 8, 2), np.uint8), "shape (8, 8, 2): expected (H, W, 3) RGB, (H, W) grey or (H, W, 4) RGBA"),
+    (np.zeros((8, 8, 1), np.uint8), "uint8 array of shape (8, 8, 1): expected"),
+    (np.zeros((2, 8, 8, 3), np.uint8), "shape (2, 8, 8, 3): expected"),
+    (np.zeros(8, np.uint8), "shape (8,): expected"),
+    (np.zeros((0, 8, 3), np.uint8), "uint8 array of shape (0, 8, 3) has no pixels"),
+    (np.zeros((8, 0), np.uint8), "shape (8, 0) has no pixels"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_FRAMES)
+def test_a_bad_frame_raises_input_error_naming_it_before_work_on_its_batch(random_models, model_cache_dir, monkeypatch,
+                                                                           bad, message):
+    model = random_models[GENDER]
+    calls = []
+    real = frames_mod.preprocess_reference
+    monkeypatch.setattr(frames_mod, "preprocess_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    good = [_picture(20, 30, 3, i) for i in range(5)]
+    with FrameClassifier([model], batch_size=3, threads=2, cache_dir=model_cache_dir) as fc:
+        with pytest.raises(InputError, match=rf"^frame 4: .*{re.escape(message)}") as info:
+            fc.classify(good[:4] + [bad] + good[4:])
+        assert "\n" not in str(info.value)
+        assert len(calls) == 3  # the first batch only; nothing of the batch holding frame 4
+        assert len(fc.classify(good)) == 5  # still usable
+
+
+def test_bgr_classifier_names_bgr_in_its_shape_message(random_models, model_cache_dir):
+    with FrameClassifier([random_models[GENDER]], channel_order="bgr", threads=2, cache_dir=model_cache_dir) as fc:
+        with pytest.raises(InputError, match=r"^frame 0: .*" + re.escape("(H, W, 3) BGR, (H, W) grey or (H, W, 4) BGRA")):
+            fc.classify([np.zeros((4, 4, 5), np.uint8)])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"device": "tpu"}, "device must be"),
+    ({"batch_size": 0}, "batch size"),
+    ({"batch_size": True}, "batch size"),
+    ({"precision": "fp8"}, "precision"),
+    ({"channel_order": "rgba"}, "channel_order"),
+])
+def test_bad_options_are_refused_in_one_line(random_models, model_cache_dir, kwargs, message):
+    with pytest.raises(EngineError, match=message):
+        FrameClassifier([random_models[GENDER]], cache_dir=model_cache_dir, **kwargs)
+
+
+def test_one_model_per_task_and_at_least_one(random_models):
+    with pytest.raises(EngineError, match="at least one model"):
+        FrameClassifier([])
+    with pytest.raises(EngineError, match="one model per task"):
+        FrameClassifier([random_models[GENDER], random_models[GENDER]])
+
+
+def test_empty_input_close_and_reuse(random_models, model_cache_dir):
+    model = random_models[GENDER]
+    fc = FrameClassifier([model], threads=2, cache_dir=model_cache_dir)
+    res = fc.classify(iter(()))
+    assert len(res) == 0 and res[GENDER].probabilities.shape == (0, 2) and res.sizes.shape == (0, 2)
+    assert res.to_polars().height == 0
+    fc.close()
+    fc.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        fc.classify([_picture(8, 8, 3, 0)])
+
+
+def test_the_gpu_side_imports_neither_polars_nor_cuda_packages_until_it_opens():
+    """Importing engine.frames loads no polars/pycuda/torch/tensorrt/DALI; asking for the GPU
+    path with polars made unimportable gets as far as the GPU check (this machine has no
+    GPU) and says why, in one line."""
+    code = (
+        "import sys\n"
+        "sys.modules['polars'] = None\n"
+        "import engine.frames as f\n"
+        "heavy = [m for m in ('polars', 'pycuda', 'torch', 'tensorrt', 'nvidia.dali') if sys.modules.get(m)]\n"
+        "assert not heavy, heavy\n"
+        "import engine.streamed_run, engine.preprocess.dali_pipeline, engine.gpu_path, engine.gpu, builders.manifest\n"
+        "heavy = [m for m in ('polars', 'pycuda', 'torch', 'tensorrt', 'nvidia.dali') if sys.modules.get(m)]\n"
+        "assert not heavy, heavy\n"
+        "from engine.specs import SpecRegistry\n"
+        "m = type('M', (), {'spec': SpecRegistry.builtin().get('gender'), 'is_random': True})()\n"
+        "try:\n"
+        "    f.FrameClassifier([m], device='gpu', gpu_backend='torch')\n"
+        "except f.EngineError as exc:\n"
+        "    print('REFUSED', exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from engine.gpu import cuda_absent_reason
+
+    if cuda_absent_reason() is not None:
+        assert "REFUSED FrameClassifier(device='gpu'): no GPU" in proc.stdout
+
+
+# --------------------------------------------------------------------------- GPU (not run yet)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,bound", [("fp32", 1e-3), ("fp16", 2e-2)])
+def test_gpu_path_with_the_torch_backend_matches_the_cpu_path(random_models, model_cache_dir, precision, bound, capsys):
+    """FrameProducer with the CUDA kernel, StreamedExecutor on CudaDevice, PyTorch on the
+    slot streams; a partial last batch. The kernel's own error against the reference is
+    bounded in tests/kernels/test_gpu_kernels.py; this bound covers that and PyTorch vs
+    ONNX Runtime (fp32) or fp16 autocast (fp16) through random-weight models."""
+    pytest.importorskip("pycuda")
+    pytest.importorskip("torch")
+    models = [random_models[GENDER], random_models[QUALITY]]
+    frames = _mixed_frames(30)[:5] + [_picture(360, 640, 3, 31)]
+    cpu = _classify(models, frames, batch_size=4, cache_dir=model_cache_dir)
+    with FrameClassifier(models, device="gpu", gpu_backend="torch", precision=precision, batch_size=4,
+                         cache_dir=model_cache_dir) as fc:
+        gpu = fc.classify(frames)
+        staging = fc.producer_stats.staging_allocations
+        again = fc.classify(frames)
+        assert fc.producer_stats.staging_allocations == staging  # sized by the largest batch, once
+    for m in models:
+        key = m.spec.key
+        diff = np.abs(gpu[key].probabilities - cpu[key].probabilities).max()
+        with capsys.disabled():
+            print(f"\n[GPU frames ({precision}) vs CPU frames, {key}] max |dp| {diff:.2e}")
+        assert diff < bound
+        np.testing.assert_allclose(again[key].probabilities, gpu[key].probabilities, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(gpu.sizes, cpu.sizes)
