@@ -94,13 +94,13 @@ core() {
     [[ -d .carry/01 ]] && find .carry/01 -maxdepth 1 -type f -exec mv {} .stash/ \;
     if install_core; then
         pytest_gpu kernels 90 tests/kernels
-        pytest_gpu executor 150 tests/engine/test_executor.py tests/engine/test_gpu_backends.py
+        pytest_gpu executor 180 tests/engine/test_executor.py tests/engine/test_gpu_backends.py tests/engine/test_frames.py
         step overlap 120 "$PY" "$KIT/overlap.py" "$OUT"
     else
         note "core: no pycuda, so no kernel, executor or overlap checks; the PyTorch reference still runs"
     fi
     step torch_reference 120 "$PY" -m benchmarks run --device cuda --pipeline reference --frames 16 --crops 16 \
-        --batch-size 16 --repeats 3 --warmup-batches 1 --rounds 1 --no-plot --no-engine-run --out /tmp/gpu_ref
+        --batch-size 16 --repeats 3 --warmup-batches 1 --rounds 1 --workers 4 --no-plot --no-engine-run --out /tmp/gpu_ref
     [[ -f /tmp/gpu_ref/results.json ]] && cp /tmp/gpu_ref/results.json "$OUT/reference.json"
     table
 }
