@@ -115,6 +115,17 @@ def _fixture_wheels(tmp_path: Path) -> tuple[list[Path], list[Path], dict[str, b
     return [dali, polars], core, expected
 
 
+def stash_groups(groups, stash: Path) -> Path:
+    """What the GPU side does with the carried groups (run.sh stash): every file but
+    core's lands in one stash folder."""
+    stash.mkdir()
+    for g in groups:
+        for f in g.files:
+            if f.parent.name != "core":
+                f.rename(stash / f.name)
+    return stash
+
+
 def test_pack_groups_then_unpack_gives_back_the_trimmed_tree(tmp_path):
     full, core, expected = _fixture_wheels(tmp_path)
     staging = tmp_path / "staging"
@@ -134,13 +145,7 @@ def test_pack_groups_then_unpack_gives_back_the_trimmed_tree(tmp_path):
     assert {"mako-1.4.3-py3-none-any.whl", "pycuda-2026.1.tar.gz", "full.sha256", "full.tar.xz.part-00"} == first
     assert all(len(g.files) == 1 for g in groups[1:])  # one part per later call
 
-    # The GPU side: every group's files land in one stash folder (run.sh stash).
-    stash = tmp_path / ".stash"
-    stash.mkdir()
-    for g in groups:
-        for f in g.files:
-            if f.parent.name != "core":
-                f.rename(stash / f.name)
+    stash = stash_groups(groups, tmp_path / ".stash")
     parts = sorted(stash.glob("full.tar.xz.part-*"))
     assert hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest() == digest
     site = tmp_path / "site"
@@ -160,12 +165,7 @@ def test_unpack_refuses_a_missing_or_damaged_part(tmp_path):
     checksum = staging / "full.sha256"
     checksum.write_text(f"{pack.sha256(archive)}  full.tar.xz\n")
     groups = pack.split_and_lay_out(archive, checksum, core, tmp_path / ".carry", 120_000)
-    stash = tmp_path / ".stash"
-    stash.mkdir()
-    for g in groups:
-        for f in g.files:
-            if f.parent.name != "core":
-                f.rename(stash / f.name)
+    stash = stash_groups(groups, tmp_path / ".stash")
     site = tmp_path / "site"
 
     last = sorted(stash.glob("full.tar.xz.part-*"))[-1]
