@@ -54,7 +54,6 @@ CUDA packages except on ``device="gpu"``.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import time
@@ -90,6 +89,10 @@ STAGING_ALIGN = 256
 # Staging is grown to at least this factor of its old size, so that a run of frames that
 # grow slowly does not reallocate per batch.
 STAGING_GROWTH = 1.5
+# A batch closes early once its frames hold this many bytes, so the staging buffer
+# (pinned host memory on the GPU) stays bounded however large the frames are: 16 8K
+# frames would otherwise pin about 1.6 GB. A single larger frame still goes, alone.
+MAX_BATCH_BYTES = 512 * 2**20
 _VIEW_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
@@ -177,16 +180,30 @@ def prepare_frame(frame: np.ndarray, index: int, views: Sequence[FrameView], geo
     return Frame(index, height, width, sources, view_source, tuple(geometry))
 
 
+def _chunks(frames: Iterable[Any], batch_size: int, max_bytes: int) -> Iterator[list[Any]]:
+    """At most ``batch_size`` frames a chunk, and no more than ``max_bytes`` of pixels
+    unless one frame alone is larger (it then goes alone). Objects that are not arrays
+    count as 0 bytes: check_frame refuses them."""
+    chunk: list[Any] = []
+    used = 0
+    for f in frames:
+        size = int(getattr(f, "nbytes", 0) or 0)
+        if chunk and (len(chunk) == batch_size or used + size > max_bytes):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(f)
+        used += size
+    if chunk:
+        yield chunk
+
+
 def frame_batches(frames: Iterable[Any], views: Sequence[FrameView], batch_size: int,
-                  channel_order: str = "rgb") -> Iterator[list[Frame]]:
-    """Batches of prepared frames; every frame of a batch is checked before any of them
-    is prepared."""
-    it = iter(frames)
+                  channel_order: str = "rgb", max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[Frame]]:
+    """Batches of prepared frames (at most ``batch_size`` frames and ``max_bytes`` of
+    pixels each, see :data:`MAX_BATCH_BYTES`); every frame of a batch is checked before
+    any of them is prepared."""
     start = 0
-    while True:
-        chunk = list(itertools.islice(it, batch_size))
-        if not chunk:
-            return
+    for chunk in _chunks(frames, batch_size, max_bytes):
         geometry = [check_frame(f, start + j, views, channel_order) for j, f in enumerate(chunk)]
         yield [prepare_frame(f, start + j, views, g) for j, (f, g) in enumerate(zip(chunk, geometry))]
         start += len(chunk)

@@ -29,7 +29,7 @@ from engine.errors import EngineError, InputError
 from engine.executor import HostDevice
 from engine.frames import FrameClassifier, FrameProducer, FrameView, ReferenceLauncher, frame_batches, reference_view
 from engine.postprocess import classify
-from engine.specs import AlphaMode
+from engine.specs import AlphaMode, SpecRegistry
 from kernels.reference import Normalise, ResizeCrop, preprocess_reference
 
 GENDER, QUALITY = "gender/alpha", "quality/baseline"
@@ -468,3 +468,14 @@ def test_gpu_path_with_the_torch_backend_matches_the_cpu_path(random_models, mod
         assert diff < bound
         np.testing.assert_allclose(again[key].probabilities, gpu[key].probabilities, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(gpu.sizes, cpu.sizes)
+
+
+def test_batches_close_early_at_the_byte_budget_and_a_huge_frame_goes_alone():
+    view = FrameView.of(type("M", (), {"spec": SpecRegistry.builtin().get("gender")})(), "rgb")
+    small = [np.zeros((10, 10, 3), np.uint8) for _ in range(5)]  # 300 bytes each
+    huge = np.zeros((40, 40, 3), np.uint8)  # 4800 bytes
+    frames = small[:3] + [huge] + small[3:]
+    batches = list(frame_batches(frames, [view], 4, max_bytes=700))
+    assert [[f.index for f in b] for b in batches] == [[0, 1], [2], [3], [4, 5]]
+    # Without a budget in reach, only the batch size splits.
+    assert [len(b) for b in frame_batches(frames, [view], 4, max_bytes=10**9)] == [4, 2]
