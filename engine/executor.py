@@ -588,13 +588,17 @@ def _check_copy(nbytes: int, capacity: int, host: np.ndarray) -> None:
         raise ValueError("host buffer for a copy must be C-contiguous")
 
 
-class _HostGraph:
-    """A "graph" on the host device: the enqueue bound once to fixed buffers, replayed."""
+class HostGraph:
+    """A "graph" on the host device: the enqueue bound once to fixed buffers (``fn``),
+    replayed on the slot's stream thread. Any host-device backend's ``capture`` returns
+    one (:class:`HostBackend`, the host mode of ONNX Runtime's IOBinding backend)."""
 
     def __init__(self, fn: Callable[[], None]) -> None:
-        self._fn = fn
+        self._fn: Callable[[], None] | None = fn
 
     def launch(self, stream: HostStream) -> None:
+        if self._fn is None:
+            raise RuntimeError("graph is closed")
         stream.submit(self._fn)
 
     def close(self) -> None:
@@ -635,9 +639,9 @@ class HostBackend:
         index = slot.index
         stream.submit(lambda: self._compute(index, batch_size))
 
-    def capture(self, slot: "Slot", batch_size: int, stream: HostStream) -> _HostGraph:
+    def capture(self, slot: "Slot", batch_size: int, stream: HostStream) -> HostGraph:
         index = slot.index
-        return _HostGraph(lambda: self._compute(index, batch_size))
+        return HostGraph(lambda: self._compute(index, batch_size))
 
     def release(self, slot: "Slot") -> None:
         self._views.pop(slot.index, None)

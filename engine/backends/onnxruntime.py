@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
 from engine.backends.base import TensorDecl
 from engine.errors import EngineError, ModelError
+
+if TYPE_CHECKING:
+    from engine.executor import HostGraph
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +103,6 @@ class OrtBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _BoundRun:
-    """The host mode's "graph": the run of one cached IOBinding (fixed addresses and
-    shapes), replayed on the slot's stream thread."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self._fn: Callable[[], None] | None = fn
-
-    def launch(self, stream) -> None:
-        if self._fn is None:
-            raise RuntimeError("graph is closed")
-        stream.submit(self._fn)
-
-    def close(self) -> None:
-        self._fn = None
 
 
 class OrtDeviceBackend:
@@ -300,11 +287,13 @@ class OrtDeviceBackend:
         else:
             run()
 
-    def capture(self, slot, batch_size: int, stream) -> _BoundRun | None:
+    def capture(self, slot, batch_size: int, stream) -> HostGraph | None:
         self._live()
         if self.device_kind != "host":
             return None
-        return _BoundRun(self._runner(slot, batch_size))
+        from engine.executor import HostGraph
+
+        return HostGraph(self._runner(slot, batch_size))
 
     def release(self, slot) -> None:
         """Drop the slot's bindings (every batch size) and, on CUDA, its session."""
