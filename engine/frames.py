@@ -481,27 +481,19 @@ class _FrameBatch:
 def _gpu_plan(models: Sequence["ResolvedModel"], choices: Sequence[Any], precision: str, gpu_backend: str,
               cache_dir: Path, batch_size: int):
     """The GPU path's :class:`~engine.gpu_path.PathPlan` for these models, or EngineError."""
-    from engine.gpu_path import GPU_BACKENDS, PathPlan, gpu_problem, lookup_engines, torch_backend_problem
+    from engine.gpu_path import GPU_BACKENDS, PathPlan, gpu_prerequisites, lookup_engines
 
     if gpu_backend not in GPU_BACKENDS:
         raise EngineError(f"gpu_backend must be one of {', '.join(GPU_BACKENDS)}, got {gpu_backend!r}")
-    problem = gpu_problem(gpu_backend)
-    engines: dict = {}
-    if problem is None and gpu_backend == "torch":
-        problem = torch_backend_problem(models, choices, precision)
-        if problem is not None:
-            problem += " (FrameClassifier: pass sources=[ModelSource(checkpoint=...), ...])"
-    if problem is None and gpu_backend == "tensorrt":
-        from builders.trt_build import TensorRTUnavailable, detect_target, import_tensorrt
 
-        try:
-            target = detect_target(import_tensorrt())
-        except TensorRTUnavailable as exc:
-            problem = exc.reason
-        else:
-            engines, problem = lookup_engines(models, precision, target, cache_dir, batch_size)
-            if problem is not None:
-                problem += f"; build them with `engine build --precision {precision} --cache-dir {cache_dir}` and these models' options"
+    def engines_for(target):
+        engines, problem = lookup_engines(models, precision, target, cache_dir, batch_size)
+        if problem is not None:
+            problem += f"; build them with `engine build --precision {precision} --cache-dir {cache_dir}` and these models' options"
+        return engines, problem
+
+    engines, problem = gpu_prerequisites(models, choices, precision, gpu_backend, engines_for,
+                                         sources_hint=" (FrameClassifier: pass sources=[ModelSource(checkpoint=...), ...])")
     if problem is not None:
         raise EngineError(f"FrameClassifier(device='gpu'): {problem}")
     return PathPlan("gpu", "device='gpu'", precision, gpu_backend, engines)

@@ -22,7 +22,7 @@ import shlex
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -194,6 +194,37 @@ def find_engines(
 # --------------------------------------------------------------------------- choice
 
 
+def gpu_prerequisites(
+    models: Sequence["ResolvedModel"],
+    choices: Sequence["ModelChoice"],
+    precision: str,
+    gpu_backend: str,
+    engines_for: Callable[["BuildTarget"], tuple[dict[str, "CacheEntry"], str | None]],
+    sources_hint: str = "",
+) -> tuple[dict[str, "CacheEntry"], str | None]:
+    """What the GPU path with ``gpu_backend`` needs, in order: the device and packages
+    (:func:`gpu_problem`), then for torch checkpoints or random weights at fp32/fp16
+    (:func:`torch_backend_problem`), for TensorRT a usable TensorRT and an engine per
+    model (``engines_for(target)``: :func:`find_engines` or :func:`lookup_engines`).
+    ``sources_hint`` follows a torch-backend problem (how this caller names the weights).
+    Returns (engines, None) or ({}, the first problem)."""
+    problem = gpu_problem(gpu_backend)
+    if problem is None and gpu_backend == "torch":
+        problem = torch_backend_problem(models, choices, precision)
+        if problem is not None:
+            problem += sources_hint
+    if problem is None and gpu_backend == "tensorrt":
+        from builders.trt_build import TensorRTUnavailable, detect_target, import_tensorrt
+
+        try:
+            target = detect_target(import_tensorrt())
+        except TensorRTUnavailable as exc:
+            problem = exc.reason
+        else:
+            return engines_for(target)
+    return {}, problem
+
+
 def plan_path(config: "RunConfig", models: Sequence["ResolvedModel"]) -> PathPlan:
     """Decide the path for ``config`` (see the module docstring). Raises
     :class:`EngineError` when ``--device gpu`` cannot be honoured."""
@@ -206,20 +237,10 @@ def plan_path(config: "RunConfig", models: Sequence["ResolvedModel"]) -> PathPla
         return PathPlan("cpu", "--device cpu", config.precision or DEFAULT_PRECISION["cpu"])
 
     precision = config.precision or DEFAULT_PRECISION["gpu"]
-    problem = gpu_problem(config.gpu_backend)
-    engines: dict[str, CacheEntry] = {}
-    if problem is None and config.gpu_backend == "torch":
-        problem = torch_backend_problem(models, config.models, precision)
-    if problem is None and config.gpu_backend == "tensorrt":
-        from builders.trt_build import TensorRTUnavailable, detect_target, import_tensorrt
-
-        try:
-            target = detect_target(import_tensorrt())
-        except TensorRTUnavailable as exc:
-            problem = exc.reason
-        else:
-            engines, problem = find_engines(models, config.models, config, precision, target)
-
+    engines, problem = gpu_prerequisites(
+        models, config.models, precision, config.gpu_backend,
+        lambda target: find_engines(models, config.models, config, precision, target),
+    )
     if problem is None:
         why = "--device gpu" if requested == "gpu" else "a GPU, the GPU packages and the engines are here"
         return PathPlan("gpu", why, precision, config.gpu_backend, engines)
