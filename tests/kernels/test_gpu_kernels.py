@@ -18,7 +18,6 @@ import kernels
 from engine.specs import ChannelOrder, CropPosition, Interpolation, ResizeRule, SpecRegistry
 from kernels.launch import Launch, postprocess_launch, preprocess_launch
 from kernels.reference import (
-    CUBIC_A_PIL,
     Convention,
     Filter,
     Normalise,
@@ -26,6 +25,7 @@ from kernels.reference import (
     postprocess_reference,
     preprocess_reference,
 )
+from tests.kernels.cases import pil_long_filter_case, pil_specs
 
 pytestmark = pytest.mark.gpu
 
@@ -184,26 +184,12 @@ def test_preprocess_batch_is_filled_image_by_image(gpu, out_dtype):
 # -- PIL convention (antialias = true) --------------------------------------------------
 
 
-def _pil_specs():
-    quality = SpecRegistry.builtin().get("quality").preprocess
-    assert quality.antialias
-    return {
-        "quality": quality,
-        "pil-bilinear-bgr": dataclasses.replace(
-            quality, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
-        ),
-        "pil-lanczos3-topleft-61": dataclasses.replace(quality, interpolation=Interpolation.LANCZOS, crop=CropPosition.TOP_LEFT, size=61),
-        "pil-squash-29": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH),
-        "pil-one-pixel": dataclasses.replace(quality, size=1),
-    }
-
-
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-@pytest.mark.parametrize("spec_name", list(_pil_specs()))
+@pytest.mark.parametrize("spec_name", list(pil_specs()))
 @pytest.mark.parametrize("hw", [(97, 131), (131, 97), (120, 100), (17, 23), (1080, 1920)])
 def test_preprocess_pil_convention_matches_reference(gpu, spec_name, hw, out_dtype):
     """Up- and downscaling with the filter widened (antialiased) as PIL does."""
-    pre = _pil_specs()[spec_name]
+    pre = pil_specs()[spec_name]
     h, w = hw
     image = np.random.default_rng(h * 1000 + w + 1).integers(0, 256, (h, w, 3), dtype=np.uint8)
     geom = ResizeCrop.from_preprocess(pre, h, w)
@@ -218,11 +204,8 @@ def test_preprocess_pil_convention_matches_reference(gpu, spec_name, hw, out_dty
 @pytest.mark.parametrize("filt", list(Filter), ids=["bilinear", "bicubic", "lanczos3"])
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 def test_preprocess_pil_long_filters(gpu, filt, out_dtype):
-    """More taps than the kernel caches (kPilCache = 32): 16000 -> 384 columns is ~84-250
-    taps per row, 900 -> 45 rows ~40-120; an off-centre window reaching the right edge."""
-    image = np.random.default_rng(5).integers(0, 256, (900, 16000, 3), dtype=np.uint8)
-    geom = ResizeCrop(900, 16000, 45, 384, 0, 384 - 45, 45)
-    norm = Normalise(filt, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CUBIC_A_PIL, Convention.PIL)
+    """The shared long-filter case (tests/kernels/cases.py)."""
+    image, geom, norm = pil_long_filter_case(filt)
     got = run_preprocess(gpu, image, geom, norm, out_dtype, pad=3)[0]
     assert not np.isnan(got).any()
     expected = preprocess_reference(image, geom, norm, np.float64)

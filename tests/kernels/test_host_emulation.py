@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 import kernels
-from engine.specs import ChannelOrder, CropPosition, Interpolation, ResizeRule, SpecRegistry
+from engine.specs import ChannelOrder, Interpolation, ResizeRule, SpecRegistry
 from kernels.launch import postprocess_launch, preprocess_launch
 from kernels.reference import (
-    CUBIC_A_PIL,
     Convention,
     Filter,
     Normalise,
@@ -30,6 +29,7 @@ from kernels.reference import (
     postprocess_reference,
     preprocess_reference,
 )
+from tests.kernels.cases import pil_long_filter_case, pil_specs
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/clang++) to emulate the kernels")
@@ -191,27 +191,12 @@ def check_preprocess(emulated, image, geom, norm, out_dtype) -> None:
         np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=atol)
 
 
-def _pil_specs():
-    """antialias = true: the PIL convention (the quality spec as built in, and variants)."""
-    quality = SpecRegistry.builtin().get("quality").preprocess
-    assert quality.antialias
-    return {
-        "quality": quality,
-        "bilinear-bgr": dataclasses.replace(
-            quality, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
-        ),
-        "lanczos3-topleft-61": dataclasses.replace(quality, interpolation=Interpolation.LANCZOS, crop=CropPosition.TOP_LEFT, size=61),
-        "squash-29-bicubic": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH),
-        "one-pixel-lanczos3": dataclasses.replace(quality, size=1, interpolation=Interpolation.LANCZOS),
-    }
-
-
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-@pytest.mark.parametrize("spec_name", list(_pil_specs()))
+@pytest.mark.parametrize("spec_name", list(pil_specs()))
 @pytest.mark.parametrize("hw", [(97, 131), (17, 23), (120, 100), (1080, 1920)])
 def test_preprocess_source_pil_convention_matches_reference(emulated, spec_name, hw, out_dtype):
     """Up- and downscaling (17x23 and 120x100 -> 384 enlarge, 1080x1920 shrinks 2.8x)."""
-    pre = _pil_specs()[spec_name]
+    pre = pil_specs()[spec_name]
     h, w = hw
     image = np.random.default_rng(h * 1000 + w + 1).integers(0, 256, (h, w, 3), dtype=np.uint8)
     norm = Normalise.from_preprocess(pre)
@@ -222,12 +207,8 @@ def test_preprocess_source_pil_convention_matches_reference(emulated, spec_name,
 @pytest.mark.parametrize("filt", list(Filter), ids=["bilinear", "bicubic", "lanczos3"])
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 def test_preprocess_source_pil_long_filters(emulated, filt, out_dtype):
-    """More taps than the kernel caches (kPilCache = 32): 16000 -> 384 columns is ~84-250
-    taps per row, 900 -> 45 rows ~40-120; an off-centre window reaching the right edge."""
-    image = np.random.default_rng(5).integers(0, 256, (900, 16000, 3), dtype=np.uint8)
-    geom = ResizeCrop(900, 16000, 45, 384, 0, 384 - 45, 45)
-    norm = Normalise(filt, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CUBIC_A_PIL, Convention.PIL)
-    check_preprocess(emulated, image, geom, norm, out_dtype)
+    """The shared long-filter case (tests/kernels/cases.py)."""
+    check_preprocess(emulated, *pil_long_filter_case(filt), out_dtype)
 
 
 def run_postprocess(lib, raw: np.ndarray, probabilities_input: bool = False):
