@@ -156,18 +156,17 @@ def _cubic(t: np.ndarray, a: float) -> np.ndarray:
     return np.where(t <= 1.0, near, np.where(t < 2.0, far, 0.0))
 
 
-def _lanczos4(t: np.ndarray) -> np.ndarray:
+def _lanczos(t: np.ndarray, a: float) -> np.ndarray:
+    """sinc(t) sinc(t / a), unwindowed: Lanczos4 (a = 4) for OpenCV, whose 8 taps lie
+    inside (-4, 4) anyway; :func:`_lanczos3` windows a = 3 for PIL."""
     safe = np.where(np.abs(t) < 1e-6, 1.0, t)
-    w = 4.0 * np.sin(np.pi * safe) * np.sin(np.pi * safe / 4.0) / (np.pi * np.pi * safe * safe)
+    w = a * np.sin(np.pi * safe) * np.sin(np.pi * safe / a) / (np.pi * np.pi * safe * safe)
     return np.where(np.abs(t) < 1e-6, 1.0, w)
 
 
 def _lanczos3(t: np.ndarray) -> np.ndarray:
     """PIL's LANCZOS: sinc(t) sinc(t / 3) on [-3, 3), zero outside."""
-    safe = np.where(np.abs(t) < 1e-6, 1.0, t)
-    w = 3.0 * np.sin(np.pi * safe) * np.sin(np.pi * safe / 3.0) / (np.pi * np.pi * safe * safe)
-    w = np.where(np.abs(t) < 1e-6, 1.0, w)
-    return np.where((t >= -3.0) & (t < 3.0), w, 0.0)
+    return np.where((t >= -3.0) & (t < 3.0), _lanczos(t, 3.0), 0.0)
 
 
 def _pil_filter(t: np.ndarray, filt: Filter, cubic_a: float) -> np.ndarray:
@@ -196,7 +195,7 @@ def axis_taps(
     elif filt is Filter.BICUBIC:
         w = _cubic(t, cubic_a)
     else:
-        w = _lanczos4(t)
+        w = _lanczos(t, 4.0)
         w = w / w.sum(axis=1, keepdims=True)
     idx = fl.astype(np.int64)[:, None] - (n // 2 - 1) + np.arange(n)[None, :]
     return np.clip(idx, 0, n_src - 1), w
