@@ -311,10 +311,11 @@ class TotalCounter:
         self._stop.set()
 
 
-def _progress(total: int | None, enabled: bool):
+def _progress(enabled: bool):
+    """The run's bar; its total is set later by :class:`TotalCounter`."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
+    return tqdm(total=None, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
 def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib_dir: Path | None = None) -> Path:
@@ -448,7 +449,7 @@ def execute(
         summary.backend = inference.backend
         todo = (p for p in discovered if display_path(p) not in writer.done)
         reader = FileReader(_batches(todo, config.batch_size), inference.preprocess)
-        bar = stack.enter_context(_progress(None, config.progress))
+        bar = stack.enter_context(_progress(config.progress))
         # The bar's total comes from a second walk of the folder on a thread of its own,
         # so the first images are classified at once, not after the whole tree is listed.
         counter = TotalCounter(config.input, writer.done) if config.progress else None
