@@ -157,28 +157,35 @@ def test_preprocess_full_hd_frame(gpu, filt, out_dtype):
     np.testing.assert_allclose(got.astype(np.float64), expected, **tolerance(norm, out_dtype))
 
 
-@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-def test_preprocess_batch_is_filled_image_by_image(gpu, out_dtype):
-    pre = dataclasses.replace(SpecRegistry.builtin().get("quality").preprocess, size=45, antialias=False)
-    norm = Normalise.from_preprocess(pre)
-    rng = np.random.default_rng(11)
-    images = {0: (61, 90), 1: (200, 45), 3: (45, 45)}  # slot 2 is never launched
-    out_host = np.full((4, 3, pre.size, pre.size), np.nan, _OUT[out_dtype])
+def check_batch_slots(gpu, specs: dict, images: dict, out_dtype: str, seed: int) -> None:
+    """Launch image ``images[slot]`` with ``specs[slot]`` into batch slot ``slot`` of a
+    4-slot buffer (slot 2 is never launched): each slot must hold its own image's
+    reference, fully written, and slot 2 must stay NaN."""
+    size = next(iter(specs.values())).size
+    rng = np.random.default_rng(seed)
+    out_host = np.full((4, 3, size, size), np.nan, _OUT[out_dtype])
     expected = {}
     with gpu.buffers() as alloc:
         out = alloc(out_host)
         for index, (h, w) in images.items():
             image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            geom = ResizeCrop.from_preprocess(pre, h, w)
+            geom = ResizeCrop.from_preprocess(specs[index], h, w)
+            norm = Normalise.from_preprocess(specs[index])
             src_host, pitch = pitched(image, pad=index)
             src = alloc(src_host)
             gpu.run(preprocess_launch(int(src), pitch, geom, norm, int(out), index, out_dtype), "preprocess")
-            expected[index] = preprocess_reference(image, geom, norm, np.float64)
+            expected[index] = (preprocess_reference(image, geom, norm, np.float64), norm)
         got = gpu.fetch(out, out_host)
-    for index, ref in expected.items():
+    for index, (ref, norm) in expected.items():
         assert not np.isnan(got[index]).any()
         np.testing.assert_allclose(got[index].astype(np.float64), ref, **tolerance(norm, out_dtype))
     assert np.isnan(got[2]).all(), "a launch wrote outside its own batch slot"
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_preprocess_batch_is_filled_image_by_image(gpu, out_dtype):
+    pre = dataclasses.replace(SpecRegistry.builtin().get("quality").preprocess, size=45, antialias=False)
+    check_batch_slots(gpu, {0: pre, 1: pre, 3: pre}, {0: (61, 90), 1: (200, 45), 3: (45, 45)}, out_dtype, seed=11)
 
 
 # -- PIL convention (antialias = true) --------------------------------------------------
@@ -218,25 +225,7 @@ def test_preprocess_pil_batch_mixes_conventions(gpu, out_dtype):
     result and slot 2, never launched, stays NaN."""
     quality = dataclasses.replace(SpecRegistry.builtin().get("quality").preprocess, size=45)
     specs = {0: quality, 1: dataclasses.replace(quality, antialias=False), 3: quality}
-    rng = np.random.default_rng(13)
-    images = {0: (610, 900), 1: (200, 45), 3: (45, 45)}
-    out_host = np.full((4, 3, quality.size, quality.size), np.nan, _OUT[out_dtype])
-    expected = {}
-    with gpu.buffers() as alloc:
-        out = alloc(out_host)
-        for index, (h, w) in images.items():
-            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            geom = ResizeCrop.from_preprocess(specs[index], h, w)
-            norm = Normalise.from_preprocess(specs[index])
-            src_host, pitch = pitched(image, pad=index)
-            src = alloc(src_host)
-            gpu.run(preprocess_launch(int(src), pitch, geom, norm, int(out), index, out_dtype), "preprocess")
-            expected[index] = (preprocess_reference(image, geom, norm, np.float64), norm)
-        got = gpu.fetch(out, out_host)
-    for index, (ref, norm) in expected.items():
-        assert not np.isnan(got[index]).any()
-        np.testing.assert_allclose(got[index].astype(np.float64), ref, **tolerance(norm, out_dtype))
-    assert np.isnan(got[2]).all(), "a launch wrote outside its own batch slot"
+    check_batch_slots(gpu, specs, {0: (610, 900), 1: (200, 45), 3: (45, 45)}, out_dtype, seed=13)
 
 
 # -- softmax / argmax -----------------------------------------------------------------
