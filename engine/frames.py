@@ -5,6 +5,8 @@ decoded images (a video decoder, a camera, an image library); `engine run` is fo
 
     with FrameClassifier(models, batch_size=16) as classifier:   # models: ResolvedModel, one per task
         results = classifier.classify(frames)                    # any iterable of uint8 arrays
+        for part in classifier.iter_classify(more, on_error="row"):
+            write(part.to_polars())                              # batch by batch; bad frames as error rows
     results["gender/alpha"].probabilities                        # (n, 2) float32, in input order
     results["gender/alpha"].labels                               # ("female", "male", ...) per frame
     results.to_polars()                                          # engine run's columns, ``frame`` for ``path``
@@ -13,9 +15,12 @@ Frames, each of its own size: uint8 (H, W, 3) in ``channel_order`` (RGB, or BGR 
 OpenCV decodes), (H, W) grey, or (H, W, 4) with alpha last (RGBA; BGRA with
 ``channel_order="bgr"``), composited per each model spec's alpha mode by
 :func:`engine.preprocess.decode.composite` (the DALI graph's rule, value for value).
-Strided arrays are fine (they are copied). Anything else raises
-:class:`~engine.errors.InputError` naming the frame's index, before any work is done for
-the batch it is in (earlier batches are finished and dropped with the error).
+Strided arrays are fine (they are copied). Anything else is a bad frame: by default
+:class:`~engine.errors.InputError` naming its index is raised once the frames before it
+are classified, their results in the error's ``partial``; with ``on_error="row"`` it
+keeps its place with its cause in :attr:`FrameResults.errors` (NaN probabilities, label
+None) and the rest go on, as `engine run` makes an error row of an unreadable file.
+:meth:`FrameClassifier.iter_classify` hands out each batch's results as it finishes.
 
 Each model's view of a frame is its spec's geometry and normalisation
 (:meth:`ResizeCrop.from_preprocess <kernels.reference.ResizeCrop.from_preprocess>`,
@@ -135,28 +140,26 @@ def _describe(frame: Any) -> str:
     return f"{frame.dtype} array of shape {tuple(frame.shape)}"
 
 
-def check_frame(frame: Any, index: int, views: Sequence[FrameView], channel_order: str = "rgb") -> tuple[ResizeCrop, ...]:
-    """Check one frame, raising :class:`InputError` that names ``index`` and what is
-    wrong; return each view's geometry for it."""
+def frame_geometry(frame: Any, views: Sequence[FrameView], channel_order: str = "rgb") -> tuple[ResizeCrop, ...]:
+    """Each view's geometry for ``frame``; :class:`InputError` saying what is wrong with
+    it (one line, without the frame's index) if it is not a frame the views can take."""
     order = channel_order.upper()
     if not isinstance(frame, np.ndarray):
-        raise InputError(f"frame {index}: expected a numpy array, got {type(frame).__name__}")
+        raise InputError(f"expected a numpy array, got {type(frame).__name__}")
     if frame.dtype != np.uint8:
-        raise InputError(f"frame {index}: {_describe(frame)}: the pixels must be uint8 (0-255)")
+        raise InputError(f"{_describe(frame)}: the pixels must be uint8 (0-255)")
     if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))):
-        raise InputError(
-            f"frame {index}: {_describe(frame)}: expected (H, W, 3) {order}, (H, W) grey or (H, W, 4) {order}A"
-        )
+        raise InputError(f"{_describe(frame)}: expected (H, W, 3) {order}, (H, W) grey or (H, W, 4) {order}A")
     height, width = int(frame.shape[0]), int(frame.shape[1])
     if height == 0 or width == 0:
-        raise InputError(f"frame {index}: {_describe(frame)} has no pixels")
+        raise InputError(f"{_describe(frame)} has no pixels")
     if 3 * width > INT32_MAX:
-        raise InputError(f"frame {index}: {width} pixels wide, more than the kernel's row limit")
+        raise InputError(f"{width} pixels wide, more than the kernel's row limit")
     geometry = []
     for view in views:
         geom = ResizeCrop.from_preprocess(view.preprocess, height, width)
         if max(geom.resized_h, geom.resized_w) > INT32_MAX:
-            raise InputError(f"frame {index}: {height}x{width} is too elongated to resize for {view.key}")
+            raise InputError(f"{height}x{width} is too elongated to resize for {view.key}")
         geometry.append(geom)
     return tuple(geometry)
 
@@ -183,10 +186,20 @@ def prepare_frame(frame: np.ndarray, index: int, views: Sequence[FrameView], geo
 def _chunks(frames: Iterable[Any], batch_size: int, max_bytes: int) -> Iterator[list[Any]]:
     """At most ``batch_size`` frames a chunk, and no more than ``max_bytes`` of pixels
     unless one frame alone is larger (it then goes alone). Objects that are not arrays
-    count as 0 bytes: check_frame refuses them."""
+    count as 0 bytes: frame_geometry refuses them. If ``frames`` itself raises, the
+    frames it gave before are handed on as a chunk first."""
     chunk: list[Any] = []
     used = 0
-    for f in frames:
+    source = iter(frames)
+    while True:
+        try:
+            f = next(source)
+        except StopIteration:
+            break
+        except Exception as exc:
+            if chunk:
+                yield chunk
+            raise exc
         size = int(getattr(f, "nbytes", 0) or 0)
         if chunk and (len(chunk) == batch_size or used + size > max_bytes):
             yield chunk
@@ -197,15 +210,54 @@ def _chunks(frames: Iterable[Any], batch_size: int, max_bytes: int) -> Iterator[
         yield chunk
 
 
+OnError = Literal["raise", "row"]
+ON_ERROR = ("raise", "row")
+
+
+@dataclass(frozen=True, eq=False)
+class FrameChunk:
+    """One batch as :func:`frame_batches` hands it on: input frames ``start`` to
+    ``start + count - 1``; ``frames`` the prepared good ones in order (``Frame.index`` is
+    the input index), ``errors`` each bad one's input index and one-line cause."""
+
+    start: int
+    count: int
+    frames: tuple[Frame, ...]
+    errors: Mapping[int, str]
+
+
 def frame_batches(frames: Iterable[Any], views: Sequence[FrameView], batch_size: int,
-                  channel_order: str = "rgb", max_bytes: int = MAX_BATCH_BYTES) -> Iterator[list[Frame]]:
-    """Batches of prepared frames (at most ``batch_size`` frames and ``max_bytes`` of
-    pixels each, see :data:`MAX_BATCH_BYTES`); every frame of a batch is checked before
-    any of them is prepared."""
+                  channel_order: str = "rgb", max_bytes: int = MAX_BATCH_BYTES,
+                  on_error: OnError = "raise") -> Iterator[FrameChunk]:
+    """Chunks of prepared frames (at most ``batch_size`` frames and ``max_bytes`` of
+    pixels each, see :data:`MAX_BATCH_BYTES`); a chunk's frames are all checked before
+    any of them is prepared.
+
+    A bad frame (see :func:`frame_geometry`): with ``on_error="row"`` it goes into its
+    chunk's ``errors`` and the rest go on; with ``"raise"`` the good frames before it
+    are handed on as one last chunk, then its :class:`InputError` is raised; no frame
+    after its chunk is read."""
+    if on_error not in ON_ERROR:
+        raise EngineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     start = 0
     for chunk in _chunks(frames, batch_size, max_bytes):
-        geometry = [check_frame(f, start + j, views, channel_order) for j, f in enumerate(chunk)]
-        yield [prepare_frame(f, start + j, views, g) for j, (f, g) in enumerate(zip(chunk, geometry))]
+        checked: list[tuple[int, Any, tuple[ResizeCrop, ...]]] = []
+        errors: dict[int, str] = {}
+        failure: InputError | None = None
+        for j, f in enumerate(chunk):
+            try:
+                checked.append((start + j, f, frame_geometry(f, views, channel_order)))
+            except InputError as exc:
+                if on_error == "raise":
+                    failure = InputError(f"frame {start + j}: {exc}")
+                    break
+                errors[start + j] = str(exc)
+        count = len(checked) if failure is not None else len(chunk)
+        if count:
+            prepared = tuple(prepare_frame(f, i, views, g) for i, f, g in checked)
+            yield FrameChunk(start, count, prepared, errors)
+        if failure is not None:
+            raise failure
         start += len(chunk)
 
 
@@ -366,8 +418,10 @@ class FrameProducer:
         if self._closed:
             raise RuntimeError("frame producer is closed")
         n = len(frames)
-        if not 1 <= n <= self.max_batch:
+        if n > self.max_batch:
             raise ValueError(f"a batch of {n} frames for a producer of at most {self.max_batch}")
+        if n == 0:  # every frame of the chunk was bad: nothing to upload or launch
+            return DeviceBatch(ok=(), sizes=(), errors={}, views={}, device_id=self._device_id, cuda_stream=self.stream)
         offsets: list[list[int]] = []
         used = 0
         for f in frames:
@@ -418,14 +472,18 @@ class FrameProducer:
 
 @dataclass(frozen=True, eq=False)
 class FrameResults:
-    """The results of :meth:`FrameClassifier.classify`, in input order: per model key a
-    :class:`~engine.postprocess.Classified` (``probabilities`` (n, classes) float32,
-    ``index`` (n,) label indices, ``labels`` the label names), and each frame's
-    (height, width) in ``sizes`` (n, 2)."""
+    """Results for input frames ``first`` to ``first + len - 1``, in input order: per
+    model key a :class:`~engine.postprocess.Classified` (``probabilities`` (n, classes)
+    float32, ``index`` (n,) label indices, ``labels`` the label names), each frame's
+    (height, width) in ``sizes`` (n, 2), and ``errors``, the input index and one-line
+    cause of every frame that was refused (``on_error="row"``). A refused frame keeps its
+    row: NaN probabilities, index -1, label None, size (-1, -1); :attr:`ok` masks them."""
 
     models: tuple["ResolvedModel", ...]
     sizes: np.ndarray
     outputs: Mapping[str, Classified]
+    first: int = 0
+    errors: Mapping[int, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(len(self.sizes))
@@ -436,24 +494,62 @@ class FrameResults:
     def keys(self) -> tuple[str, ...]:
         return tuple(self.outputs)
 
+    @property
+    def ok(self) -> np.ndarray:
+        """(n,) bool: True where the frame was classified."""
+        mask = np.ones(len(self), bool)
+        for i in self.errors:
+            mask[i - self.first] = False
+        return mask
+
     @classmethod
-    def concat(cls, models: Sequence["ResolvedModel"], parts: Sequence[tuple[Sequence[tuple[int, int]], Mapping[str, Classified]]]) -> "FrameResults":
-        sizes = np.array([s for part_sizes, _ in parts for s in part_sizes], dtype=np.int64).reshape(-1, 2)
+    def of_chunk(cls, models: Sequence["ResolvedModel"], chunk: FrameChunk, outputs: Mapping[str, Classified]) -> "FrameResults":
+        """One chunk's results: ``outputs[key]`` rows are ``chunk.frames`` in order; the
+        chunk's refused frames get their placeholder rows."""
+        rows = np.array([f.index - chunk.start for f in chunk.frames], np.int64)
+        sizes = np.full((chunk.count, 2), -1, np.int64)
+        if len(rows):
+            sizes[rows] = [(f.height, f.width) for f in chunk.frames]
+        full = {}
+        for m in models:
+            key, classes = m.spec.key, m.spec.num_classes
+            c = outputs[key]
+            probabilities = np.full((chunk.count, classes), np.nan, np.float32)
+            index = np.full(chunk.count, -1, np.int64)
+            labels: list[str | None] = [None] * chunk.count
+            if len(rows):
+                probabilities[rows], index[rows] = c.probabilities, c.index
+                for r, label in zip(rows.tolist(), c.labels):
+                    labels[r] = label
+            full[key] = Classified(probabilities, index, tuple(labels))
+        return cls(tuple(models), sizes, full, chunk.start, dict(chunk.errors))
+
+    @classmethod
+    def concat(cls, models: Sequence["ResolvedModel"], parts: Sequence["FrameResults"]) -> "FrameResults":
+        """Consecutive parts (each starting where the one before ends) as one."""
+        first = parts[0].first if parts else 0
+        at = first
+        for part in parts:
+            if part.first != at:
+                raise ValueError(f"results for frames from {part.first} do not follow those ending at {at}")
+            at += len(part)
+        sizes = np.concatenate([p.sizes for p in parts]) if parts else np.zeros((0, 2), np.int64)
         outputs = {}
         for m in models:
             key, classes = m.spec.key, m.spec.num_classes
-            chunks = [out[key] for _, out in parts]
+            chunks = [p.outputs[key] for p in parts]
             outputs[key] = Classified(
                 np.concatenate([c.probabilities for c in chunks]) if chunks else np.zeros((0, classes), np.float32),
                 np.concatenate([c.index for c in chunks]) if chunks else np.zeros((0,), np.int64),
                 tuple(label for c in chunks for label in c.labels),
             )
-        return cls(tuple(models), sizes, outputs)
+        errors = {i: msg for p in parts for i, msg in p.errors.items()}
+        return cls(tuple(models), sizes, outputs, first, errors)
 
     def to_polars(self) -> "pl.DataFrame":
         """One row per frame with `engine run`'s columns for these models (its row code),
-        ``frame`` (the input index, Int64) in place of ``path``; ``error`` is always null
-        (a bad frame raises instead)."""
+        ``frame`` (the input index, Int64) in place of ``path``; a refused frame's row has
+        its ``error`` and nulls, as an unreadable file's row does."""
         import polars as pl
 
         from engine.preprocess.result import PreprocessResult
@@ -462,9 +558,15 @@ class FrameResults:
         schema = dict(result_schema(self.models))
         schema["path"] = pl.Int64  # renamed below: the runner's rows fill "path"
         n = len(self)
-        batch = _Batch(paths=list(range(n)), payload=None, read_errors={},
-                       result=PreprocessResult(ok=list(range(n)), views={}, sizes=[tuple(s) for s in self.sizes.tolist()]))
-        return _rows(batch, self.models, dict(self.outputs), schema).rename({"path": "frame"})
+        ok = np.flatnonzero(self.ok)
+        compact = {
+            key: Classified(c.probabilities[ok], c.index[ok], tuple(c.labels[i] for i in ok.tolist()))
+            for key, c in self.outputs.items()
+        }
+        result = PreprocessResult(ok=ok.tolist(), views={}, sizes=[tuple(s) for s in self.sizes[ok].tolist()],
+                                  errors={i - self.first: msg for i, msg in self.errors.items()})
+        batch = _Batch(paths=list(range(self.first, self.first + n)), payload=None, read_errors={}, result=result)
+        return _rows(batch, self.models, compact, schema).rename({"path": "frame"})
 
 
 # --------------------------------------------------------------------------- classifier
@@ -472,8 +574,10 @@ class FrameResults:
 
 @dataclass
 class _FrameBatch:
-    """What StreamedInference reads (``payload``) and fills in (``result``)."""
+    """What StreamedInference reads (``payload``, the chunk's good frames) and fills in
+    (``result``)."""
 
+    chunk: FrameChunk
     payload: list[Frame] | None
     result: Any = None
 
@@ -564,6 +668,7 @@ class FrameClassifier:
         self._executor: StreamedExecutor | None = None
         self._producer: FrameProducer | None = None
         self._closed = False
+        self._busy = False
         self.backend = ""
         started = time.perf_counter()
         try:
@@ -662,39 +767,104 @@ class FrameClassifier:
 
     # work ---------------------------------------------------------------------------
 
-    def classify(self, frames: Iterable[np.ndarray]) -> FrameResults:
-        """Classify ``frames`` (any iterable; consumed one batch at a time) in order."""
-        if self._closed:
-            raise RuntimeError("frame classifier is closed")
-        batches = frame_batches(frames, self.views, self.batch_size, self.channel_order)
-        parts = self._run_streamed(batches) if self._executor is not None else [self._run_cpu(b) for b in batches]
+    def classify(self, frames: Iterable[np.ndarray], *, on_error: OnError = "raise") -> FrameResults:
+        """Classify ``frames`` (any iterable; consumed one batch at a time) in order.
+
+        ``on_error="raise"`` (default): a bad frame raises :class:`InputError` naming it,
+        once every frame before it is classified; no frame after its batch is read. The error's
+        ``partial`` holds the results of the frames before it, so no work is lost; so
+        does an exception raised by ``frames`` itself (a failing decoder), raised once
+        the frames it gave are classified. ``on_error="row"``: a bad frame keeps its
+        place with its cause in :attr:`FrameResults.errors` (see :class:`FrameResults`)
+        and the rest go on."""
+        parts: list[FrameResults] = []
+        try:
+            for part in self.iter_classify(frames, on_error=on_error):
+                parts.append(part)
+        except Exception as exc:
+            try:
+                exc.partial = FrameResults.concat(self._models, parts)  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):  # an exception type that takes no attributes
+                pass
+            raise
         return FrameResults.concat(self._models, parts)
 
-    def _run_cpu(self, batch: list[Frame]) -> tuple[list[tuple[int, int]], dict[str, Classified]]:
+    def iter_classify(self, frames: Iterable[np.ndarray], *, on_error: OnError = "raise") -> Iterator[FrameResults]:
+        """:meth:`classify` one batch at a time: yields each batch's :class:`FrameResults`
+        (``first`` says where it starts) as soon as it is done, for inputs too long to
+        wait for, or to write as they come. An error (``on_error="raise"``, or from
+        ``frames``) is raised after the batches before it are yielded. One call at a time:
+        close or finish a generator before the next call."""
+        if self._closed:
+            raise RuntimeError("frame classifier is closed")
+        if on_error not in ON_ERROR:
+            raise EngineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        return self._iter_classify(frames, on_error)
+
+    def _iter_classify(self, frames: Iterable[np.ndarray], on_error: OnError) -> Iterator[FrameResults]:
+        if self._busy:
+            raise RuntimeError("frame classifier is already classifying: finish or close the other call's iterator first")
+        self._busy = True
+        try:
+            source = _Held(frame_batches(frames, self.views, self.batch_size, self.channel_order, on_error=on_error))
+            if self._executor is not None:
+                yield from self._run_streamed(source)
+            else:
+                for chunk in source:
+                    yield FrameResults.of_chunk(self._models, chunk, self._run_cpu(chunk.frames))
+            if source.error is not None:
+                raise source.error
+        finally:
+            self._busy = False
+
+    def _run_cpu(self, frames: Sequence[Frame]) -> dict[str, Classified]:
         outputs = {}
         for v, (view, m) in enumerate(zip(self.views, self._models)):
             size = view.preprocess.size
-            x = np.empty((len(batch), 3, size, size), np.float32)
-            for j, frame in enumerate(batch):
+            x = np.empty((len(frames), 3, size, size), np.float32)
+            for j, frame in enumerate(frames):
                 x[j] = reference_view(frame, v, view)
-            raw = self._backends[view.key].run(x)
+            raw = self._backends[view.key].run(x) if len(frames) else np.zeros((0, m.spec.num_classes), np.float32)
             outputs[view.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
-        return [(f.height, f.width) for f in batch], outputs
+        return outputs
 
-    def _run_streamed(self, batches: Iterator[list[Frame]]) -> list[tuple[list[tuple[int, int]], dict[str, Classified]]]:
+    def _run_streamed(self, chunks: Iterable[FrameChunk]) -> Iterator[FrameResults]:
         from engine.streamed_run import StreamedInference
 
         inference = StreamedInference(self._models, self._executor, self._producer, backend=self.backend)
-        parts = []
         try:
-            for batch, outputs in inference.batches(_FrameBatch(b) for b in batches):
-                parts.append((list(batch.result.sizes), outputs))
+            for batch, outputs in inference.batches(_FrameBatch(c, list(c.frames)) for c in chunks):
+                yield FrameResults.of_chunk(self._models, batch.chunk, outputs)
         except BaseException:
-            # A bad frame (or a failure) mid-run: wait for what is queued, so the
-            # producer's buffers and the executor's slots are free for the next call.
+            # A failure mid-run, or the caller dropping the iterator: wait for what is
+            # queued, so the producer's buffers and the executor's slots are free for the
+            # next call.
             try:
                 self._executor.drain()
             except Exception as exc:
                 log.error("while draining the executor after an error: %s", exc)
             raise
-        return parts
+
+
+class _Held:
+    """An iterator that ends instead of raising: the first exception of ``it`` is kept
+    in :attr:`error`, so that what was queued before it is finished and handed out
+    first."""
+
+    def __init__(self, it: Iterable[Any]) -> None:
+        self._it = iter(it)
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> "_Held":
+        return self
+
+    def __next__(self) -> Any:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            self.error = exc
+            raise StopIteration from None

@@ -6,7 +6,9 @@
   kernel's here: a measured bound, printed);
 * the streamed loop (FrameProducer + StreamedExecutor on the host device) against the
   plain CPU path, partial batches and batches of one included;
-* bad frames: InputError naming the frame, before any work for its batch;
+* bad frames: InputError naming the frame once the frames before it are done (in the
+  error's ``partial``), or error rows with ``on_error="row"``; iter_classify batch by
+  batch, a failing source, one call at a time;
 * the GPU path (``gpu`` marker, PyTorch backend) against the CPU path: NOT RUN YET.
 """
 
@@ -134,13 +136,13 @@ def test_alpha_modes_and_channel_order_change_the_view():
     views = {mode: FrameView.of(_M(dataclasses.replace(pre, alpha=mode)), "rgb") for mode in AlphaMode}
     out = {}
     for mode, view in views.items():
-        (batch,) = frame_batches([rgba], [view], 4)
-        out[mode] = reference_view(batch[0], 0, view)
+        (chunk,) = frame_batches([rgba], [view], 4)
+        out[mode] = reference_view(chunk.frames[0], 0, view)
     assert np.abs(out[AlphaMode.WHITE] - out[AlphaMode.BLACK]).max() > 0.5
     assert np.abs(out[AlphaMode.DROP] - out[AlphaMode.BLACK]).max() > 0.5
     bgr_view = FrameView.of(_M(pre), "bgr")
-    (batch,) = frame_batches([rgba[..., :3]], [bgr_view], 4)
-    swapped = reference_view(batch[0], 0, bgr_view)
+    (chunk,) = frame_batches([rgba[..., :3]], [bgr_view], 4)
+    swapped = reference_view(chunk.frames[0], 0, bgr_view)
     np.testing.assert_allclose(swapped, out[AlphaMode.DROP][::-1], atol=1e-6)
 
 
@@ -231,8 +233,8 @@ def test_gender_frames_match_engine_run_rows_on_the_same_pngs(tmp_path, random_m
     view = FrameView.of(model, "rgb")
     with DaliPreprocessor(views=[(GENDER, model.spec.preprocess)], max_batch=len(frames), num_threads=2) as pre:
         dali = pre.process([(folder / n).read_bytes() for n in names]).views[GENDER]
-    (batch,) = frame_batches(frames, [view], len(frames))
-    grey = 255 * np.abs(np.stack([reference_view(f, 0, view) for f in batch]) - dali)
+    (chunk,) = frame_batches(frames, [view], len(frames))
+    grey = 255 * np.abs(np.stack([reference_view(f, 0, view) for f in chunk.frames]) - dali)
     with capsys.disabled():
         print(f"\n[frames vs engine run, {GENDER}] max |dp| {diff.max():.5f}, mean {diff.mean():.5f} over {len(frames)} "
               f"frames; views differ by {grey.mean():.3f} grey levels on average, {grey.max():.2f} at most")
@@ -313,7 +315,8 @@ def test_producer_on_the_host_device_writes_the_reference_views_and_grows_stagin
         producer = FrameProducer(dev, [(views[0], np.float32), (views[1], np.float16)], 4, ReferenceLauncher())
         base = dev.allocations
         for batch_frames, allocations in ((small, 1), (small[:1], 1), (big, 2), (small, 2)):
-            (batch,) = frame_batches(batch_frames, views, 4)
+            (chunk,) = frame_batches(batch_frames, views, 4)
+            batch = chunk.frames
             produced = producer(batch)
             dev.synchronize_stream(producer.stream)
             assert producer.stats.staging_allocations == allocations
@@ -359,8 +362,8 @@ BAD_FRAMES = [
 
 
 @pytest.mark.parametrize("bad,message", BAD_FRAMES)
-def test_a_bad_frame_raises_input_error_naming_it_before_work_on_its_batch(random_models, model_cache_dir, monkeypatch,
-                                                                           bad, message):
+def test_a_bad_frame_raises_input_error_naming_it_with_the_frames_before_it_done(random_models, model_cache_dir,
+                                                                                 monkeypatch, bad, message):
     model = random_models[GENDER]
     calls = []
     real = frames_mod.preprocess_reference
@@ -370,8 +373,125 @@ def test_a_bad_frame_raises_input_error_naming_it_before_work_on_its_batch(rando
         with pytest.raises(InputError, match=rf"^frame 4: .*{re.escape(message)}") as info:
             fc.classify(good[:4] + [bad] + good[4:])
         assert "\n" not in str(info.value)
-        assert len(calls) == 3  # the first batch only; nothing of the batch holding frame 4
+        assert len(calls) == 4  # frames 0-3 (the first batch, and frame 3 ahead of the bad one); nothing after
+        partial = info.value.partial
+        assert len(partial) == 4 and partial.first == 0 and not partial.errors
+        expected = fc.classify(good[:4])
+        np.testing.assert_allclose(partial[GENDER].probabilities, expected[GENDER].probabilities, atol=1e-6, rtol=0)
+        assert partial[GENDER].labels == expected[GENDER].labels
         assert len(fc.classify(good)) == 5  # still usable
+
+
+def _check_error_rows(res, frames, bad_at, clean, model):
+    """``res``: ``frames`` classified with on_error="row"; ``clean``: the good frames alone."""
+    n = len(frames)
+    assert len(res) == n and res.first == 0
+    assert sorted(res.errors) == bad_at
+    for i in bad_at:
+        assert not re.match(r"frame \d", res.errors[i]) and "\n" not in res.errors[i]
+    assert res.ok.tolist() == [i not in bad_at for i in range(n)]
+    good = np.flatnonzero(res.ok)
+    c = res[GENDER]
+    np.testing.assert_allclose(c.probabilities[good], clean[GENDER].probabilities, atol=1e-6, rtol=0)
+    assert [c.labels[i] for i in good] == list(clean[GENDER].labels)
+    assert np.isnan(c.probabilities[bad_at]).all() and (c.index[bad_at] == -1).all()
+    assert all(c.labels[i] is None for i in bad_at)
+    assert (res.sizes[bad_at] == -1).all() and (res.sizes[good] == clean.sizes).all()
+    df = res.to_polars()
+    assert df["frame"].to_list() == list(range(n))
+    assert df["error"].is_not_null().to_list() == [i in bad_at for i in range(n)]
+    assert df["error"][bad_at[0]] == res.errors[bad_at[0]]
+    assert df["gender_label"].is_null().to_list() == [i in bad_at for i in range(n)]
+    assert df["height"].drop_nulls().to_list() == clean.sizes[:, 0].tolist()
+    assert df["gender_model"].drop_nulls().to_list() == [model.spec.key] * len(good)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
+def test_on_error_row_keeps_bad_frames_as_error_rows_and_classifies_the_rest(random_models, model_cache_dir, streamed):
+    """Bad frames first, in the middle, at the end, and a whole batch of them (frames 6-8
+    with batch size 3): every good frame gets the result it gets alone."""
+    model = random_models[GENDER]
+    good = _mixed_frames(40)[:6]
+    bads = [b for b, _ in BAD_FRAMES]
+    frames = [bads[0], good[0], good[1], good[2], bads[1], good[3], bads[2], bads[3], bads[4], good[4], good[5], bads[5]]
+    bad_at = [0, 4, 6, 7, 8, 11]
+    with FrameClassifier([model], batch_size=3, streamed=streamed, threads=2, cache_dir=model_cache_dir) as fc:
+        res = fc.classify(frames, on_error="row")
+        clean = fc.classify(good)
+        if streamed:
+            assert fc.producer_stats.frames == 2 * len(good)  # refused frames are never staged
+        again = fc.classify(frames, on_error="row")  # nothing left half-done
+    _check_error_rows(res, frames, bad_at, clean, model)
+    np.testing.assert_array_equal(again[GENDER].probabilities, res[GENDER].probabilities)
+    assert BAD_FRAMES[1][1] in res.errors[4]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
+def test_iter_classify_yields_each_batch_and_a_failing_source_loses_nothing(random_models, model_cache_dir, streamed):
+    model = random_models[GENDER]
+    frames = _mixed_frames(50)  # 9 frames
+    with FrameClassifier([model], batch_size=4, streamed=streamed, threads=2, cache_dir=model_cache_dir) as fc:
+        whole = fc.classify(frames)
+        parts = list(fc.iter_classify(frames))
+        assert [(p.first, len(p)) for p in parts] == [(0, 4), (4, 4), (8, 1)]
+        joined = frames_mod.FrameResults.concat(fc.models, parts)
+        np.testing.assert_allclose(joined[GENDER].probabilities, whole[GENDER].probabilities, atol=1e-6, rtol=0)
+        assert parts[1].to_polars()["frame"].to_list() == [4, 5, 6, 7]
+
+        def decoder():  # a video decoder that fails after 6 frames
+            yield from frames[:6]
+            raise OSError("decoder: corrupt packet")
+
+        got = []
+        with pytest.raises(OSError, match="corrupt packet"):
+            for part in fc.iter_classify(decoder()):
+                got.append(part)
+        assert [(p.first, len(p)) for p in got] == [(0, 4), (4, 2)]  # the 2 frames it gave after batch 1 too
+        with pytest.raises(OSError, match="corrupt packet") as info:
+            fc.classify(decoder())
+        assert len(info.value.partial) == 6
+        np.testing.assert_allclose(info.value.partial[GENDER].probabilities, whole[GENDER].probabilities[:6],
+                                   atol=1e-6, rtol=0)
+        assert len(fc.classify(frames)) == 9
+        with pytest.raises(EngineError, match="on_error must be one of raise, row"):
+            fc.classify(frames, on_error="skip")
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
+def test_one_call_at_a_time_and_an_abandoned_iterator_frees_the_classifier(random_models, model_cache_dir, streamed):
+    model = random_models[GENDER]
+    frames = _mixed_frames(60)
+    with FrameClassifier([model], batch_size=2, streamed=streamed, threads=2, cache_dir=model_cache_dir) as fc:
+        whole = fc.classify(frames)
+        it = fc.iter_classify(frames)
+        next(it)
+        with pytest.raises(RuntimeError, match="already classifying"):
+            fc.classify(frames)
+        it.close()  # abandoned mid-run: queued batches are finished and dropped
+        again = fc.classify(frames)
+    np.testing.assert_array_equal(again[GENDER].probabilities, whole[GENDER].probabilities)
+
+
+def test_frame_batches_on_error_modes():
+    view = FrameView.of(type("M", (), {"spec": SpecRegistry.builtin().get("gender")})(), "rgb")
+    ok, bad = np.zeros((10, 10, 3), np.uint8), np.zeros((10, 10, 3), np.float32)
+    frames = [ok, ok, ok, bad, ok, ok, bad]
+    rows = list(frame_batches(frames, [view], 3, on_error="row"))
+    assert [(c.start, c.count, [f.index for f in c.frames], sorted(c.errors)) for c in rows] == [
+        (0, 3, [0, 1, 2], []), (3, 3, [4, 5], [3]), (6, 1, [], [6])]
+    assert rows[1].errors[3].startswith("float32 array of shape (10, 10, 3)")
+    got = []
+    with pytest.raises(InputError, match=r"^frame 3: float32"):
+        for c in frame_batches(frames, [view], 3):
+            got.append(c)
+    assert [(c.start, c.count) for c in got] == [(0, 3)]  # frame 3 opens its batch: nothing before it there
+    got = []
+    with pytest.raises(InputError, match=r"^frame 3: "):
+        for c in frame_batches(frames, [view], 4):
+            got.append(c)
+    assert [(c.start, c.count, len(c.frames), dict(c.errors)) for c in got] == [(0, 3, 3, {})]  # its batch's head
+    with pytest.raises(EngineError, match="on_error"):
+        list(frame_batches(frames, [view], 3, on_error="skip"))
 
 
 def test_bgr_classifier_names_bgr_in_its_shape_message(random_models, model_cache_dir):
@@ -476,6 +596,7 @@ def test_batches_close_early_at_the_byte_budget_and_a_huge_frame_goes_alone():
     huge = np.zeros((40, 40, 3), np.uint8)  # 4800 bytes
     frames = small[:3] + [huge] + small[3:]
     batches = list(frame_batches(frames, [view], 4, max_bytes=700))
-    assert [[f.index for f in b] for b in batches] == [[0, 1], [2], [3], [4, 5]]
+    assert [[f.index for f in b.frames] for b in batches] == [[0, 1], [2], [3], [4, 5]]
+    assert [(b.start, b.count) for b in batches] == [(0, 2), (2, 1), (3, 1), (4, 2)]
     # Without a budget in reach, only the batch size splits.
-    assert [len(b) for b in frame_batches(frames, [view], 4, max_bytes=10**9)] == [4, 2]
+    assert [b.count for b in frame_batches(frames, [view], 4, max_bytes=10**9)] == [4, 2]
