@@ -11,6 +11,26 @@ from engine.specs import ChannelOrder, CropPosition, Interpolation, Preprocess, 
 from kernels.reference import CUBIC_A_PIL, Convention, Filter, Normalise, ResizeCrop
 
 
+def opencv_specs() -> dict[str, Preprocess]:
+    """antialias = false, the OpenCV convention: the gender spec, the quality spec without
+    antialiasing, and variants (bilinear BGR with other mean/std, odd sizes, centre crop,
+    squash with two filters, a one-pixel output)."""
+    reg = SpecRegistry.builtin()
+    gender = reg.get("gender").preprocess
+    quality = dataclasses.replace(reg.get("quality").preprocess, antialias=False)
+    return {
+        "gender-lanczos": gender,
+        "bilinear-bgr": dataclasses.replace(
+            gender, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
+        ),
+        "quality-bicubic": quality,
+        "odd-size-37-centre-bicubic": dataclasses.replace(quality, size=37, crop=CropPosition.CENTER),
+        "squash-29-bicubic": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH),
+        "squash-29-bilinear": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH, interpolation=Interpolation.BILINEAR),
+        "one-pixel": dataclasses.replace(quality, size=1),
+    }
+
+
 def pil_specs() -> dict[str, Preprocess]:
     """antialias = true, the PIL convention: the quality spec as built in, and variants
     (filters, BGR with other mean/std, top-left crop, squash, a one-pixel output)."""

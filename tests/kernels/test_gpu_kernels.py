@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kernels
-from engine.specs import ChannelOrder, CropPosition, Interpolation, ResizeRule, SpecRegistry
+from engine.specs import SpecRegistry
 from kernels.launch import Launch, postprocess_launch, preprocess_launch
 from kernels.reference import (
     Convention,
@@ -25,7 +25,7 @@ from kernels.reference import (
     postprocess_reference,
     preprocess_reference,
 )
-from tests.kernels.cases import pil_long_filter_case, pil_specs
+from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs
 
 pytestmark = pytest.mark.gpu
 
@@ -113,27 +113,11 @@ def run_preprocess(gpu, image, geom, norm, out_dtype, batch=1, index=0, pad=0):
         return gpu.fetch(out, out_host)
 
 
-def _specs():
-    reg = SpecRegistry.builtin()
-    gender = reg.get("gender").preprocess
-    quality = dataclasses.replace(reg.get("quality").preprocess, antialias=False)
-    return {
-        "gender-lanczos": gender,
-        "gender-bilinear-bgr": dataclasses.replace(
-            gender, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
-        ),
-        "quality-bicubic": quality,
-        "odd-size-bicubic": dataclasses.replace(quality, size=37, crop=CropPosition.CENTER),
-        "odd-size-squash-bilinear": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH, interpolation=Interpolation.BILINEAR),
-        "one-pixel": dataclasses.replace(quality, size=1),
-    }
-
-
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-@pytest.mark.parametrize("spec_name", list(_specs()))
+@pytest.mark.parametrize("spec_name", list(opencv_specs()))
 @pytest.mark.parametrize("hw", [(97, 131), (131, 97), (333, 517), (17, 23)])
 def test_preprocess_matches_reference(gpu, spec_name, hw, out_dtype):
-    pre = _specs()[spec_name]
+    pre = opencv_specs()[spec_name]
     h, w = hw
     image = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
     geom = ResizeCrop.from_preprocess(pre, h, w)

@@ -11,7 +11,6 @@ warp reductions without a GPU. It does not check device code generation or devic
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import shutil
 import subprocess
 
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 
 import kernels
-from engine.specs import ChannelOrder, Interpolation, ResizeRule, SpecRegistry
 from kernels.launch import postprocess_launch, preprocess_launch
 from kernels.reference import (
     Convention,
@@ -29,7 +27,7 @@ from kernels.reference import (
     postprocess_reference,
     preprocess_reference,
 )
-from tests.kernels.cases import pil_long_filter_case, pil_specs
+from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/clang++) to emulate the kernels")
@@ -147,26 +145,11 @@ def emulate_preprocess(lib, launch) -> None:
     )
 
 
-def _specs():
-    reg = SpecRegistry.builtin()
-    gender = reg.get("gender").preprocess
-    quality = dataclasses.replace(reg.get("quality").preprocess, antialias=False)
-    return {
-        "gender-lanczos": gender,
-        "bilinear-bgr": dataclasses.replace(
-            gender, interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.BGR, mean=(0.2, 0.4, 0.6), std=(0.3, 0.5, 0.7)
-        ),
-        "quality-bicubic": quality,
-        "squash-29": dataclasses.replace(quality, size=29, resize=ResizeRule.SQUASH),
-        "one-pixel": dataclasses.replace(quality, size=1),
-    }
-
-
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-@pytest.mark.parametrize("spec_name", list(_specs()))
+@pytest.mark.parametrize("spec_name", list(opencv_specs()))
 @pytest.mark.parametrize("hw", [(97, 131), (17, 23), (1080, 1920)])
 def test_preprocess_source_matches_reference(emulated, spec_name, hw, out_dtype):
-    pre = _specs()[spec_name]
+    pre = opencv_specs()[spec_name]
     h, w = hw
     image = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
     check_preprocess(emulated, image, ResizeCrop.from_preprocess(pre, h, w), Normalise.from_preprocess(pre), out_dtype)
