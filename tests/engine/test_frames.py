@@ -580,6 +580,10 @@ def test_gpu_path_with_the_torch_backend_matches_the_cpu_path(random_models, mod
         staging = fc.producer_stats.staging_allocations
         again = fc.classify(frames)
         assert fc.producer_stats.staging_allocations == staging  # sized by the largest batch, once
+        # Error rows, one batch of nothing but bad frames (nothing staged or launched for it).
+        bad = np.zeros((8, 8, 3), np.float32)
+        rows = fc.classify(frames[:4] + [bad] * 4 + frames[4:], on_error="row")
+    assert sorted(rows.errors) == [4, 5, 6, 7]
     for m in models:
         key = m.spec.key
         diff = np.abs(gpu[key].probabilities - cpu[key].probabilities).max()
@@ -587,6 +591,7 @@ def test_gpu_path_with_the_torch_backend_matches_the_cpu_path(random_models, mod
             print(f"\n[GPU frames ({precision}) vs CPU frames, {key}] max |dp| {diff:.2e}")
         assert diff < bound
         np.testing.assert_allclose(again[key].probabilities, gpu[key].probabilities, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(rows[key].probabilities[rows.ok], gpu[key].probabilities, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(gpu.sizes, cpu.sizes)
 
 
