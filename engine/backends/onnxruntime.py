@@ -47,6 +47,20 @@ def _open_session(ort, onnx_path: Path, threads: int | None, providers: list) ->
         raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {str(exc).splitlines()[0]}") from exc
 
 
+def require_provider(session: Any, provider: str, onnx_path: Path) -> Any:
+    """``session``, if ONNX Runtime really gave it ``provider``. When a provider fails to
+    start (for CUDA: missing or mismatched CUDA/cuDNN libraries) ORT prints an error and
+    quietly retries with the providers left, which would run a CUDA backend on the CPU."""
+    got = list(session.get_providers())
+    if provider not in got:
+        raise ModelError(
+            f"ONNX Runtime could not start the {provider} for {onnx_path} (the session fell back to "
+            f"{', '.join(got) or 'nothing'}); see ONNX Runtime's error above: usually the CUDA and cuDNN "
+            "libraries onnxruntime-gpu was built for are missing"
+        )
+    return session
+
+
 class OrtBackend:
     """Runs one ONNX model with ONNX Runtime.
 
@@ -71,7 +85,9 @@ class OrtBackend:
         self.precision = precision
         self.inputs = (input_decl,)
         self.outputs = (output_decl,)
-        self._session = _open_session(ort, onnx_path, threads, providers or ["CPUExecutionProvider"])
+        providers = list(providers or ["CPUExecutionProvider"])
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        self._session = require_provider(_open_session(ort, onnx_path, threads, providers), first, onnx_path)
         self._in_name = input_decl.name
         self._out_name = output_decl.name
         self._in_dtype = np.dtype(input_decl.dtype)
@@ -227,7 +243,8 @@ class OrtDeviceBackend:
             "user_compute_stream": str(handle),
         }
         providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
-        return self._check_names(_open_session(self._ort, self._path, self._threads or 1, providers))
+        session = _open_session(self._ort, self._path, self._threads or 1, providers)
+        return self._check_names(require_provider(session, CUDA_PROVIDER, self._path))
 
     def _session_for(self, slot_index: int) -> Any:
         return self._session if self.device_kind == "host" else self._sessions[slot_index]

@@ -240,6 +240,24 @@ def test_cuda_mode_without_the_cuda_provider_is_refused_in_one_line(tiny):
     assert "\n" not in message and "CUDAExecutionProvider" in message and "onnxruntime-gpu" in message
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="the CUDA provider is installed")
+def test_a_session_that_fell_back_from_the_provider_asked_for_is_refused(tiny):
+    """ONNX Runtime drops a provider it cannot start and carries on with the rest (here the
+    CPU build drops CUDA): a backend asked to run on CUDA must not quietly run on the CPU."""
+    from engine.backends.onnxruntime import require_provider
+
+    info = inspect_onnx(tiny)
+    session = ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"])
+    assert require_provider(session, "CPUExecutionProvider", tiny) is session
+    with pytest.raises(ModelError, match=r"could not start the CUDAExecutionProvider .*fell back to CPUExecutionProvider"):
+        require_provider(session, "CUDAExecutionProvider", tiny)
+    with pytest.raises(ModelError, match="could not start the CUDAExecutionProvider") as err:
+        OrtBackend(tiny, info.input, info.output, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "\n" not in str(err.value)
+    with OrtBackend(tiny, info.input, info.output, threads=1) as cpu:  # the default is the CPU, and it runs
+        assert cpu.providers == ("CPUExecutionProvider",)
+
+
 def test_close_is_idempotent_and_a_closed_backend_refuses_work(tiny):
     info = inspect_onnx(tiny)
     with OrtDeviceBackend(tiny, info.input, info.output, threads=1, max_batch=4) as backend:
