@@ -38,7 +38,7 @@ from engine.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: ``contexts`` (identical optimisation profiles, one per execution context)
 _HASH_CHUNK = 1 << 20
 
 
@@ -150,6 +150,10 @@ class Manifest:
     target: BuildTarget
     builder_optimization_level: int
     workspace_bytes: int
+    # Copies of ``profile`` in the engine: TensorRT needs one optimisation profile per
+    # execution context in concurrent use on a dynamic-shape engine, and the executor
+    # runs one context per ring slot.
+    contexts: int = 1
     # provenance, not part of the key
     source_onnx_sha256: str = ""
     build_seconds: float = 0.0
@@ -171,6 +175,7 @@ class Manifest:
         ("tensorrt_version", "TensorRT version"),
         ("builder_optimization_level", "builder optimisation level"),
         ("workspace_bytes", "workspace limit"),
+        ("contexts", "concurrent execution contexts"),
         ("manifest_version", "manifest format"),
     )
 
@@ -185,6 +190,7 @@ class Manifest:
             "tensorrt_version": self.target.tensorrt_version,
             "builder_optimization_level": self.builder_optimization_level,
             "workspace_bytes": self.workspace_bytes,
+            "contexts": self.contexts,
             "manifest_version": self.manifest_version,
         }
 
@@ -225,6 +231,7 @@ class Manifest:
                 target=BuildTarget(**{k: str(v) for k, v in data["target"].items()}),
                 builder_optimization_level=int(data["builder_optimization_level"]),
                 workspace_bytes=int(data["workspace_bytes"]),
+                contexts=int(data["contexts"]),
                 source_onnx_sha256=str(data.get("source_onnx_sha256", "")),
                 build_seconds=float(data.get("build_seconds", 0.0)),
                 built_at=str(data.get("built_at", "")),
@@ -333,6 +340,7 @@ class EngineQuery:
     precision: str
     target: BuildTarget
     batch_size: int
+    contexts: int = 1  # execution contexts the run keeps in concurrent use (the executor's ring depth)
 
     def rejects(self, m: Manifest) -> str | None:
         """Why an engine with manifest ``m`` (same model and precision) cannot serve
@@ -348,6 +356,9 @@ class EngineQuery:
         for r in m.profile:
             if not r.min[0] <= self.batch_size <= r.max[0]:
                 return f"its batch profile {r.min[0]}..{r.max[0]} does not include batch size {self.batch_size}"
+        if m.contexts < self.contexts:
+            return (f"built for {m.contexts} concurrent execution context(s) (one optimisation profile each), "
+                    f"the run needs {self.contexts}")
         return None
 
 
@@ -415,7 +426,8 @@ class EngineCache:
         nor, for INT8, the calibration set, so it matches on what decides whether an
         engine computes this model here: the model, the ONNX the engine was prepared
         from (``source_onnx_sha256``), the precision, the GPU and TensorRT; and the
-        profile must accept the run's batch size. Among several usable engines the one
+        profile must accept the run's batch size, and the engine must have a profile for each
+        execution context the run keeps (``contexts``). Among several usable engines the one
         tuned closest to the batch size (profile ``opt``) wins, then the newest. Every
         candidate's bytes are checked against the hash in its manifest."""
         usable: list[CacheEntry] = []

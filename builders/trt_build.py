@@ -32,12 +32,19 @@ import onnx
 from builders.manifest import BuildTarget, EngineCache, Manifest, ShapeRange, atomic_write
 from builders.precision import PreparedModel
 from engine.errors import DependencyError, EngineError, ModelError
+from engine.executor import MIN_DEPTH
 from engine.specs import Architecture, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's own default; 0 (fast build) .. 5 (slowest, most tactics)
+# Optimisation profiles per engine, all the same batch range: on a dynamic-shape engine
+# TensorRT gives each execution context in concurrent use its own profile, and the
+# streamed executor keeps one context per ring slot (MIN_DEPTH, the depth every caller
+# uses). More cost engine size and build time, not memory at run time.
+DEFAULT_CONTEXTS = MIN_DEPTH
+MAX_CONTEXTS = 16
 
 
 class TensorRTUnavailable(DependencyError):
@@ -99,8 +106,11 @@ class BuildOptions:
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
     timing_cache: bool = True  # load and save <cache_dir>/timing.*.cache
     device: int = 0
+    contexts: int = DEFAULT_CONTEXTS  # identical optimisation profiles (see DEFAULT_CONTEXTS)
 
     def __post_init__(self) -> None:
+        if isinstance(self.contexts, bool) or not isinstance(self.contexts, int) or not 1 <= self.contexts <= MAX_CONTEXTS:
+            raise ModelError(f"concurrent execution contexts must be an integer 1..{MAX_CONTEXTS}, got {self.contexts!r}")
         if self.workspace_bytes < (16 << 20):
             raise ModelError(f"workspace limit must be at least 16 MiB, got {self.workspace_bytes} bytes")
         if not 0 <= self.optimization_level <= 5:
@@ -178,6 +188,7 @@ def plan_manifest(
         target=target,
         builder_optimization_level=options.optimization_level,
         workspace_bytes=options.workspace_bytes,
+        contexts=options.contexts,
         source_onnx_sha256=prepared.source_sha256,
         input_names=(shape.name,),
         output_names=output_names(prepared.path),
@@ -270,8 +281,8 @@ def build_engine(
 
     started = time.perf_counter()
     logger.info(
-        "building %s %s engine for %s, batch %d/%d/%d: start",
-        spec.key, prepared.precision.value, target.describe(), profile.min, profile.opt, profile.max,
+        "building %s %s engine for %s, batch %d/%d/%d, %d profiles: start",
+        spec.key, prepared.precision.value, target.describe(), profile.min, profile.opt, profile.max, wanted.contexts,
     )
     trt_logger = _make_logger(trt)
     builder = trt.Builder(trt_logger)
@@ -283,10 +294,12 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
-    trt_profile = builder.create_optimization_profile()
-    for shape in wanted.profile:
-        trt_profile.set_shape(shape.name, shape.min, shape.opt, shape.max)
-    config.add_optimization_profile(trt_profile)
+    for k in range(wanted.contexts):  # profile k serves one execution context in use at a time
+        trt_profile = builder.create_optimization_profile()
+        for shape in wanted.profile:
+            trt_profile.set_shape(shape.name, shape.min, shape.opt, shape.max)
+        if config.add_optimization_profile(trt_profile) < 0:
+            raise ModelError(f"TensorRT refused optimisation profile {k} of {wanted.contexts} for {spec.key}")
 
     cache_file = timing_cache_path(cache_dir, target)
     if options.timing_cache:

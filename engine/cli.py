@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace limit in GiB (default 4)")
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level 0-5")
+    p.add_argument("--contexts", type=int, default=3, choices=range(1, 17), metavar="N",  # trt_build.DEFAULT_CONTEXTS, MAX_CONTEXTS
+                   help="execution contexts each engine serves at once, one optimisation profile each "
+                   "(default 3: `engine run` keeps one per slot of its 3-slot ring and passes over engines with fewer)")
     p.add_argument("--strict", action="store_true", help="fail when the agreement with FP32 is out of bounds")
     p.add_argument("--force", action="store_true", help="redo preparation and build even if cached")
     _add_model_sources(p)
@@ -334,7 +337,8 @@ def cmd_build(args) -> int:
         for _, spec in prepared
         if (text := getattr(args, f"{spec.task.value}_profile"))
     }
-    options = BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level)
+    options = BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level,
+                           contexts=args.contexts)
     for artifact in build_all(prepared, cache / "engines", profiles, options):
         print(f"engine: {artifact.path}" + (" (cached)" if artifact.from_cache else ""))
     return 0

@@ -153,13 +153,14 @@ def lookup_engines(
     or the problem: which models have none in ``cache_dir`` (with the reasons other
     engines were passed over). :func:`find_engines` adds the build command."""
     from builders.manifest import EngineCache, EngineQuery, onnx_sha256
+    from engine.executor import MIN_DEPTH
 
     cache = EngineCache(Path(cache_dir) / "engines")
     found: dict[str, CacheEntry] = {}
     missing: list[str] = []
     notes: list[str] = []
     for m in models:
-        query = EngineQuery(m.spec.key, onnx_sha256(m.onnx_path), precision, target, batch_size)
+        query = EngineQuery(m.spec.key, onnx_sha256(m.onnx_path), precision, target, batch_size, contexts=MIN_DEPTH)
         search = cache.find_for_run(query)
         if search.entry is None:
             missing.append(m.spec.key)

@@ -5,6 +5,12 @@ once in :meth:`bind`, the input shape set only when the batch size changes,
 ``execute_async_v3`` on the slot's stream, and CUDA graph capture through the driver
 API (:func:`engine.gpu.capture_graph`) after a plain enqueue at that shape.
 
+Contexts run concurrently (one per slot, each on its own stream), and TensorRT gives
+each context in concurrent use of a dynamic-shape engine its own optimisation profile:
+`engine build` makes the engine with ``contexts`` identical profiles (the manifest says
+how many), and every context takes a free one (``set_optimization_profile_async`` on
+its slot's stream, before its shapes are set) and hands it back when released.
+
 The engine is checked against its manifest (:func:`builders.manifest.check_engine`) and
 this GPU/TensorRT (:func:`builders.manifest.check_runtime`) before it is deserialised.
 """
@@ -21,6 +27,45 @@ from engine.backends.base import TensorDecl
 from engine.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+
+class ProfilePool:
+    """Which of an engine's ``count`` optimisation profiles each execution context holds
+    (keyed by the backend's context key); the lowest free one goes first."""
+
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+        self._free = list(range(self.count))
+        self._held: dict[Any, int] = {}
+
+    def take(self, key: Any) -> int:
+        if key in self._held:
+            raise ValueError(f"context {key!r} already holds profile {self._held[key]}")
+        if not self._free:
+            raise ModelError(
+                f"TensorRT engine has {self.count} optimisation profile(s), one per execution context in "
+                f"concurrent use, and all are taken; rebuild it with `engine build --contexts N` for a "
+                f"deeper executor ring, or run partial batches padded"
+            )
+        profile = self._free.pop(0)
+        self._held[key] = profile
+        return profile
+
+    def give(self, key: Any) -> None:
+        """Hand ``key``'s profile back (its context must be destroyed first); no-op if it
+        holds none."""
+        profile = self._held.pop(key, None)
+        if profile is not None:
+            self._free.append(profile)
+            self._free.sort()
+
+    @property
+    def held(self) -> dict[Any, int]:
+        return dict(self._held)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
 
 
 class TensorRTBackend:
@@ -53,9 +98,10 @@ class TensorRTBackend:
             decl = TensorDecl(name, shape, np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))), "cuda")
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 inputs.append(decl)
-                if shape and shape[0] is None:
-                    _, _, top = self._engine.get_tensor_profile_shape(name, 0)
-                    max_batch = int(top[0]) if max_batch is None else min(max_batch, int(top[0]))
+                if shape and shape[0] is None:  # the largest batch every profile admits
+                    top = min(int(self._engine.get_tensor_profile_shape(name, k)[2][0])
+                              for k in range(self._engine.num_optimization_profiles))
+                    max_batch = top if max_batch is None else min(max_batch, top)
                 elif shape:
                     max_batch = shape[0] if max_batch is None else min(max_batch, shape[0])
             else:
@@ -64,6 +110,8 @@ class TensorRTBackend:
             raise ModelError(f"{engine_path}: engine has {len(inputs)} inputs and {len(outputs)} outputs")
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.max_batch = int(max_batch or 1)
+        self.profiles = ProfilePool(self._engine.num_optimization_profiles)
+        self._warned_full = False
         self._contexts: dict[Any, Any] = {}  # slot index (or ("eager", index)) -> context
         self._batch: dict[Any, int] = {}  # the input batch each context is set to
         self._captured: dict[int, int] = {}  # slot index -> batch its graph was captured at
@@ -75,25 +123,36 @@ class TensorRTBackend:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _new_context(self, slot) -> Any:
-        """An execution context with the slot's buffers as tensor addresses."""
+    def _new_context(self, slot, key) -> Any:
+        """An execution context on a free optimisation profile, the slot's buffers as its
+        tensor addresses."""
+        from engine.gpu import stream_handle
+
         if self._engine is None:
             raise RuntimeError("backend is closed")
-        context = self._engine.create_execution_context()
-        if context is None:
-            raise ModelError("TensorRT could not create an execution context (out of GPU memory?)")
-        for decl in self.inputs:
-            ok = context.set_tensor_address(decl.name, slot.device_inputs[decl.name].ptr)
-            if ok is False:
-                raise ModelError(f"TensorRT refused the address of input {decl.name!r}")
-        for decl in self.outputs:
-            ok = context.set_tensor_address(decl.name, slot.device_outputs[decl.name].ptr)
-            if ok is False:
-                raise ModelError(f"TensorRT refused the address of output {decl.name!r}")
+        profile = self.profiles.take(key)
+        context = None
+        try:
+            context = self._engine.create_execution_context()
+            if context is None:
+                raise ModelError("TensorRT could not create an execution context (out of GPU memory?)")
+            # Before any shape is set: a context other than the engine's first has no profile yet.
+            if not context.set_optimization_profile_async(profile, stream_handle(slot.stream)):
+                raise ModelError(f"TensorRT refused optimisation profile {profile} for a new execution context")
+            for decl in self.inputs:
+                if context.set_tensor_address(decl.name, slot.device_inputs[decl.name].ptr) is False:
+                    raise ModelError(f"TensorRT refused the address of input {decl.name!r}")
+            for decl in self.outputs:
+                if context.set_tensor_address(decl.name, slot.device_outputs[decl.name].ptr) is False:
+                    raise ModelError(f"TensorRT refused the address of output {decl.name!r}")
+        except BaseException:
+            context = None  # destroyed before its profile is free again
+            self.profiles.give(key)
+            raise
         return context
 
     def bind(self, slot) -> None:
-        self._contexts[slot.index] = self._new_context(slot)
+        self._contexts[slot.index] = self._new_context(slot, slot.index)
         self._batch[slot.index] = 0
 
     def _set_batch(self, context, key, batch_size: int) -> Any:
@@ -109,28 +168,39 @@ class TensorRTBackend:
     def _context_for(self, slot, batch_size: int) -> Any:
         """The slot's context at ``batch_size``. Once a graph was captured on it, its
         shape must not change (the graph was recorded for that shape), so a batch of
-        another size runs on a second context of the slot, made on first need."""
+        another size runs on a second context of the slot, made on first need. With no
+        optimisation profile left for one, the batch runs at the graph's size on the
+        slot's own context: rows are independent, so the rows past ``batch_size`` (stale
+        data) cost time but change nothing the executor reads back."""
         captured = self._captured.get(slot.index)
         if captured is None or captured == batch_size:
             return self._set_batch(self._contexts[slot.index], slot.index, batch_size)
         key = ("eager", slot.index)
         if key not in self._contexts:
-            self._contexts[key] = self._new_context(slot)
+            if not self.profiles.free:
+                if not self._warned_full:
+                    log.info("TensorRT: no optimisation profile left for a second context; batches of other "
+                             "sizes run at the captured batch %d", captured)
+                    self._warned_full = True
+                return self._contexts[slot.index]
+            self._contexts[key] = self._new_context(slot, key)
             self._batch[key] = 0
         return self._set_batch(self._contexts[key], key, batch_size)
 
     def enqueue(self, slot, batch_size: int, stream) -> None:
+        from engine.gpu import stream_handle
+
         context = self._context_for(slot, batch_size)
-        if not context.execute_async_v3(int(stream.handle)):
+        if not context.execute_async_v3(stream_handle(stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT messages above")
 
     def capture(self, slot, batch_size: int, stream):
         """A CUDA graph of ``execute_async_v3`` at ``batch_size`` on this slot's context
         (the executor has already enqueued once at this shape, as TensorRT requires)."""
-        from engine.gpu import capture_graph
+        from engine.gpu import capture_graph, stream_handle
 
         context = self._context_for(slot, batch_size)
-        handle = int(stream.handle)
+        handle = stream_handle(stream)
 
         def enqueue() -> None:
             if not context.execute_async_v3(handle):
@@ -141,14 +211,20 @@ class TensorRTBackend:
         return graph
 
     def release(self, slot) -> None:
+        """Drop the slot's contexts (the executor has waited for its stream) and hand
+        their profiles back."""
         for key in (slot.index, ("eager", slot.index)):
-            self._contexts.pop(key, None)
+            context = self._contexts.pop(key, None)
             self._batch.pop(key, None)
+            del context  # destroyed before its profile is handed to another context
+            self.profiles.give(key)
         self._captured.pop(slot.index, None)
 
     def close(self) -> None:
         """Contexts first, then the engine, then the runtime."""
         self._contexts.clear()
         self._captured.clear()
+        for key in list(self.profiles.held):
+            self.profiles.give(key)
         self._engine = None
         self._runtime = None

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from builders.manifest import (
     BuildTarget,
     EngineCache,
+    MANIFEST_VERSION,
     EngineQuery,
     Manifest,
     ShapeRange,
@@ -55,6 +56,7 @@ def test_key_depends_on_every_key_field_and_not_on_provenance():
         "level": _manifest(builder_optimization_level=5),
         "workspace": _manifest(workspace_bytes=1 << 30),
         "model": _manifest(model="quality/head_crop"),
+        "contexts": _manifest(contexts=4),
     }
     keys = {name: m.key for name, m in variants.items()}
     assert base.key not in keys.values()
@@ -74,7 +76,12 @@ def test_json_round_trip_keeps_everything():
 
 def test_invalid_manifest_json_is_a_model_error():
     with pytest.raises(ModelError, match="not a valid engine manifest"):
-        Manifest.from_json('{"manifest_version": 1, "model": "x"}')
+        Manifest.from_json(f'{{"manifest_version": {MANIFEST_VERSION}, "model": "x"}}')
+    older = json.loads(_manifest().to_json())
+    older["manifest_version"] = 1  # before ``contexts``: its engine has a single profile
+    del older["contexts"]
+    with pytest.raises(ModelError, match="format 1 is not the supported format .*rebuild the engine"):
+        Manifest.from_json(json.dumps(older))
     newer = json.loads(_manifest().to_json())
     newer["manifest_version"] = 99
     with pytest.raises(ModelError, match="format 99"):
@@ -220,6 +227,14 @@ def test_run_lookup_ignores_build_options_but_not_what_decides_the_result(tmp_pa
 
     too_big = cache.find_for_run(_query(batch_size=128))
     assert too_big.entry is None and "batch profile 1..64 does not include batch size 128" in too_big.rejected[0]
+
+    # One optimisation profile per execution context the run keeps in concurrent use.
+    assert cache.find_for_run(_query(contexts=1)).entry.engine_path == stored.engine_path
+    too_few = cache.find_for_run(_query(contexts=3))
+    assert too_few.entry is None
+    assert "built for 1 concurrent execution context(s) (one optimisation profile each), the run needs 3" in too_few.rejected[0]
+    enough = cache.store(b"e3", _manifest(contexts=3))
+    assert cache.find_for_run(_query(contexts=3)).entry.engine_path == enough.engine_path
 
 
 def test_run_lookup_prefers_the_profile_tuned_nearest_the_batch_then_the_newest(tmp_path):

@@ -22,6 +22,7 @@ from builders.manifest import BuildTarget, EngineCache
 from builders.precision import Precision, prepare
 from builders.trt_build import (
     BatchProfile,
+    DEFAULT_CONTEXTS,
     BuildOptions,
     TensorRTUnavailable,
     build_engine,
@@ -89,6 +90,9 @@ def test_build_options_validation():
         BuildOptions(workspace_bytes=1024)
     with pytest.raises(ModelError, match="optimisation level"):
         BuildOptions(optimization_level=6)
+    for bad in (0, 17, True, 2.0):
+        with pytest.raises(ModelError, match="concurrent execution contexts must be an integer 1..16"):
+            BuildOptions(contexts=bad)
 
 
 def test_input_shape_range_from_graph(tmp_path, specs):
@@ -117,6 +121,9 @@ def test_plan_manifest_records_what_the_key_needs(gender, gender_fp16):
     assert manifest.profile[0].min == (1, 3, 224, 224) and manifest.profile[0].max == (16, 3, 224, 224)
     assert manifest.target == TARGET and manifest.builder_optimization_level == 2
     assert manifest.input_names == ("input",) and manifest.output_names == ("output",)
+    assert manifest.contexts == DEFAULT_CONTEXTS
+    more = plan_manifest(gender_fp16, gender.spec, profile, TARGET, BuildOptions(optimization_level=2, contexts=5))
+    assert more.contexts == 5 and more.key != manifest.key
     other_gpu = plan_manifest(gender_fp16, gender.spec, profile, dataclasses.replace(TARGET, compute_capability="8.9"))
     assert other_gpu.key != manifest.key
 
@@ -177,7 +184,10 @@ def test_build_strongly_typed_engine_and_cache(trt, gender, precision, tmp_path)
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     assert names == ["input", "output"]
     assert engine.get_tensor_dtype("input") == trt.DataType.FLOAT
-    assert tuple(engine.get_tensor_profile_shape("input", 0)[2]) == (8, 3, 224, 224)
+    assert engine.num_optimization_profiles == manifest["contexts"] == DEFAULT_CONTEXTS
+    for k in range(DEFAULT_CONTEXTS):  # identical profiles, one per execution context in use
+        assert [tuple(s) for s in engine.get_tensor_profile_shape("input", k)] == [
+            (1, 3, 224, 224), (4, 3, 224, 224), (8, 3, 224, 224)]
 
     again = build_engine(prepared, gender.spec, cache_dir, profile, options)
     assert again.from_cache and again.path == built.path

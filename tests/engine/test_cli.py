@@ -76,3 +76,16 @@ def test_cpu_run_of_prepared_precision_agrees_with_fp32(precision, calib_dir, ra
 def test_parser_has_the_issue_commands():
     sub = build_parser()._subparsers._group_actions[0].choices
     assert {"models", "run", "build", "bench", "export"} <= set(sub)
+
+
+def test_build_contexts_option_defaults_to_the_executor_ring_and_refuses_nonsense(capsys):
+    from builders.trt_build import DEFAULT_CONTEXTS, MAX_CONTEXTS
+
+    parser = build_parser()
+    assert parser.parse_args(["build"]).contexts == DEFAULT_CONTEXTS
+    assert parser.parse_args(["build", "--contexts", str(MAX_CONTEXTS)]).contexts == MAX_CONTEXTS
+    for bad in ("0", str(MAX_CONTEXTS + 1), "two"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["build", "--contexts", bad])
+        assert exc.value.code == 2
+    assert "--contexts" in capsys.readouterr().err

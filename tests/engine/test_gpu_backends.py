@@ -114,19 +114,25 @@ def trt_engine(tmp_path_factory, random_models):
     return model, artifact, wanted
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_tensorrt_executor_matches_onnxruntime(trt_engine, graphs):
+@pytest.mark.parametrize("graphs,pad_partial", [(False, True), (True, True), (True, False)])
+def test_tensorrt_executor_matches_onnxruntime(trt_engine, graphs, pad_partial):
+    """One context per slot, each on its own optimisation profile; with graphs and no
+    padding, the partial batch runs at the graph's size (no profile is left for a second
+    context) and still gives its rows' results."""
     from engine.backends.onnxruntime import OrtBackend
     from engine.backends.tensorrt import TensorRTBackend
 
     model, artifact, wanted = trt_engine
-    x = [np.random.default_rng(k).standard_normal((n, 3, 224, 224)).astype(np.float32) for k, n in enumerate([8, 8, 8, 3])]
+    x = [np.random.default_rng(k).standard_normal((n, 3, 224, 224)).astype(np.float32) for k, n in enumerate([8, 8, 8, 3, 8, 5])]
     with OrtBackend(model.onnx_path, model.info.input, model.info.output) as ort_backend:
         ref = [ort_backend.run(b) for b in x]
     with TensorRTBackend(artifact.path, wanted) as trt_backend:
         assert trt_backend.max_batch == 8
-        with StreamedExecutor({"m": trt_backend}, "cuda", ExecutorConfig(8, graphs=graphs)) as ex:
+        config = ExecutorConfig(8, graphs=graphs, pad_partial=pad_partial)
+        with StreamedExecutor({"m": trt_backend}, "cuda", config) as ex:
             assert (ex.graph_batch("m") is not None) == graphs
+            assert sorted(trt_backend.profiles.held.values()) == list(range(config.depth))
             got = [c.output("m") for c in ex.run({"m": b} for b in x)]
+        assert trt_backend.profiles.held == {}  # handed back as the slots were released
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)  # TF32 tactics may be chosen

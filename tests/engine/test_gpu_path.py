@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from builders.manifest import BuildTarget, EngineCache, Manifest, ShapeRange, onnx_sha256
+from builders.trt_build import DEFAULT_CONTEXTS
 from engine.cli import main
 from engine.errors import EngineError
-from engine.executor import ExecutorConfig, HostBackend, StreamedExecutor
+from engine.executor import MIN_DEPTH, ExecutorConfig, HostBackend, StreamedExecutor
 from engine.gpu import cuda_absent_reason
 from engine.gpu_path import build_command, find_engines, plan_path, torch_backend_problem
 from engine.models import ModelSource
@@ -149,12 +150,13 @@ def _tiny_onnx(path: Path, size: int, classes: int) -> Path:
     return path
 
 
-def _store_engine(cache_dir: Path, model: str, source: Path, precision: str, target: BuildTarget, size: int):
+def _store_engine(cache_dir: Path, model: str, source: Path, precision: str, target: BuildTarget, size: int,
+                  contexts: int = DEFAULT_CONTEXTS):
     shape = (3, size, size)
     manifest = Manifest(
         model=model, onnx_sha256="c" * 64, precision=precision,
         profile=(ShapeRange("input", (1, *shape), (32, *shape), (64, *shape)),),
-        target=target, builder_optimization_level=3, workspace_bytes=4 << 30,
+        target=target, builder_optimization_level=3, workspace_bytes=4 << 30, contexts=contexts,
         source_onnx_sha256=onnx_sha256(source), built_at="2026-11-25T00:00:00+00:00",
     )
     # Bytes standing in for a serialised engine: this tests the cache bookkeeping only.
@@ -186,6 +188,10 @@ def test_find_engines_for_a_run_or_the_command_that_builds_them(tmp_path):
     _store_engine(config.cache_dir, q_key, g_onnx, "fp16", H100, 384)
     _, problem = find_engines(models, config.models, config, "fp16", H100)
     assert "passed over:" in problem and "built from another ONNX" in problem
+    # So is one with fewer optimisation profiles than the executor's ring has slots.
+    _store_engine(config.cache_dir, q_key, q_onnx, "fp16", H100, 384, contexts=MIN_DEPTH - 1)
+    _, problem = find_engines(models, config.models, config, "fp16", H100)
+    assert f"built for {MIN_DEPTH - 1} concurrent execution context(s)" in problem and f"needs {MIN_DEPTH}" in problem
 
     q_entry = _store_engine(config.cache_dir, q_key, q_onnx, "fp16", H100, 384)
     found, problem = find_engines(models, config.models, config, "fp16", H100)
