@@ -153,7 +153,7 @@ table() {
         cat "$STEPS"
         grep -E '(passed|failed|skipped|error|deselected).* in [0-9.]+s' "$LOG" | tail -6
         grep -E '^(build_pycuda|full pack): built|^full pack:' "$LOG" | tail -2
-        grep -E '^dali (cpu|gpu)' "$LOG" | tail -12
+        grep -E '^dali (cpu|gpu)' "$LOG" | tail -15
         grep -E '^overlap ' "$LOG" | tail -6
         grep -E '^(speed|path|executor) ' "$LOG" | tail -4
     } | tee -a "$SUMMARY"

@@ -197,8 +197,11 @@ class DaliPreprocessor:
     growing with the aspect ratio); the default resamples only the crop window.
 
     ``device="gpu"`` decodes with DALI's mixed decoder (nvJPEG; ``hw_decoder_load`` is
-    the share of JPEGs given to the hardware decoder where the GPU has one) and
-    resizes, crops and normalises on GPU ``device_id`` (default 0). ``output_dtype``
+    the share of JPEGs given to the hardware decoder where the GPU has one;
+    ``jpeg_fancy_upsampling``, on by default, upsamples chroma as libjpeg-turbo does, so
+    JPEGs decode as on the CPU pipeline and as the cards' PIL/OpenCV decode them; nvJPEG's
+    default is cheaper and differs at colour edges) and resizes, crops and normalises on
+    GPU ``device_id`` (default 0). ``output_dtype``
     (float32 or float16) is what ``crop_mirror_normalize`` writes, on either device.
     """
 
@@ -213,6 +216,7 @@ class DaliPreprocessor:
         device_id: int | None = None,
         output_dtype: Any = np.float32,
         hw_decoder_load: float = 0.65,
+        jpeg_fancy_upsampling: bool = True,
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise EngineError(f"DALI preprocessing device must be 'cpu' or 'gpu', got {device!r}")
@@ -253,6 +257,7 @@ class DaliPreprocessor:
         self._device_id: int | None = device_id
         self._dtype = dtype
         self._hw_decoder_load = float(hw_decoder_load)
+        self._fancy_upsampling = bool(jpeg_fancy_upsampling)
         self._pipe: Any = None
         self._closed = False
         # Host decodes (PIL releases the GIL while decoding) run num_threads at a time.
@@ -316,6 +321,7 @@ class DaliPreprocessor:
             device_id=self._device_id,
             output_dtype=self._dtype,
             hw_decoder_load=self._hw_decoder_load,
+            jpeg_fancy_upsampling=self._fancy_upsampling,
         )
         try:
             pipe.build()
@@ -620,6 +626,7 @@ def define_pipeline(
     device_id: int | None = None,
     output_dtype: Any = np.float32,
     hw_decoder_load: float = 0.65,
+    jpeg_fancy_upsampling: bool = True,
 ) -> Any:
     """The pipeline object, not built (building a GPU pipeline needs a GPU; tracing its
     graph does not)."""
@@ -639,7 +646,8 @@ def define_pipeline(
         rgba = fn.external_source(name=_RGBA, dtype=types.UINT8, ndim=3, layout="HWC")
         on_host = fn.external_source(name=_ON_HOST, dtype=types.BOOL, ndim=0)
         if on_gpu:
-            decoded = fn.decoders.image(enc, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+            decoded = fn.decoders.image(enc, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
+                                        jpeg_fancy_upsampling=bool(jpeg_fancy_upsampling))
             rgba = rgba.gpu()
         else:
             decoded = fn.decoders.image(enc, device="cpu", output_type=types.RGB)
