@@ -552,14 +552,26 @@ def _host_array(out: Any, dtype: np.dtype) -> np.ndarray:
     return np.array(out.as_array(), dtype=dtype, copy=True)
 
 
+_DALI_DTYPE_NAMES = {np.dtype(np.float32): "FLOAT", np.dtype(np.float16): "FLOAT16"}
+
+
 def _dense_pointer(tensors: Any, shape: tuple[int, int, int, int], dtype: np.dtype, key: str) -> int:
-    """The address of sample 0, after checking that the samples lie back to back with
-    the declared shape and dtype (DALI makes pipeline outputs contiguous)."""
+    """The address of sample 0, after checking that the samples have the declared dtype
+    and shape and lie back to back (DALI makes pipeline outputs contiguous). Addresses
+    are read per sample: a TensorList's own ``data_ptr`` raises when it is not one
+    buffer."""
+    from nvidia.dali import types
+
     count, sample = shape[0], shape[1:]
     if len(tensors) != count:
         raise EngineError(f"view '{key}': DALI returned {len(tensors)} samples for a batch of {count}")
-    stride = int(np.prod(sample)) * dtype.itemsize
-    base = int(tensors.data_ptr())
+    want = getattr(types, _DALI_DTYPE_NAMES[np.dtype(dtype)])
+    if tensors.dtype != want:
+        raise EngineError(f"view '{key}': DALI returned {tensors.dtype} samples, expected {want}")
+    if count == 0:
+        return 0
+    stride = int(np.prod(sample)) * np.dtype(dtype).itemsize
+    base = int(tensors[0].data_ptr())
     for j in range(count):
         item = tensors[j]
         if tuple(item.shape()) != sample:

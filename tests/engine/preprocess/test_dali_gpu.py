@@ -89,6 +89,25 @@ def test_bad_device_arguments(kwargs, match):
         DaliPreprocessor(BOTH, max_batch=2, **kwargs)
 
 
+def test_dense_pointer_checks_count_dtype_and_shape_on_real_tensor_lists():
+    """What process_device hands the executor: sample 0's address, once count, dtype and
+    shape match (real DALI TensorLists, on the host here; the same accessors on the GPU)."""
+    from nvidia.dali.backend import TensorListCPU
+
+    from engine.preprocess.dali_pipeline import _dense_pointer
+
+    batch = np.arange(2 * 3 * 4 * 4, dtype=np.float16).reshape(2, 3, 4, 4)
+    tensors = TensorListCPU(batch)
+    base = _dense_pointer(tensors, (2, 3, 4, 4), np.dtype(np.float16), "v")
+    assert base == int(tensors[0].data_ptr()) and int(tensors[1].data_ptr()) == base + 3 * 4 * 4 * 2
+    with pytest.raises(EngineError, match="DALI returned 2 samples for a batch of 3"):
+        _dense_pointer(tensors, (3, 3, 4, 4), np.dtype(np.float16), "v")
+    with pytest.raises(EngineError, match="DALI returned DALIDataType.FLOAT16 samples, expected DALIDataType.FLOAT"):
+        _dense_pointer(tensors, (2, 3, 4, 4), np.dtype(np.float32), "v")
+    with pytest.raises(EngineError, match=r"sample 0 has shape \(3, 4, 4\), expected \(3, 8, 2\)"):
+        _dense_pointer(tensors, (2, 3, 8, 2), np.dtype(np.float16), "v")
+
+
 def test_process_device_needs_the_gpu_pipeline():
     with DaliPreprocessor(BOTH[:1], max_batch=1) as pre:
         with pytest.raises(EngineError, match="device='gpu'"):
