@@ -241,6 +241,7 @@ def test_cuda_mode_without_the_cuda_provider_is_refused_in_one_line(tiny):
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="the CUDA provider is installed")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_a_session_that_fell_back_from_the_provider_asked_for_is_refused(tiny):
     """ONNX Runtime drops a provider it cannot start and carries on with the rest (here the
     CPU build drops CUDA): a backend asked to run on CUDA must not quietly run on the CPU."""
