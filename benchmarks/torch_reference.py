@@ -191,8 +191,16 @@ class ReferencePipeline:
         return self._loaders[ident]
 
     def iterate(self, paths: Sequence[Path], keys: Sequence[str], limit: int | None = None) -> Iterator[dict]:
-        for i, batch in enumerate(self.loader(paths, keys)):
+        """The loader's batches, the first ``limit`` of them if given (a warm-up). With
+        workers, the rest of that epoch is then drained unseen: a persistent-worker
+        DataLoader finishes the batches it has handed out before a new epoch starts, so
+        a warm-up that stopped early would push that decoding into the next, timed pass."""
+        batches = iter(self.loader(paths, keys))
+        for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
+                if self.workers > 0:
+                    for _ in batches:
+                        pass
                 return
             yield batch
 
