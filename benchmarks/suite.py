@@ -67,6 +67,16 @@ RANDOM_WEIGHTS_NOTE = (
 # ----------------------------------------------------------------------------- bookkeeping
 
 
+def release_memory() -> None:
+    """Collect garbage and, where torch has used CUDA, hand its cached blocks back to the
+    driver: NVML's "used" (the device memory figure) counts torch's cache until
+    ``empty_cache``, so one configuration's leftovers would count as the next one's peak."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class _Recorder:
     """Collects configurations, results and skipped items; times each stage."""
 
@@ -83,8 +93,9 @@ class _Recorder:
 
     def opening(self, cid: str) -> None:
         """Note the host memory before a configuration opens: its stages report their peak
-        above this level too (the configuration's own models, buffers and workers)."""
-        gc.collect()
+        above this level too (the configuration's own models, buffers and workers). What
+        earlier configurations left is released first (see :func:`release_memory`)."""
+        release_memory()
         self._open_host_mb = sample_host_mb()
 
     def add_config(self, cid: str, pipeline: Pipeline, backend: str, device: str, precision: Precision, label: str, details: dict) -> None:
@@ -190,7 +201,10 @@ def _measure_reference(
                     good = batch["ok"].bool()  # undecodable files are not inference input (as in the engine)
                     for k in collect:
                         if bool(good.any()):
-                            inputs[k].append(batch[k][good])
+                            x = batch[k] if bool(good.all()) else batch[k][good]
+                            if pipe.config.device == "cuda" and not x.is_pinned():
+                                x = x.pin_memory()  # as the loader's batches: copied in asynchronously
+                            inputs[k].append(x)
             first["pass"] = False
             return n
 
@@ -589,10 +603,11 @@ def _run_engine_config(
         }
         rec.add_config(cid, Pipeline.ENGINE, ec.entry.name, ec.device, ec.precision, ec.label(), details)
         _measure_engine(rec, pipe, image_set, specs, resolved)
-    gc.collect()
+    del pipe  # its models and buffers, before the memory is released
     if rec.cfg.engine_run_check and ec.entry.runner:
-        rec.opening(cid)  # `engine run` opens its own models: the benchmark's are closed by now
+        rec.opening(cid)  # `engine run` opens its own models: the benchmark's are gone by now
         _measure_engine_run(rec, ec, image_set, specs, resolved, context)
+    release_memory()
 
 
 def _reference_units(
@@ -640,11 +655,24 @@ def _run_reference_config(
             "threads": cfg.effective_threads,
             "channels_last": rc.channels_last,
             "libraries": {key: lib for key, _, lib in card_views(specs)},
+            "torch_math": _torch_math(),
         }
         rec.add_config(rc.config_id, Pipeline.REFERENCE, "torch", rc.device, rc.precision, rc.label(), details)
         _measure_reference(rec, pipe, paths, specs)
     del modules
     gc.collect()
+
+
+def _torch_math() -> dict[str, bool]:
+    """The reference's math settings, torch's defaults left as they are (recorded: they
+    decide whether "FP32" convolutions and matmuls use TF32 on a GPU)."""
+    import torch
+
+    return {
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+    }
 
 
 def write_json(doc: dict, path: Path) -> None:

@@ -98,6 +98,7 @@ core() {
     else
         note "core: no pycuda, so no kernel, executor or overlap checks; the PyTorch reference still runs"
     fi
+    rm -rf /tmp/gpu_ref  # a warm machine's earlier results must not come back as this call's
     step torch_reference 120 "$PY" -m benchmarks run --device cuda --pipeline reference --frames 16 --crops 16 \
         --batch-size 16 --repeats 3 --warmup-batches 1 --rounds 1 --workers 4 --no-plot --no-engine-run --out /tmp/gpu_ref
     [[ -f /tmp/gpu_ref/results.json ]] && cp /tmp/gpu_ref/results.json "$OUT/reference.json"
