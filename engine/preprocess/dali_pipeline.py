@@ -552,7 +552,12 @@ def _host_array(out: Any, dtype: np.dtype) -> np.ndarray:
     return np.array(out.as_array(), dtype=dtype, copy=True)
 
 
-_DALI_DTYPE_NAMES = {np.dtype(np.float32): "FLOAT", np.dtype(np.float16): "FLOAT16"}
+def _dali_float_type(dtype: Any) -> Any:
+    """DALI's type for a view dtype (float16 or float32): what crop_mirror_normalize
+    writes and what process_device checks its outputs against."""
+    from nvidia.dali import types
+
+    return types.FLOAT16 if np.dtype(dtype) == np.dtype(np.float16) else types.FLOAT
 
 
 def _dense_pointer(tensors: Any, shape: tuple[int, int, int, int], dtype: np.dtype, key: str) -> int:
@@ -560,12 +565,10 @@ def _dense_pointer(tensors: Any, shape: tuple[int, int, int, int], dtype: np.dty
     and shape and lie back to back (DALI makes pipeline outputs contiguous). Addresses
     are read per sample: a TensorList's own ``data_ptr`` raises when it is not one
     buffer."""
-    from nvidia.dali import types
-
     count, sample = shape[0], shape[1:]
     if len(tensors) != count:
         raise EngineError(f"view '{key}': DALI returned {len(tensors)} samples for a batch of {count}")
-    want = getattr(types, _DALI_DTYPE_NAMES[np.dtype(dtype)])
+    want = _dali_float_type(dtype)
     if tensors.dtype != want:
         raise EngineError(f"view '{key}': DALI returned {tensors.dtype} samples, expected {want}")
     if count == 0:
@@ -651,7 +654,7 @@ def define_pipeline(
 
     views = tuple(views)
     on_gpu = device == "gpu"
-    out_type = types.FLOAT16 if np.dtype(output_dtype) == np.dtype(np.float16) else types.FLOAT
+    out_type = _dali_float_type(output_dtype)
 
     def define():
         enc = fn.external_source(name=_ENC, dtype=types.UINT8, ndim=1)
