@@ -214,6 +214,11 @@ OnError = Literal["raise", "row"]
 ON_ERROR = ("raise", "row")
 
 
+def check_on_error(on_error: Any) -> None:
+    if on_error not in ON_ERROR:
+        raise EngineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class FrameChunk:
     """One batch as :func:`frame_batches` hands it on: input frames ``start`` to
@@ -237,8 +242,7 @@ def frame_batches(frames: Iterable[Any], views: Sequence[FrameView], batch_size:
     chunk's ``errors`` and the rest go on; with ``"raise"`` the good frames before it
     are handed on as one last chunk, then its :class:`InputError` is raised; no frame
     after its chunk is read."""
-    if on_error not in ON_ERROR:
-        raise EngineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    check_on_error(on_error)
     start = 0
     for chunk in _chunks(frames, batch_size, max_bytes):
         checked: list[tuple[int, Any, tuple[ResizeCrop, ...]]] = []
@@ -797,8 +801,7 @@ class FrameClassifier:
         close or finish a generator before the next call."""
         if self._closed:
             raise RuntimeError("frame classifier is closed")
-        if on_error not in ON_ERROR:
-            raise EngineError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        check_on_error(on_error)  # now: the generator below starts only when iterated
         return self._iter_classify(frames, on_error)
 
     def _iter_classify(self, frames: Iterable[np.ndarray], on_error: OnError) -> Iterator[FrameResults]:
