@@ -214,9 +214,8 @@ class TensorRTBackend:
         """Drop the slot's contexts (the executor has waited for its stream) and hand
         their profiles back."""
         for key in (slot.index, ("eager", slot.index)):
-            context = self._contexts.pop(key, None)
+            self._contexts.pop(key, None)  # the context is destroyed here, before its profile is free again
             self._batch.pop(key, None)
-            del context  # destroyed before its profile is handed to another context
             self.profiles.give(key)
         self._captured.pop(slot.index, None)
 
