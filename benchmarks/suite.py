@@ -607,7 +607,6 @@ def _run_engine_config(
     if rec.cfg.engine_run_check and ec.entry.runner:
         rec.opening(cid)  # `engine run` opens its own models: the benchmark's are gone by now
         _measure_engine_run(rec, ec, image_set, specs, resolved, context)
-    release_memory()
 
 
 def _reference_units(
