@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import logging
 import os
@@ -71,12 +72,81 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cuda_pci_bus_id(ordinal: int = 0) -> str | None:
+    """PCI bus id (``0000:3b:00.0``) of CUDA device ``ordinal`` as this process numbers
+    devices (after ``CUDA_VISIBLE_DEVICES``), through the driver API with ctypes; None
+    without a driver or device. nvidia-smi and NVML number GPUs their own way and
+    ignore ``CUDA_VISIBLE_DEVICES``: the bus id is what both agree on."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    if lib.cuInit(0) != 0:
+        return None
+    dev = ctypes.c_int(0)
+    if lib.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(ordinal)) != 0:
+        return None
+    buf = ctypes.create_string_buffer(32)
+    if lib.cuDeviceGetPCIBusId(buf, ctypes.c_int(len(buf)), dev) != 0:
+        return None
+    return buf.value.decode("ascii", "replace") or None
+
+
+def same_pci_bus(a: str, b: str) -> bool:
+    """Whether two PCI bus ids name the same device: nvidia-smi writes
+    ``00000000:3B:00.0``, CUDA ``0000:3b:00.0``; the domain may be left out."""
+
+    def key(bus_id: str) -> tuple[int, ...] | None:
+        parts = bus_id.strip().lower().replace(".", ":").split(":")
+        if len(parts) == 3:
+            parts = ["0"] + parts
+        try:
+            return tuple(int(p, 16) for p in parts) if len(parts) == 4 else None
+        except ValueError:
+            return None
+
+    ka, kb = key(a), key(b)
+    return ka is not None and ka == kb
+
+
+def parse_gpu_query(out: str, bus_id: str | None) -> dict | None:
+    """The GPU of an nvidia-smi ``--query-gpu=pci.bus_id,name,driver_version,
+    memory.total,compute_cap`` answer: the one on ``bus_id`` (CUDA device 0, the one
+    the suite measures) when given and listed, else the first listed."""
+    rows = [[f.strip() for f in line.split(",")] for line in out.splitlines() if line.strip()]
+    if not rows:
+        return None
+    chosen, selected_by = rows[0], "first_listed"
+    if bus_id is not None:
+        for row in rows:
+            if same_pci_bus(row[0], bus_id):
+                chosen, selected_by = row, "cuda_device_0"
+                break
+        else:
+            log.warning("CUDA device 0 (%s) not among nvidia-smi's GPUs: recording the first", bus_id)
+    fields = chosen[1:]
+    info: dict = {
+        "name": fields[0] if fields else "unknown",
+        "driver": fields[1] if len(fields) > 1 else None,
+        "count": len(rows),
+        "pci_bus_id": chosen[0] or None,
+        "selected_by": selected_by,
+    }
+    try:
+        info["memory_mb"] = float(fields[2])
+    except (IndexError, ValueError):
+        info["memory_mb"] = None
+    info["compute_capability"] = fields[3] if len(fields) > 3 else None
+    return info
+
+
 def gpu_info() -> dict | None:
-    """Name, driver, memory and compute capability of GPU 0 from nvidia-smi, or None."""
+    """Name, driver, memory and compute capability of the GPU the suite measures (CUDA
+    device 0, matched by PCI bus id) from nvidia-smi, or None."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
-    query = "name,driver_version,memory.total,compute_cap"
+    query = "pci.bus_id,name,driver_version,memory.total,compute_cap"
     try:
         out = subprocess.run(
             [smi, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
@@ -88,17 +158,9 @@ def gpu_info() -> dict | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("nvidia-smi failed (%s): GPU not recorded", exc)
         return None
-    lines = [line for line in out.splitlines() if line.strip()]
-    if not lines:
-        return None
-    fields = [f.strip() for f in lines[0].split(",")]
-    info: dict = {"name": fields[0], "driver": fields[1] if len(fields) > 1 else None, "count": len(lines)}
-    try:
-        info["memory_mb"] = float(fields[2])
-    except (IndexError, ValueError):
-        info["memory_mb"] = None
-    info["compute_capability"] = fields[3] if len(fields) > 3 else None
-    info["cuda_runtime"] = _torch_cuda_version()
+    info = parse_gpu_query(out, cuda_pci_bus_id(0))
+    if info is not None:
+        info["cuda_runtime"] = _torch_cuda_version()
     return info
 
 
@@ -153,8 +215,6 @@ def git_commit(repo: Path | None = None) -> str | None:
 
 def cuda_device_present() -> bool:
     """Whether the CUDA driver sees a device (ctypes; imports no GPU library)."""
-    import ctypes
-
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:

@@ -8,7 +8,8 @@ forked workers share with the parent are counted once; where PSS is unavailable 
 falls back to RSS (and says so), and off Linux to this process's ``ru_maxrss``.
 
 Device memory (where a GPU exists) is sampled through NVML, loaded with ctypes on first
-use: the device-wide used memory above what was used when sampling started. It sees
+use: the device-wide used memory, of the GPU that is CUDA device 0 (found by PCI bus
+id), above what was used when sampling started. It sees
 every allocator (PyTorch's caching allocator, ONNX Runtime's arena, TensorRT), which
 ``torch.cuda.max_memory_allocated`` does not.
 """
@@ -27,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from benchmarks.machine import cuda_pci_bus_id
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +158,22 @@ class _Nvml:
     class _Memory(ctypes.Structure):
         _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self) -> None:
         self._lib = ctypes.CDLL("libnvidia-ml.so.1")
         if self._lib.nvmlInit_v2() != 0:
             raise OSError("nvmlInit failed")
         self._handle = ctypes.c_void_p()
-        if self._lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self._handle)) != 0:
-            raise OSError(f"no NVML device {index}")
+        # NVML numbers GPUs its own way and ignores CUDA_VISIBLE_DEVICES: find CUDA
+        # device 0 (the one measured) by its PCI bus id; NVML index 0 only without one
+        bus_id = cuda_pci_bus_id(0)
+        if bus_id is not None:
+            rc = self._lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), ctypes.byref(self._handle))
+            if rc == 0:
+                return
+            log.warning("NVML has no GPU on bus %s (error %d): measuring NVML device 0", bus_id, rc)
+        if self._lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self._handle)) != 0:
+            self._lib.nvmlShutdown()
+            raise OSError("no NVML device 0")
 
     def used_bytes(self) -> int:
         mem = self._Memory()
@@ -174,7 +186,7 @@ class _Nvml:
 
 
 def device_used_bytes() -> int | None:
-    """Device-wide used memory of GPU 0 now, or None where NVML is unavailable."""
+    """Device-wide used memory of CUDA device 0 now, or None where NVML is unavailable."""
     try:
         nvml = _Nvml()
     except OSError as exc:

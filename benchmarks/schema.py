@@ -49,7 +49,11 @@ _GPU = _obj(
         "memory_mb": _NUM_OR_NULL,
         "compute_capability": _STR_OR_NULL,
         "cuda_runtime": _STR_OR_NULL,
-    }
+        "pci_bus_id": _STR_OR_NULL,
+        "selected_by": {"enum": ["cuda_device_0", "first_listed"]},
+    },
+    # files written before the GPU was matched by bus id lack the last two
+    required=["name", "driver", "count", "memory_mb", "compute_capability", "cuda_runtime"],
 )
 
 _STATS = _obj(
