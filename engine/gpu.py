@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -148,16 +149,11 @@ def capture_graph(stream: Any, enqueue: Callable[[], None]) -> DriverGraph:
     return DriverGraph(graph, exec_)
 
 
-def _current_context() -> int | None:
-    """The calling thread's current CUcontext (an address), None when there is none."""
-    ctx = ctypes.c_void_p()
-    driver().call("cuCtxGetCurrent", ctypes.byref(ctx))
-    return ctx.value
-
-
 class CudaContext:
     """Retains device ``device_id``'s primary context and makes it current on this
-    thread until :meth:`close` (idempotent)."""
+    thread until :meth:`close` (idempotent). The thread's context stack is as it was
+    before, once closed; contexts opened on one thread close in reverse order (as
+    ``with`` blocks do)."""
 
     def __init__(self, device_id: int = 0) -> None:
         cuda = import_pycuda()
@@ -167,9 +163,9 @@ class CudaContext:
         cuda.init()
         self.device_id = device_id
         self.device = cuda.Device(device_id)
-        self._previous = _current_context()  # what was current before us (restored by close)
+        self._thread = threading.get_ident()
         self._ctx = self.device.retain_primary_context()
-        self._ctx.push()
+        self._ctx.push()  # on the driver's stack and pycuda's own
         self.name = self.device.name()
         log.debug("CUDA context on device %d (%s) made current", device_id, self.name)
 
@@ -186,14 +182,16 @@ class CudaContext:
     def close(self) -> None:
         if self._ctx is None:
             return
+        if threading.get_ident() != self._thread:
+            # context stacks are per thread: from here it would pop another context
+            raise CudaError("a CUDA context must be closed on the thread that opened it")
         ctx, self._ctx = self._ctx, None
-        ctx.pop()
+        # pycuda 2026.1 (cuda.hpp, context::detach): for the context on top of its own
+        # stack it releases the primary context and forgets it, leaving the driver's
+        # stack alone; popped first, it would push the context again to release it and
+        # leave that entry behind. So: detach while current, then pop our own push.
         ctx.detach()
-        # pycuda's detach() of a context that is not current pushes it, releases the
-        # primary context and does not pop it again: undo that, so the thread's context
-        # stack is as it was before this object.
-        if _current_context() != self._previous:
-            driver().call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
+        driver().call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 
 
 class CudaArray:

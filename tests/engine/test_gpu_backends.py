@@ -24,6 +24,62 @@ def device():
         yield dev
 
 
+def _context_stack() -> list[int]:
+    """This thread's CUDA context stack, bottom first (popped to read, pushed back)."""
+    import ctypes
+
+    from engine.gpu import driver
+
+    drv, popped = driver(), []
+    while True:
+        current = ctypes.c_void_p()
+        drv.call("cuCtxGetCurrent", ctypes.byref(current))
+        if not current.value:
+            break
+        out = ctypes.c_void_p()
+        drv.call("cuCtxPopCurrent_v2", ctypes.byref(out))
+        popped.append(out.value)
+    for handle in reversed(popped):
+        drv.call("cuCtxPushCurrent_v2", ctypes.c_void_p(handle))
+    return popped[::-1]
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_closing_leaves_the_threads_context_stack_as_it_was(torch_first):
+    import threading
+
+    from engine.gpu import CudaDevice
+
+    seen: dict = {}
+
+    def body():  # a fresh thread: its stack starts empty
+        try:
+            if torch_first:  # PyTorch makes the primary context current first
+                torch = pytest.importorskip("torch")
+                torch.zeros(1, device="cuda").sum().item()
+            before = _context_stack()
+            inside = []
+            for _ in range(3):
+                with CudaDevice(0) as dev:
+                    inside.append(_context_stack())
+                    dev.device_empty((4,), np.float32)
+            seen.update(before=before, inside=inside, after=_context_stack())
+            if torch_first:
+                seen["torch_after"] = torch.ones(3, device="cuda").sum().item()
+        except BaseException as exc:  # re-raised on the test's thread
+            seen["error"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in seen:
+        raise seen["error"]
+    assert seen["after"] == seen["before"]
+    assert all(stack == seen["before"] + stack[-1:] and stack[-1] for stack in seen["inside"])
+    if torch_first:
+        assert len(seen["before"]) == 1 and seen["torch_after"] == 3.0
+
+
 def test_cuda_device_copies_and_counts_allocations(device):
     s = device.stream()
     host = device.host_empty((4, 5), np.float32)
