@@ -2,15 +2,17 @@
 
 Layout while a run is in progress, for ``--out results.parquet``::
 
-    results.parquet.lock            owner's pid; a second run on the same output refuses
+    results.parquet.lock            owner's pid, start time and host; a second run refuses
     results.parquet.parts/
         part-000001.parquet         each part written to a temp name, then renamed
         part-000002.parquet
 
 Every part is complete or absent, so a run killed at any point loses at most the rows
 still in memory. A rerun reads the paths already present (parts and any previous final
-file) and skips them; at the end everything is merged into ``results.parquet`` (temp
-file, fsync, rename) and the parts folder is removed.
+file) and skips those that were classified (a path whose rows are all errors is tried
+again); at the end everything is merged into ``results.parquet`` (temp file, fsync,
+rename; the last row of a path wins) and the parts folder is removed. Files get the
+mode the umask allows (0644 under umask 022), not the 0600 of a private temp file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -33,43 +36,73 @@ CONFIG_KEY = "engine.config"
 
 
 class OutputLock:
-    """An exclusive lock file holding the owner's pid; a lock whose process is gone is
-    stale and taken over."""
+    """An exclusive lock file naming its owner: pid, the process's start time and the
+    host. A lock whose process is gone, or whose pid now belongs to another process (a
+    reused pid: a container restarted, a reboot), is stale and taken over. A lock taken
+    on another host cannot be checked from here and is respected."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._held = False
 
     def acquire(self) -> None:
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise OutputError(f"{self.path} is in the way of the output's lock file: move it away")
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and _pid_alive(owner):
+                if owner is not None and _owner_alive(owner):
+                    where = "" if owner.get("host") in (None, _HOST) else f" on {owner['host']}"
                     raise OutputError(
-                        f"another run (pid {owner}) is writing {self.path.with_suffix('')}; "
+                        f"another run (pid {owner['pid']}{where}) is writing {self.path.with_suffix('')}; "
                         f"wait for it or choose another --out"
                     ) from None
-                log.warning("removing stale lock %s (pid %s is gone)", self.path, owner)
+                log.warning("removing stale lock %s (its process %s is gone)", self.path, owner and owner["pid"])
                 self.path.unlink(missing_ok=True)
                 continue
+            except OSError as exc:
+                raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "host": _HOST}, f)
             self._held = True
             return
         raise OutputError(f"cannot take the lock {self.path}")
 
-    def _owner(self) -> int | None:
+    def _owner(self) -> dict | None:
+        """The lock's owner; a bare pid is the format of earlier versions."""
         try:
-            return int(self.path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
+            text = self.path.read_text().strip()
+        except (OSError, ValueError):  # unreadable or not text: not a lock of ours
             return None
+        try:
+            data = json.loads(text or "0")
+        except ValueError:
+            return None
+        if isinstance(data, int):
+            data = {"pid": data}
+        if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or data["pid"] <= 0:
+            return None
+        return data
 
     def release(self) -> None:
         if self._held:
             self.path.unlink(missing_ok=True)
             self._held = False
+
+
+_HOST = socket.gethostname()
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat);
+    None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at 3
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,9 +115,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_alive(owner: Mapping) -> bool:
+    if owner.get("host") not in (None, _HOST):
+        return True  # another machine's process: cannot be checked from here
+    pid, recorded = owner["pid"], owner.get("start")
+    if pid == os.getpid() and recorded is None:
+        return False  # a bare pid is an earlier version's lock: not this process's
+    if not _pid_alive(pid):
+        return False
+    now = _start_time(pid)
+    # same pid, another start time: the pid was reused (pid 1 of a restarted container);
+    # the same start time in this very process: another writer of ours holds it
+    return recorded is None or now is None or recorded == now
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is 0600
+    finally:
+        os.close(fd)
     try:
         df.write_parquet(tmp, metadata=dict(metadata))
         with open(tmp, "rb") as f:
@@ -112,7 +174,12 @@ class ResultWriter:
         overwrite: bool = False,
         part_rows: int = 512,
     ) -> None:
-        self.out = Path(out)
+        out = Path(out)
+        if out.name in ("", ".", ".."):
+            raise OutputError(f"--out must name a file, got {str(out)!r}")
+        if out.is_symlink():  # write through the link: the link stays, its target is replaced
+            out = Path(os.path.realpath(out))
+        self.out = out
         self.schema = pl.Schema(schema)
         self.config_json = json.dumps(config, sort_keys=True)
         self.overwrite = overwrite
@@ -123,8 +190,9 @@ class ResultWriter:
         self._buffered = 0
         self._next_part = 1
         self.rows_written = 0
-        self.done: set[str] = set()
+        self.done: set[str] = set()  # paths classified by an earlier run: skipped
         self.resumed_rows = 0
+        self.failed: set[str] = set()  # paths that were only error rows: tried again
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> "ResultWriter":
@@ -135,12 +203,17 @@ class ResultWriter:
             raise OutputError(f"output folder is not writable: {parent}")
         if self.out.is_dir():
             raise OutputError(f"output path is a folder: {self.out}")
+        if self.out.exists() and not self.out.is_file():
+            # a device, FIFO or socket: the final rename would replace it
+            raise OutputError(f"output path is not a regular file: {self.out}")
+        if self.parts_dir.exists() and (self.parts_dir.is_symlink() or not self.parts_dir.is_dir()):
+            raise OutputError(f"{self.parts_dir} is in the way of the output's parts folder: move it away")
         self._lock.acquire()
         try:
             if self.overwrite:
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
                 self.out.unlink(missing_ok=True)
-            self.parts_dir.mkdir(exist_ok=True)
+            # (the parts folder is made by the first flush: a refused run leaves none)
             # Temp files of a killed run (we hold the lock, so none is being written).
             for stale in [*self.out.parent.glob(f".{self.out.name}.*.tmp"), *self.parts_dir.glob(".part-*.tmp")]:
                 stale.unlink(missing_ok=True)
@@ -160,6 +233,10 @@ class ResultWriter:
             else:
                 # Keep what is finished: the rows in memory become one more part.
                 self.flush()
+                try:  # a run that failed before its first part leaves no empty folder
+                    self.parts_dir.rmdir()
+                except OSError:
+                    pass  # not empty (or never made): kept
         finally:
             self._lock.release()
 
@@ -171,10 +248,12 @@ class ResultWriter:
         return files
 
     def _load_previous(self) -> None:
+        failed: set[str] = set()
         for f in self._existing_files():
             try:
                 meta = pl.read_parquet_metadata(f)
-                paths = pl.read_parquet(f, columns=["path"])["path"]
+                prev = pl.read_parquet(f, columns=["path", "error"])
+                paths, errors = prev["path"], prev["error"]
             except Exception as exc:  # a foreign or damaged file: never overwrite silently
                 raise OutputError(f"{f} is not a readable result file ({exc}); use --overwrite to start fresh") from None
             if meta.get(CONFIG_KEY) != self.config_json:
@@ -182,12 +261,16 @@ class ResultWriter:
                     f"{f} holds results of another configuration (models, weights or precision differ); "
                     f"use --overwrite to start fresh or choose another --out"
                 )
-            self.done.update(paths.to_list())
+            self.done.update(paths.filter(errors.is_null()).to_list())
+            failed.update(paths.filter(errors.is_not_null()).to_list())
             if f.parent == self.parts_dir:
                 self._next_part = max(self._next_part, int(f.stem.split("-")[1]) + 1)
         self.resumed_rows = len(self.done)
+        self.failed = failed - self.done
         if self.resumed_rows:
             log.info("resuming: %d images already in %s", self.resumed_rows, self.out)
+        if self.failed:
+            log.info("%d images that failed in an earlier run are tried again", len(self.failed))
 
     # -- writing -----------------------------------------------------------------------
     def add(self, rows: pl.DataFrame) -> None:
@@ -207,6 +290,7 @@ class ResultWriter:
         if not self._buffer:
             return
         df = pl.concat(self._buffer)
+        self.parts_dir.mkdir(exist_ok=True)
         part = self.parts_dir / f"part-{self._next_part:06d}.parquet"
         _atomic_write(df, part, {CONFIG_KEY: self.config_json})
         self._next_part += 1

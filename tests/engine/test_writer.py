@@ -80,7 +80,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
     # a live process holds it
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        lock.write_text(str(holder.pid))
+        lock.write_text(str(holder.pid))  # a lock of an earlier version: the bare pid
         with pytest.raises(OutputError, match=f"pid {holder.pid}"):
             ResultWriter(out, SCHEMA, CONFIG).open()
     finally:
@@ -88,7 +88,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
         holder.wait()
     # now the owner is dead: the lock is stale
     with ResultWriter(out, SCHEMA, CONFIG) as w:
-        assert lock.read_text() == str(os.getpid())
+        assert f'"pid": {os.getpid()}' in lock.read_text()
         w.add(rows(["a"]))
     assert not lock.exists()
 
@@ -110,3 +110,130 @@ def test_temp_files_of_a_killed_run_are_removed(tmp_path):
     with ResultWriter(out, SCHEMA, CONFIG) as w:
         w.add(rows(["a"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet"]
+
+
+def err_rows(names):
+    return pl.DataFrame({"path": names, "error": ["boom"] * len(names), "score": [None] * len(names)}, schema=SCHEMA)
+
+
+def test_error_rows_are_tried_again_on_resume_and_the_new_row_wins(tmp_path):
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        w.add(rows(["a"]))
+        w.add(err_rows(["b"]))
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        assert w.done == {"a"} and w.failed == {"b"}
+        w.add(rows(["b"]))  # b decodes now
+    df = pl.read_parquet(out)
+    assert df["path"].to_list() == ["a", "b"] and df["error"].to_list() == [None, None]
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        assert w.done == {"a", "b"} and w.failed == set()
+
+
+def test_output_files_get_the_mode_the_umask_allows(tmp_path):
+    out = tmp_path / "r.parquet"
+    old = os.umask(0o027)
+    try:
+        with ResultWriter(out, SCHEMA, CONFIG, part_rows=1) as w:
+            w.add(rows(["a"]))
+            (part,) = w.parts_dir.glob("part-*.parquet")
+            assert part.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_symlinked_output_is_written_through_its_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link.parquet"
+    link.symlink_to(tmp_path / "real" / "target.parquet")
+    with ResultWriter(link, SCHEMA, CONFIG) as w:
+        w.add(rows(["a"]))
+    assert link.is_symlink() and pl.read_parquet(link)["path"].to_list() == ["a"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["target.parquet"]
+
+
+def test_output_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path):
+    fifo = tmp_path / "f.parquet"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="not a regular file"):
+        ResultWriter(fifo, SCHEMA, CONFIG).open()
+    assert fifo.exists() and not fifo.is_file()
+    with pytest.raises(OutputError, match="not a regular file"):
+        ResultWriter("/dev/null", SCHEMA, CONFIG).open()
+    for bad in ("", "/", "."):
+        with pytest.raises(OutputError, match="must name a file"):
+            ResultWriter(bad, SCHEMA, CONFIG)
+
+
+def test_things_in_the_way_of_the_parts_folder_or_lock_are_user_errors(tmp_path):
+    out = tmp_path / "r.parquet"
+    (tmp_path / "r.parquet.parts").write_text("a file")
+    with pytest.raises(OutputError, match="parts folder"):
+        ResultWriter(out, SCHEMA, CONFIG).open()
+    (tmp_path / "r.parquet.parts").unlink()
+    (tmp_path / "r.parquet.lock").mkdir()
+    with pytest.raises(OutputError, match="lock file"):
+        ResultWriter(out, SCHEMA, CONFIG).open()
+
+
+def test_a_refused_or_failed_run_leaves_no_empty_parts_folder(tmp_path):
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        w.add(rows(["a"]))
+    with pytest.raises(OutputError):
+        ResultWriter(out, SCHEMA, {"other": 1}).open()
+    with pytest.raises(RuntimeError):
+        with ResultWriter(tmp_path / "s.parquet", SCHEMA, CONFIG):
+            raise RuntimeError("the models failed to open")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet"]
+    # a failure after a part was written keeps the part
+    with pytest.raises(RuntimeError):
+        with ResultWriter(tmp_path / "t.parquet", SCHEMA, CONFIG, part_rows=1) as w:
+            w.add(rows(["x"]))
+            raise RuntimeError
+    assert len(list((tmp_path / "t.parquet.parts").glob("part-*.parquet"))) == 1
+
+
+def _lock_json(pid, start, host=None):
+    import json
+    import socket
+
+    return json.dumps({"pid": pid, "start": start, "host": host or socket.gethostname()})
+
+
+def test_lock_records_its_owner_and_a_reused_pid_is_stale(tmp_path):
+    from engine.writer import _start_time
+
+    out = tmp_path / "r.parquet"
+    lock = tmp_path / "r.parquet.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        start = _start_time(holder.pid)
+        assert isinstance(start, int)
+        lock.write_text(_lock_json(holder.pid, start))  # the live owner itself: respected
+        with pytest.raises(OutputError, match=f"pid {holder.pid}\\)"):
+            ResultWriter(out, SCHEMA, CONFIG).open()
+        lock.write_text(_lock_json(holder.pid, start, host="elsewhere"))  # cannot be checked: respected
+        with pytest.raises(OutputError, match=f"pid {holder.pid} on elsewhere"):
+            ResultWriter(out, SCHEMA, CONFIG).open()
+        lock.write_text(_lock_json(holder.pid, start - 1))  # the pid now names another process
+        with ResultWriter(out, SCHEMA, CONFIG) as w:
+            w.add(rows(["a"]))
+    finally:
+        holder.kill()
+        holder.wait()
+    # this very process's pid in a lock it does not hold (pid 1 of a restarted container)
+    lock.write_text(_lock_json(os.getpid(), 0))
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        import json
+
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert json.loads(lock.read_text())["start"] == _start_time(os.getpid())
+    with ResultWriter(out, SCHEMA, CONFIG):  # a second writer in this same process is refused
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}\\)"):
+            ResultWriter(out, SCHEMA, CONFIG).open()
+    for junk in (b"\xff\xfe", b"[1, 2]", b"-5"):  # not a lock of ours: stale
+        lock.write_bytes(junk)
+        with ResultWriter(out, SCHEMA, CONFIG):
+            pass
