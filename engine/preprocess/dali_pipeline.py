@@ -431,6 +431,10 @@ class DaliPreprocessor:
                 errors[index] = undecodable_cause(data)
                 continue
             info = probe(data)
+            too_large = info.too_large()
+            if too_large is not None:  # refused alike on either route (see decode.MAX_PIXELS)
+                errors[index] = too_large
+                continue
             route = Route.DALI if info.dali_decodable else Route.HOST
             if route is Route.HOST:
                 log.debug("item %d (%s, alpha=%s) goes the host route", index, info.container.value, info.has_alpha)

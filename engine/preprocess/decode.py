@@ -54,6 +54,14 @@ class ImageDecodeError(InputError):
     """One file cannot be decoded; the message is the one-line cause."""
 
 
+# The most pixels an image may have to be decoded: PIL's own refusal level (twice its
+# MAX_IMAGE_PIXELS warning level, about 13400 x 13400), applied from the headers to every
+# file whichever decoder it goes to, so that a file is refused or decoded on its own
+# merits, never by which decoder its batch ended up on. A 30000 x 30000 image would
+# need 2.7 GB for its pixels alone; its file can be a few hundred bytes.
+MAX_PIXELS = 178_956_970
+
+
 @dataclass(frozen=True)
 class Probe:
     """What the headers say, without decoding pixels."""
@@ -61,6 +69,16 @@ class Probe:
     container: Container
     has_alpha: bool
     animated: bool  # read for WebP only (GIF goes to the host decoder whatever it holds)
+    size: tuple[int, int] | None = None  # (width, height) the header declares; None: not read
+
+    def too_large(self, limit: int = MAX_PIXELS) -> str | None:
+        """The one-line cause when the declared size exceeds ``limit`` pixels, else None."""
+        if self.size is None:
+            return None
+        w, h = self.size
+        if w * h <= limit:
+            return None
+        return f"image too large to decode safely ({w}x{h} = {w * h} pixels; the limit is {limit})"
 
     @property
     def dali_decodable(self) -> bool:
@@ -97,7 +115,78 @@ def probe(data: bytes | memoryview) -> Probe:
         has_alpha, animated = _webp_flags(data)
     elif container is Container.BMP:
         has_alpha = _bmp_has_alpha(data)
-    return Probe(container, has_alpha, animated)
+    return Probe(container, has_alpha, animated, header_size(data, container))
+
+
+def header_size(data: bytes | memoryview, container: Container | None = None) -> tuple[int, int] | None:
+    """(width, height) as the file's headers declare it, without decoding; None where
+    the headers are cut short or malformed (the decoder then says what is wrong) and for
+    TIFF (PIL's own limit applies there). For a JPEG, the first frame header (SOF)."""
+    container = container or sniff(data)
+    try:
+        if container is Container.PNG:
+            if bytes(data[12:16]) == b"IHDR":
+                return struct.unpack(">II", bytes(data[16:24]))
+        elif container is Container.JPEG:
+            return _jpeg_size(data)
+        elif container is Container.WEBP:
+            return _webp_size(data)
+        elif container is Container.BMP:
+            if int.from_bytes(bytes(data[14:18]), "little") == 12:  # OS/2 core header
+                return struct.unpack("<HH", bytes(data[18:22]))
+            w, h = struct.unpack("<ii", bytes(data[18:26]))
+            return abs(w), abs(h)  # a negative height: rows stored top-down
+        elif container is Container.GIF:
+            return struct.unpack("<HH", bytes(data[6:10]))  # the logical screen
+    except struct.error:
+        return None
+    return None
+
+
+# SOF markers: C0-CF but C4 (DHT), C8 (JPG extension) and CC (DAC)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        head = bytes(data[pos : pos + 9])  # marker, length and (for a SOF) the size
+        if head[0] != 0xFF:
+            return None  # lost in the stream: malformed
+        marker = head[1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI, SOS before any frame header
+            return None
+        if marker in _JPEG_SOF:
+            if len(head) < 9:
+                return None
+            h, w = struct.unpack(">HH", head[5:9])
+            return w, h
+        length = (head[2] << 8) | head[3]
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _webp_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    chunk = bytes(data[12:16])
+    if chunk == b"VP8X" and len(data) >= 30:
+        w = int.from_bytes(bytes(data[24:27]), "little") + 1
+        h = int.from_bytes(bytes(data[27:30]), "little") + 1
+        return w, h
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(bytes(data[21:25]), "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and len(data) >= 30 and bytes(data[23:26]) == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", bytes(data[26:30]))
+        return w & 0x3FFF, h & 0x3FFF
+    return None
 
 
 def _png_has_alpha(data: bytes | memoryview) -> bool:

@@ -382,3 +382,28 @@ def test_a_failure_does_not_poison_the_next_call(both):
     assert both.process([bad]).errors == {0: "truncated or corrupt JPEG"}
     again = both.process([good])
     assert np.array_equal(first.views[QUALITY.key], again.views[QUALITY.key])
+
+
+def _jpeg_claiming(data: bytes, width: int, height: int) -> bytes:
+    """A real JPEG whose frame header claims another size (a decompression bomb)."""
+    out = bytearray(data)
+    at = out.index(b"\xff\xc0")
+    out[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(out)
+
+
+def test_oversized_images_are_refused_from_the_header_alone_in_any_company():
+    from engine.preprocess.decode import MAX_PIXELS
+
+    good = encode(photo("rocket"), "JPEG")
+    bomb = _jpeg_claiming(encode(photo("chelsea"), "JPEG"), 30000, 30000)  # 2.7 GB of pixels, a 20 kB file
+    rgba_bomb = bytearray(encode(np.dstack([photo("coffee"), np.full((400, 600), 90, np.uint8)]), "PNG"))
+    rgba_bomb[16:24] = (20000).to_bytes(4, "big") + (20000).to_bytes(4, "big")  # host route (alpha)
+    cause = "image too large to decode safely (30000x30000 = 900000000 pixels; the limit is %d)" % MAX_PIXELS
+    with DaliPreprocessor(BOTH, max_batch=4, num_threads=2) as pre:
+        for items, index in (([bomb], 0), ([good, bomb, encode(photo("coffee"), "JPEG")[:4000]], 1),
+                             ([bytes(rgba_bomb), bomb, good], 1)):
+            result = pre.process(items)
+            assert result.errors[index] == cause
+        assert pre.process([bytes(rgba_bomb)]).errors[0].startswith("image too large to decode safely (20000x20000")
+        assert pre.process([good, bomb]).ok == [0]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import EngineError
-from engine.preprocess.decode import Container, ImageDecodeError, decode_rgba, probe, sniff
+from engine.preprocess.decode import MAX_PIXELS, Container, ImageDecodeError, decode_rgba, header_size, probe, sniff
 from tests.engine.preprocess import bmp_with_alpha, encode
 
 RNG = np.random.default_rng(7)
@@ -74,6 +74,49 @@ def test_probe_reads_alpha_from_headers(name):
     data, has_alpha, animated, dali = PROBES[name]
     info = probe(data)
     assert (info.has_alpha, info.animated, info.dali_decodable) == (has_alpha, animated, dali)
+
+
+@pytest.mark.parametrize("name", [n for n in PROBES if not n.startswith("gif")])
+def test_header_size_is_the_decoded_size(name):
+    data = PROBES[name][0]
+    h, w = decode_rgba(data).shape[:2]
+    assert header_size(data) == (w, h) and probe(data).size == (w, h)
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("JPEG", {"progressive": True}), ("JPEG", {"exif": b"Exif\x00\x00" + bytes(3000)}),
+                                         ("BMP", {}), ("GIF", {}), ("WEBP", {"lossless": True})])
+def test_header_size_of_other_encodings(fmt, kwargs):
+    odd = RNG.integers(0, 256, (37, 301, 3), dtype=np.uint8)  # sizes that are not multiples of 8 or 16
+    assert header_size(encode(odd, fmt, **kwargs)) == (301, 37)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">II5B", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk  # no pixel data: only what a header claims
+
+
+def _jpeg_header(width: int, height: int) -> bytes:
+    import struct
+
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + b"\xff\xff" + sof0 + b"\xff\xda"  # with a fill byte before the SOF
+
+
+def test_size_limit_from_the_headers():
+    side = int(MAX_PIXELS**0.5)
+    assert probe(_png_header(side, side)).too_large() is None
+    cause = probe(_png_header(30000, 30000)).too_large()
+    assert cause.startswith("image too large to decode safely (30000x30000 = 900000000 pixels")
+    assert probe(_jpeg_header(30000, 30000)).size == (30000, 30000)
+    assert probe(_jpeg_header(640, 480)).too_large() is None
+    for cut in (b"\xff\xd8\xff", _jpeg_header(10, 10)[:25], _png_header(5, 5)[:20], b"\xff\xd8\xff\xda"):
+        assert header_size(cut) is None  # cut short: left to the decoder
+    assert header_size(encode(RGB, "TIFF")) is None  # PIL's own limit applies
 
 
 def test_decode_rgb_png_is_exact_with_opaque_alpha():
