@@ -248,10 +248,12 @@ def _model_choices(args) -> tuple:
     choices = []
     for task in [Task(args.only)] if args.only else list(Task):
         t = task.value
+        onnx, checkpoint = getattr(args, f"{t}_onnx"), getattr(args, f"{t}_checkpoint")
         source = ModelSource(
-            onnx=getattr(args, f"{t}_onnx"),
-            checkpoint=getattr(args, f"{t}_checkpoint"),
-            random_weights=args.random_weights,
+            onnx=onnx,
+            checkpoint=checkpoint,
+            # random weights only where this model is given no file (see --help)
+            random_weights=args.random_weights and onnx is None and checkpoint is None,
             download=not args.no_download,
         )
         choices.append(ModelChoice(task, getattr(args, f"{t}_variant"), source))

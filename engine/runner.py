@@ -66,6 +66,10 @@ class RunConfig:
             raise InputError(f"batch size must be between 1 and 4096, got {self.batch_size}")
         if self.flush_every < 1:
             raise InputError(f"--flush-every must be at least 1, got {self.flush_every}")
+        if Path(self.out).name in ("", ".", ".."):
+            raise InputError(f"--out must name a file (results.parquet), got {str(self.out)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {self.threads}")
         if not self.models:
             raise InputError("no model selected")
         tasks = [m.task for m in self.models]
@@ -78,7 +82,8 @@ class RunSummary:
     out: Path
     images: int = 0
     errors: int = 0
-    skipped: int = 0  # already in the output from an earlier run
+    skipped: int = 0  # found and already classified by an earlier run
+    retried: int = 0  # error rows of an earlier run, tried again
     elapsed_s: float = 0.0
     backend: str = ""
     precision: str = ""
@@ -94,7 +99,8 @@ class RunSummary:
     def lines(self) -> list[str]:
         out = [
             f"wrote {self.out}",
-            f"images: {self.images} ({self.errors} errors), {self.skipped} already done from an earlier run",
+            f"images: {self.images} ({self.errors} errors), {self.skipped} already done from an earlier run"
+            + (f", {self.retried} that failed then tried again" if self.retried else ""),
             f"speed: {self.images_per_s:.1f} images/s over {self.elapsed_s:.1f} s",
             f"path: {self.path}",
             f"backend: {self.backend}, precision: {self.precision}",
@@ -131,18 +137,29 @@ def result_schema(models: Sequence[ResolvedModel]) -> dict[str, pl.DataType]:
     return schema
 
 
-def run_config_record(models: Sequence[ResolvedModel], precision: str) -> dict[str, object]:
-    """What produced the rows; an output is only resumed under the same record."""
+def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir: Path | None = None) -> dict[str, object]:
+    """What produced the rows; an output is only resumed under the same record. Models
+    are named by content (sha256 of the ONNX run), not by path: a file replaced in place
+    is another model, the same file reached by another path is not. An int8 run also
+    records its calibration set, which decides the int8 graph's scales."""
+    from builders.export import file_sha256
+
+    calibration = None
+    if precision == "int8" and calib_dir is not None:
+        from builders.calibration import calibration_set_sha256, find_calibration_images
+
+        calibration = calibration_set_sha256(find_calibration_images(calib_dir))
     return {
+        "record": 2,
         "precision": precision,
+        "calibration_sha256": calibration,
         "models": [
             {
                 "spec": m.spec.key,
                 # preprocessing, labels or output kind changed by a spec file: another config
                 "spec_sha256": hashlib.sha256(json.dumps(spec_as_dict(m.spec), sort_keys=True).encode()).hexdigest(),
                 "weights": m.weights.value,
-                "detail": m.weights_detail,
-                "onnx": m.onnx_path.name,
+                "onnx_sha256": file_sha256(m.onnx_path),
             }
             for m in models
         ],
@@ -329,7 +346,8 @@ def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib
 
     calib = find_calibration_images(calib_dir) if calib_dir else None
     if precision == "int8" and not calib:
-        raise EngineError("--precision int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
+        raise EngineError("int8 needs calibration images: a folder of typical frames "
+                          "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
     prepared = prepare(
         model.onnx_path, model.spec, precision, calib, Path(cache_dir) / "prepared",
         output_kind=model.output_kind,
@@ -441,14 +459,25 @@ def execute(
 
     with ExitStack() as stack:
         writer = stack.enter_context(
-            ResultWriter(config.out, schema, run_config_record(models, precision), overwrite=config.overwrite,
+            ResultWriter(config.out, schema, run_config_record(models, precision, config.calib_dir),
+                         overwrite=config.overwrite,
                          part_rows=config.flush_every)
         )
-        summary.skipped = len(writer.done)
         inference = open_inference(stack)
         summary.backend = inference.backend
-        todo = (p for p in discovered if display_path(p) not in writer.done)
-        reader = FileReader(_batches(todo, config.batch_size), inference.preprocess)
+
+        def todo() -> Iterator[Path]:
+            for p in discovered:
+                shown = display_path(p)
+                if shown in writer.done:
+                    summary.skipped += 1  # counted as found: rows of files gone since are not
+                    continue
+                if shown in writer.failed:
+                    summary.retried += 1
+                yield p
+
+
+        reader = FileReader(_batches(todo(), config.batch_size), inference.preprocess)
         bar = stack.enter_context(_progress(config.progress))
         # The bar's total comes from a second walk of the folder on a thread of its own,
         # so the first images are classified at once, not after the whole tree is listed.

@@ -317,6 +317,8 @@ def read_override_file(path: Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read spec file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"spec file {path} is not UTF-8 text (byte {exc.start}): is it a TOML file?") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

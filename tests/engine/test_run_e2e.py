@@ -178,3 +178,96 @@ def test_resume_with_another_spec_is_refused(folder, model_cache_dir, tmp_path, 
     capsys.readouterr()
     assert main([*args, "--spec-file", str(spec)]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def _gender_args(folder, out, cache, *extra):
+    return ["run", str(folder), "--out", str(out), "--only", "gender", "--cache-dir", str(cache), "--no-progress", *extra]
+
+
+def test_resume_names_a_user_onnx_by_content_not_by_path(folder, model_cache_dir, tmp_path, capsys, random_models,
+                                                        monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    user = tmp_path / "models" / "user.onnx"
+    user.parent.mkdir()
+    user.write_bytes(random_models["gender/alpha"].onnx_path.read_bytes())
+    out = tmp_path / "u.parquet"
+    assert main(_gender_args(folder / "heads", out, model_cache_dir, "--gender-onnx", str(user))) == 0
+    # the same file reached by another path: the same model, resumed
+    monkeypatch.chdir(tmp_path / "models")
+    capsys.readouterr()
+    assert main(_gender_args(folder / "heads", out, model_cache_dir, "--gender-onnx", "../models/user.onnx")) == 0
+    assert "3 already done" in capsys.readouterr().out
+    # another model written over the same file: refused, nothing mixed in
+    model = onnx.load(str(user))
+    init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).ndim == 1 and i.name.endswith("bias"))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1.0, init.name))
+    onnx.save(model, str(user))
+    assert main(_gender_args(folder / "heads", out, model_cache_dir, "--gender-onnx", str(user))) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert pl.read_parquet(out).height == 3
+
+
+def test_random_weights_fill_in_only_models_given_no_file(folder, model_cache_dir, tmp_path, capsys, random_models):
+    from tests.model_fixtures import make_tiny_classifier
+
+    random_models["quality/baseline"]
+    from builders.export import META_OUTPUT_KIND
+
+    # a user's own model (no random-weights metadata), declaring logits
+    user = make_tiny_classifier(tmp_path / "user.onnx", size=224, classes=2, metadata={META_OUTPUT_KIND: "logits"})
+    out = tmp_path / "mix.parquet"
+    args = ["run", str(folder / "heads" / "h1.bmp"), "--out", str(out), "--gender-onnx", str(user),
+            "--random-weights", "--cache-dir", str(model_cache_dir), "--no-progress"]
+    assert main(args) == 0
+    row = pl.read_parquet(out).row(0, named=True)
+    assert row["gender_weights"] == "user_onnx" and row["quality_weights"] == "random"
+
+
+def test_int8_record_names_the_calibration_set(random_models, tmp_path):
+    from engine.runner import run_config_record
+
+    models = [random_models["gender/alpha"]]
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        _image((32, 32), "RGB", seed).save(tmp_path / name / "c.png")
+    a, b = (run_config_record(models, "int8", tmp_path / n) for n in ("a", "b"))
+    assert a["calibration_sha256"] and a != b
+    assert run_config_record(models, "int8", tmp_path / "a") == a  # deterministic
+    assert run_config_record(models, "fp32", tmp_path / "a") == run_config_record(models, "fp32", tmp_path / "b")
+
+
+def test_resume_retries_failed_files_and_counts_only_files_still_there(model_cache_dir, tmp_path, capsys, random_models):
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        _image((40, 30), "RGB", i).save(root / f"ok{i}.png")
+    (root / "late.png").write_bytes(b"")  # still being copied
+    out = tmp_path / "r.parquet"
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    assert "images: 4 (1 errors)" in capsys.readouterr().out
+    _image((40, 30), "RGB", 7).save(root / "late.png")  # the copy finished
+    (root / "ok0.png").unlink()
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    text = capsys.readouterr().out
+    assert "images: 1 (0 errors), 2 already done from an earlier run, 1 that failed then tried again" in text
+    df = pl.read_parquet(out).sort("path")
+    assert df.height == 4 and df["error"].null_count() == 4  # the old error row was replaced
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", ""], "must name a file"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--spec-file", "__PNG__"], "is not UTF-8 text"),
+    ],
+)
+def test_more_user_errors_are_one_line(extra, message, folder, tmp_path, capsys):
+    extra = [str(folder / "frames" / "f1.png") if e == "__PNG__" else e for e in extra]
+    code = main(["run", str(folder / "heads"), "--random-weights", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.parquet"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("engine: error:") and message in err and "\n" not in err
