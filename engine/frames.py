@@ -62,6 +62,7 @@ import dataclasses
 import logging
 import os
 import time
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -647,8 +648,10 @@ class FrameClassifier:
             raise EngineError("FrameClassifier runs one model per task (the results' columns are named by task)")
         if device not in ("cpu", "gpu"):
             raise EngineError(f"device must be 'cpu' or 'gpu', got {device!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        integer = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)  # NumPy ints too
+        if not integer or not 1 <= batch_size <= MAX_BATCH:
             raise EngineError(f"batch size must be an integer between 1 and {MAX_BATCH}, got {batch_size!r}")
+        batch_size = int(batch_size)
         if precision not in PRECISIONS:
             raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         channel_order = getattr(channel_order, "value", channel_order)
@@ -673,6 +676,7 @@ class FrameClassifier:
         self._producer: FrameProducer | None = None
         self._closed = False
         self._busy = False
+        self._iterators: "weakref.WeakSet[_Owned]" = weakref.WeakSet()  # closed with the classifier
         self.backend = ""
         started = time.perf_counter()
         try:
@@ -752,6 +756,10 @@ class FrameClassifier:
         if self._closed:
             return
         self._closed = True
+        # An iterator still live ends first: it waits for its queued work, while the
+        # executor and buffers it uses are still there; a later next() raises.
+        for live in list(self._iterators):
+            live.abort()
         self._executor = self._producer = None
         self._backends = {}
         self._stack.close()
@@ -802,7 +810,15 @@ class FrameClassifier:
         if self._closed:
             raise RuntimeError("frame classifier is closed")
         check_on_error(on_error)  # now: the generator below starts only when iterated
-        return self._iter_classify(frames, on_error)
+        if isinstance(frames, np.ndarray) and frames.ndim in (2, 3):
+            # iterating one frame would give its rows as "frames"
+            raise InputError(
+                f"frames is one {frames.ndim}-D array {frames.shape}: pass [frame] for a single frame, "
+                "or an (N, H, W, C) array or a list for several"
+            )
+        live = _Owned(self._iter_classify(frames, on_error))
+        self._iterators.add(live)
+        return live
 
     def _iter_classify(self, frames: Iterable[np.ndarray], on_error: OnError) -> Iterator[FrameResults]:
         if self._busy:
@@ -847,6 +863,32 @@ class FrameClassifier:
             except Exception as exc:
                 log.error("while draining the executor after an error: %s", exc)
             raise
+
+
+class _Owned:
+    """The iterator :meth:`FrameClassifier.iter_classify` returns: its generator, ended
+    by the classifier's close (:meth:`abort`), after which ``next`` raises instead of
+    reading freed buffers."""
+
+    def __init__(self, gen: Iterator[FrameResults]) -> None:
+        self._gen = gen
+        self._aborted = False
+
+    def __iter__(self) -> "_Owned":
+        return self
+
+    def __next__(self) -> FrameResults:
+        if self._aborted:
+            raise RuntimeError("frame classifier is closed: this iterator ended with it")
+        return next(self._gen)
+
+    def close(self) -> None:
+        """End the iteration early (waits for the work already queued)."""
+        self._gen.close()
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._gen.close()
 
 
 class _Held:

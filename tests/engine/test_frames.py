@@ -472,6 +472,29 @@ def test_one_call_at_a_time_and_an_abandoned_iterator_frees_the_classifier(rando
     np.testing.assert_array_equal(again[GENDER].probabilities, whole[GENDER].probabilities)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
+def test_closing_the_classifier_ends_a_live_iterator_first(random_models, model_cache_dir, streamed):
+    model = random_models[GENDER]
+    frames = _mixed_frames(12)
+    fc = FrameClassifier([model], batch_size=2, streamed=streamed, threads=2, cache_dir=model_cache_dir)
+    started, untouched = fc.iter_classify(frames), fc.iter_classify(frames)
+    first = next(started)
+    fc.close()  # with batches of `started` still queued on the streamed path
+    for it in (started, untouched):
+        with pytest.raises(RuntimeError, match="closed: this iterator ended with it"):
+            next(it)
+    assert len(first) == 2
+
+
+def test_one_frame_passed_as_frames_is_refused_not_split_into_rows(random_models, model_cache_dir):
+    with FrameClassifier([random_models[GENDER]], threads=2, cache_dir=model_cache_dir) as fc:
+        for one in (np.zeros((5, 40, 3), np.uint8), np.zeros((5, 40), np.uint8)):
+            with pytest.raises(InputError, match=r"pass \[frame\] for a single frame"):
+                fc.classify(one)
+        assert len(fc.classify(np.zeros((2, 5, 40, 3), np.uint8))) == 2  # a stack of frames
+        assert len(fc.classify([np.zeros((5, 40, 3), np.uint8)])) == 1
+
+
 def test_frame_batches_on_error_modes():
     view = FrameView.of(type("M", (), {"spec": SpecRegistry.builtin().get("gender")})(), "rgb")
     ok, bad = np.zeros((10, 10, 3), np.uint8), np.zeros((10, 10, 3), np.float32)
@@ -504,12 +527,18 @@ def test_bgr_classifier_names_bgr_in_its_shape_message(random_models, model_cach
     ({"device": "tpu"}, "device must be"),
     ({"batch_size": 0}, "batch size"),
     ({"batch_size": True}, "batch size"),
+    ({"batch_size": 2.0}, "batch size"),
     ({"precision": "fp8"}, "precision"),
     ({"channel_order": "rgba"}, "channel_order"),
 ])
 def test_bad_options_are_refused_in_one_line(random_models, model_cache_dir, kwargs, message):
     with pytest.raises(EngineError, match=message):
         FrameClassifier([random_models[GENDER]], cache_dir=model_cache_dir, **kwargs)
+
+
+def test_a_numpy_integer_batch_size_is_an_integer(random_models, model_cache_dir):
+    with FrameClassifier([random_models[GENDER]], batch_size=np.int64(3), threads=2, cache_dir=model_cache_dir) as fc:
+        assert fc.batch_size == 3 and type(fc.batch_size) is int
 
 
 def test_one_model_per_task_and_at_least_one(random_models):
