@@ -8,8 +8,12 @@ which shares the CPU with decoding). A figure in the baseline but not in the new
 is reported as missing and fails the check unless ``allow_missing``: a configuration
 that silently stopped being measured is a regression of the suite itself.
 
-Baselines are only meaningful on the same hardware: a different GPU (or, for CPU
-runs, CPU model) fails the check unless ``ignore_machine``.
+Baselines are only meaningful on the same hardware and workload: a different GPU (or,
+for CPU runs, CPU model) fails the check unless ``ignore_machine``; another image set
+(source, count, kinds, generator settings) or other settings that move the figures
+(batch size, device, threads, DataLoader workers, model variants) fail it unless
+``ignore_workload``. A comparison in which no figure could be paired fails too: a suite
+that measured nothing must not pass.
 
 Library: :func:`compare` -> :class:`Comparison`. CLI: :func:`add_arguments` and
 :func:`main` (``python -m benchmarks compare NEW BASELINE``); exit status 0 when no
@@ -54,8 +58,10 @@ class Tolerances:
         for name, value in [("throughput", self.throughput), *self.per_stage.items()] + (
             [("memory", self.memory)] if self.memory is not None else []
         ):
-            if not 0.0 <= value < 10.0:
-                raise InputError(f"tolerance {name} must be a fraction between 0 and 10, got {value}")
+            # a drop is a fraction below 1 (a drop of 100% could never fail); memory may grow more
+            top = 10.0 if name == "memory" else 1.0
+            if not 0.0 <= value < top:
+                raise InputError(f"tolerance {name} must be a fraction from 0 up to (not including) {top:g}, got {value}")
 
     def for_stage(self, stage: str) -> float:
         return self.per_stage.get(stage, self.throughput)
@@ -86,6 +92,7 @@ class Comparison:
     findings: tuple[Finding, ...]
     machine_problems: tuple[str, ...]
     allow_missing: bool
+    workload_problems: tuple[str, ...] = ()
 
     @property
     def regressions(self) -> list[Finding]:
@@ -93,21 +100,34 @@ class Comparison:
         return [f for f in self.findings if f.verdict in bad]
 
     @property
+    def compared(self) -> int:
+        """Figures present in both files."""
+        return len([f for f in self.findings if f.verdict not in (Verdict.NEW, Verdict.MISSING)])
+
+    @property
     def passed(self) -> bool:
-        return not self.regressions and not self.machine_problems
+        return not self.regressions and not self.machine_problems and not self.workload_problems and self.compared > 0
 
     def lines(self) -> list[str]:
         out = [f"machine mismatch: {p}" for p in self.machine_problems]
+        out += [f"workload mismatch: {p}" for p in self.workload_problems]
         out += [f.line() for f in self.findings]
-        n = len([f for f in self.findings if f.verdict not in (Verdict.NEW, Verdict.MISSING)])
+        n = self.compared
         if self.passed:
             out.append(f"PASS: {n} figure(s) compared, no drop beyond tolerance")
-        else:
-            out.append(
-                f"FAIL: {len(self.regressions)} regression(s)"
-                + (f", machine mismatch ({len(self.machine_problems)})" if self.machine_problems else "")
-                + f" among {n} figure(s) compared"
-            )
+            return out
+        regressed = len([f for f in self.regressions if f.verdict is Verdict.REGRESSED])
+        missing = len(self.regressions) - regressed
+        reasons = [f"{regressed} of {n} compared figure(s) regressed"]
+        if missing:
+            reasons.append(f"{missing} baseline figure(s) missing from the new results")
+        if self.machine_problems:
+            reasons.append(f"machine mismatch ({len(self.machine_problems)})")
+        if self.workload_problems:
+            reasons.append(f"workload mismatch ({len(self.workload_problems)})")
+        if n == 0:
+            reasons.append("no figure could be paired: nothing was compared")
+        out.append("FAIL: " + "; ".join(reasons))
         return out
 
 
@@ -132,6 +152,22 @@ def machine_mismatches(baseline: Mapping, new: Mapping) -> list[str]:
     return problems
 
 
+# settings that change the figures (repeats, rounds and warm-up only change their spread)
+WORKLOAD_SETTINGS = ("batch_size", "device", "threads", "workers", "gender_variant", "quality_variant")
+WORKLOAD_IMAGES = ("source", "count", "counts", "generator")
+
+
+def workload_mismatches(baseline: Mapping, new: Mapping) -> list[str]:
+    """Why the two files did not measure the same work (empty if they did)."""
+    problems = []
+    for section, keys in (("settings", WORKLOAD_SETTINGS), ("images", WORKLOAD_IMAGES)):
+        a, b = baseline.get(section) or {}, new.get(section) or {}
+        for key in keys:
+            if a.get(key) != b.get(key):
+                problems.append(f"{section}.{key}: baseline {a.get(key)!r}, new {b.get(key)!r}")
+    return problems
+
+
 def compare(
     baseline: Mapping,
     new: Mapping,
@@ -139,6 +175,7 @@ def compare(
     *,
     allow_missing: bool = False,
     ignore_machine: bool = False,
+    ignore_workload: bool = False,
 ) -> Comparison:
     """Compare two validated results documents (see :func:`benchmarks.suite.load_results`)."""
     tol = tolerances or Tolerances()
@@ -174,7 +211,8 @@ def compare(
         if key not in base_idx:
             findings.append(Finding(key, Verdict.NEW, None, n["images_per_s"]["median"], None, tol.for_stage(key[1])))
     problems = [] if ignore_machine else machine_mismatches(baseline, new)
-    return Comparison(tuple(findings), tuple(problems), allow_missing)
+    workload = [] if ignore_workload else workload_mismatches(baseline, new)
+    return Comparison(tuple(findings), tuple(problems), allow_missing, tuple(workload))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -212,10 +250,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-tolerance", type=float, help="also fail when peak host memory grows by more than this fraction")
     parser.add_argument("--allow-missing", action="store_true", help="figures absent from the new run do not fail the check")
     parser.add_argument("--ignore-machine", action="store_true", help="compare even if CPU/GPU differ from the baseline's")
+    parser.add_argument(
+        "--ignore-workload",
+        action="store_true",
+        help="compare even if the image set or settings that move the figures (batch size, device, threads, "
+        "workers, variants) differ from the baseline's",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print the comparison; 0 if it passes, 1 on a regression or machine mismatch.
+    """Print the comparison; 0 if it passes, 1 on a regression, a machine or workload
+    mismatch, or when nothing could be compared.
     Unreadable or invalid files raise :class:`engine.errors.InputError` (exit 2 in the CLI)."""
     from benchmarks.suite import load_results
 
@@ -228,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
         tolerances,
         allow_missing=args.allow_missing,
         ignore_machine=args.ignore_machine,
+        ignore_workload=args.ignore_workload,
     )
     for line in result.lines():
         print(line)

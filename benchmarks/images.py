@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -61,6 +61,7 @@ class ImageSet:
     spec: ImageSetSpec | None
     total_bytes: int
     counts: dict[str, int]  # by kind and format, e.g. {"frame.png": 16, ...}
+    excluded: dict[str, str] = field(default_factory=dict)  # files left out (relative path: why)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,6 +74,7 @@ class ImageSet:
             "total_bytes": self.total_bytes,
             "counts": dict(self.counts),
             "generator": self.spec.to_json() if self.spec else None,
+            "excluded": dict(self.excluded),
         }
 
 
@@ -246,22 +248,38 @@ def _files_match(root: Path, manifest: dict) -> bool:
 
 
 def folder_image_set(folder: Path, max_images: int | None = None) -> ImageSet:
-    """The user's images (recursively, in the engine's discovery order)."""
+    """The user's images (recursively, in the engine's discovery order). Files that do
+    not decode (with PIL, as the reference decodes them) are left out and listed in
+    ``excluded``: both sides must do the same work on every image, and a failed file
+    costs the engine next to nothing while the reference would still run its model on
+    a blank tensor, which would inflate the speedups."""
     from engine.discovery import iter_images
+    from engine.preprocess.decode import ImageDecodeError, decode_rgba
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"benchmark image folder {folder} does not exist or is not a folder")
-    paths = []
+    paths: list[Path] = []
+    excluded: dict[str, str] = {}
     for p in iter_images(folder):
         if max_images is not None and len(paths) >= max_images:
             break
-        if p.is_file():
-            paths.append(p)
+        if not p.is_file():
+            continue
+        try:
+            decode_rgba(p.read_bytes())
+        except (ImageDecodeError, OSError) as exc:
+            excluded[str(p.relative_to(folder))] = str(exc)
+            continue
+        paths.append(p)
+    if excluded:
+        log.warning("%d image(s) of %s do not decode and are left out: %s", len(excluded), folder,
+                    "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:5]) + (" ..." if len(excluded) > 5 else ""))
     if not paths:
-        raise InputError(f"benchmark image folder {folder} holds no images")
+        what = f"no image that decodes ({len(excluded)} that do not)" if excluded else "no images"
+        raise InputError(f"benchmark image folder {folder} holds {what}")
     counts: dict[str, int] = {}
     for p in paths:
         key = p.suffix.lower().lstrip(".")
         counts[key] = counts.get(key, 0) + 1
-    return ImageSet(folder, tuple(paths), "folder", None, sum(p.stat().st_size for p in paths), counts)
+    return ImageSet(folder, tuple(paths), "folder", None, sum(p.stat().st_size for p in paths), counts, excluded)

@@ -108,7 +108,10 @@ RESULT_SCHEMA: dict[str, Any] = _obj(
                 "total_bytes": _COUNT,
                 "counts": {"type": "object", "additionalProperties": _COUNT},
                 "generator": {"type": ["object", "null"]},
-            }
+                "excluded": {"type": "object", "additionalProperties": _STR},
+            },
+            # files written before undecodable images were left out lack "excluded"
+            required=["source", "root", "count", "total_bytes", "counts", "generator"],
         ),
         "models": {
             "type": "array",

@@ -429,23 +429,37 @@ def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
 
 
 def _engine_configs(cfg: BenchConfig, device: str, rec: _Recorder) -> list["EngineConfig"]:
+    """The engine configurations to measure. A backend named with ``--backend`` that
+    cannot run here (another device, none of the asked precisions, not installed) is
+    recorded as skipped with the reason; of the default set, only those of this device
+    that are not installed are (a CPU run does not list every GPU backend)."""
     from benchmarks.engine_pipeline import EngineConfig
 
     out = []
     for entry in BACKENDS:
-        if cfg.backends and entry.name not in cfg.backends:
+        named = entry.name in cfg.backends
+        if cfg.backends and not named:
             continue
         if entry.device != device:
+            if named:
+                rec.skip(f"engine/{entry.name}/{entry.device}", f"runs on {entry.device}; this run is on {device}")
+            continue
+        wanted = [p for p in entry.precisions if not cfg.precisions or p in cfg.precisions]
+        if not wanted:
+            if named:
+                offered = ", ".join(p.value for p in entry.precisions)
+                rec.skip(f"engine/{entry.name}/{entry.device}", f"offers {offered} on {device}, not the precision asked")
             continue
         reason = entry.unavailable_reason()
-        for precision in entry.precisions:
+        for precision in wanted:
             cid = entry.config_id(precision)
-            if cfg.precisions and precision not in cfg.precisions:
-                continue
             if reason is not None:
                 rec.skip(cid, reason)
                 continue
             out.append(EngineConfig(entry, precision))
+    if not out and not rec.skipped:
+        asked = ", ".join(p.value for p in cfg.precisions) or "any precision"
+        rec.skip(f"engine/*/{device}", f"no engine backend on {device} offers {asked}")
     return out
 
 
@@ -471,7 +485,12 @@ def run_bench(
     cfg = config
     for name in cfg.backends:
         find_backend(name)  # an unknown name is a user error, before any work
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"--out {cfg.out_dir} is a file: the suite writes a folder (results.json, plot, summary)") from None
+    except OSError as exc:
+        raise InputError(f"cannot make the output folder {cfg.out_dir}: {exc.strerror or exc}") from None
     device = resolve_device(cfg.device)
     registry = SpecRegistry.load(cfg.spec_file)
     variants = {Task.GENDER: cfg.gender_variant, Task.QUALITY: cfg.quality_variant}
@@ -507,6 +526,9 @@ def run_bench(
                 log.info("round %d of %d: %s", round_index + 1, cfg.rounds, cid)
             unit()
     rec.merge_rounds()
+    if not rec.results:
+        why = "; ".join(f"{s['id']}: {s['reason']}" for s in rec.skipped) or "no configuration selected"
+        raise InputError(f"nothing was measured ({why})")
 
     configs = rec.configs
     doc: dict[str, Any] = {
@@ -533,6 +555,9 @@ def run_bench(
             "summary": str(cfg.out_dir / RESULTS_SUMMARY),
         },
     }
+    if image_set.excluded:
+        notes.append(f"{len(image_set.excluded)} file(s) of the image folder do not decode and were left out "
+                     "(see images.excluded): every figure is over the images that decode.")
     if device == "cpu":
         notes.append("CPU run: no GPU figures; FP16/INT8 and the GPU backends were not measured.")
     load = machine["load_average"]
@@ -690,6 +715,8 @@ def load_results(path: Path) -> dict:
         raise InputError(f"cannot read benchmark results {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"benchmark results {path} are not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"benchmark results {path} are not UTF-8 text (byte {exc.start}): not a results file") from None
     try:
         validate_results(doc)
     except SchemaError as exc:

@@ -40,7 +40,7 @@ def test_drop_beyond_tolerance_fails_and_names_the_figure():
     (bad,) = result.regressions
     assert bad.change == pytest.approx(-0.2)
     assert "REGRESSED" in bad.line() and "-20.0%" in bad.line()
-    assert result.lines()[-1].startswith("FAIL: 1 regression(s)")
+    assert result.lines()[-1].startswith("FAIL: 1 of ")
 
 
 def test_drop_within_tolerance_passes_and_gain_is_reported():
@@ -102,6 +102,38 @@ def test_other_hardware_fails_unless_ignored():
     assert result.passed and not result.machine_problems
 
 
+def test_another_workload_fails_unless_ignored():
+    base = make_doc()
+    for section, key, value in [("settings", "batch_size", 64), ("images", "count", 1000),
+                                ("images", "source", "folder"), ("settings", "threads", 16)]:
+        new = make_doc()
+        new[section][key] = value
+        result = compare(base, new)
+        assert not result.passed and not result.regressions, key
+        assert result.workload_problems == (f"{section}.{key}: baseline {base[section][key]!r}, new {value!r}",)
+        assert any(line.startswith(f"workload mismatch: {section}.{key}") for line in result.lines())
+        assert "workload mismatch (1)" in result.lines()[-1]
+        assert compare(base, new, ignore_workload=True).passed
+    new = make_doc()
+    new["settings"]["repeats"] = 9  # changes the spread, not the figures
+    assert compare(base, new).passed
+
+
+def test_nothing_compared_fails():
+    empty = make_doc(figures={})
+    result = compare(empty, empty)
+    assert not result.passed and result.compared == 0
+    assert result.lines()[-1] == "FAIL: 0 of 0 compared figure(s) regressed; no figure could be paired: nothing was compared"
+
+
+def test_fail_line_counts_regressions_and_missing_apart():
+    base = make_doc()
+    new = scaled(make_doc(), 0.5, stage="end_to_end")
+    new["results"] = [r for r in new["results"] if r["stage"] != "inference"]
+    line = compare(base, new).lines()[-1]
+    assert line == "FAIL: 2 of 4 compared figure(s) regressed; 2 baseline figure(s) missing from the new results"
+
+
 def test_other_schema_version_is_a_user_error():
     new = make_doc()
     new["schema_version"] = 999
@@ -114,6 +146,9 @@ def test_tolerance_must_be_a_fraction():
         Tolerances(throughput=-0.1)
     with pytest.raises(InputError):
         Tolerances(per_stage={"end_to_end": 50.0})
+    with pytest.raises(InputError, match="not including"):
+        Tolerances(throughput=1.0)  # a drop of 100% could never fail
+    assert Tolerances(memory=2.0).memory == 2.0  # memory may grow by more than 100%
 
 
 def _run_cli(argv: list[str]) -> int:
@@ -131,7 +166,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
     assert _run_cli([str(new_path), str(base_path)]) == cmp.EXIT_REGRESSION
     out = capsys.readouterr().out
-    assert out.count("REGRESSED") == 3 and "FAIL: 3 regression(s)" in out
+    assert out.count("REGRESSED") == 3 and "FAIL: 3 of 6 compared figure(s) regressed" in out
     assert _run_cli([str(new_path), str(base_path), "--tolerance", "0.6"]) == 0
     assert _run_cli([str(new_path), str(base_path), "--stage-tolerance", "end_to_end=0.6"]) == cmp.EXIT_REGRESSION
 

@@ -99,6 +99,22 @@ def test_user_folder(tmp_path):
         folder_image_set(tmp_path / "empty")
 
 
+def test_user_folder_leaves_out_files_that_do_not_decode(tmp_path):
+    generate_image_set(tmp_path / "imgs", ImageSetSpec(frames=0, crops=2, frame_size=(64, 36), seed=0))
+    good = sorted(p for p in (tmp_path / "imgs").iterdir() if p.suffix in (".png", ".jpg"))
+    (tmp_path / "imgs" / "a_text.jpg").write_text("not an image")
+    (tmp_path / "imgs" / "b_cut.png").write_bytes(good[0].read_bytes()[:100])
+    s = folder_image_set(tmp_path / "imgs")
+    assert list(s.paths) == good and len(s) == 2
+    assert s.excluded == {"a_text.jpg": "cannot decode: not an image (text)", "b_cut.png": "truncated or corrupt PNG"}
+    assert s.describe()["excluded"] == s.excluded and s.counts == {"png": 1, "jpg": 1}
+    assert len(folder_image_set(tmp_path / "imgs", max_images=1)) == 1  # counts images that decode
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    with pytest.raises(InputError, match="no image that decodes"):
+        folder_image_set(tmp_path / "bad")
+
+
 # -- config and CLI options -----------------------------------------------------------------
 
 
@@ -167,6 +183,35 @@ def test_unknown_backend_is_a_user_error_before_any_work(tmp_path):
     with pytest.raises(InputError, match="unknown benchmark backend 'nope'"):
         run_bench(BenchConfig(out_dir=tmp_path / "out", backends=("nope",)))
     assert not (tmp_path / "out").exists()
+
+
+def test_backends_that_cannot_run_here_are_recorded_as_skipped_not_dropped(tmp_path):
+    from benchmarks.suite import _engine_configs, _Recorder
+
+    def configs(**kwargs):
+        cfg = BenchConfig(out_dir=tmp_path, **kwargs)
+        rec = _Recorder(cfg, device_memory=False)
+        return [c.config_id for c in _engine_configs(cfg, "cpu", rec)], rec.skipped
+
+    ids, skipped = configs(backends=("tensorrt", "onnxruntime"))
+    assert ids == ["engine/onnxruntime/cpu/fp32"]
+    assert skipped == [{"id": "engine/tensorrt/cuda", "reason": "runs on cuda; this run is on cpu"}]
+    ids, skipped = configs(backends=("onnxruntime",), precisions=(Precision.FP16,))
+    assert ids == [] and skipped[0]["id"] == "engine/onnxruntime/cpu" and "not the precision asked" in skipped[0]["reason"]
+    ids, skipped = configs(precisions=(Precision.INT8,))  # the default set: nothing offers it on the CPU
+    assert ids == [] and skipped == [{"id": "engine/*/cpu", "reason": "no engine backend on cpu offers int8"}]
+    ids, skipped = configs()
+    assert "engine/onnxruntime/cpu/fp32" in ids and skipped == []  # a CPU run does not list the GPU backends
+
+
+def test_a_bench_that_measures_nothing_is_a_user_error(tmp_path):
+    from benchmarks.suite import run_bench
+
+    cfg = BenchConfig(out_dir=tmp_path / "out", frames=1, crops=1, frame_size=(64, 36), pipelines=(Pipeline.ENGINE,),
+                      precisions=(Precision.INT8,), scenarios=(Scenario.GENDER,), plot=False)
+    with pytest.raises(InputError, match=r"nothing was measured \(engine/\*/cpu: no engine backend on cpu offers int8\)"):
+        run_bench(cfg)
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_backend_registry():
