@@ -77,11 +77,8 @@ def cuda_pci_bus_id(ordinal: int = 0) -> str | None:
     devices (after ``CUDA_VISIBLE_DEVICES``), through the driver API with ctypes; None
     without a driver or device. nvidia-smi and NVML number GPUs their own way and
     ignore ``CUDA_VISIBLE_DEVICES``: the bus id is what both agree on."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    if lib.cuInit(0) != 0:
+    lib = _cuda_driver()
+    if lib is None:
         return None
     dev = ctypes.c_int(0)
     if lib.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(ordinal)) != 0:
@@ -215,11 +212,15 @@ def git_commit(repo: Path | None = None) -> str | None:
 
 def cuda_device_present() -> bool:
     """Whether the CUDA driver sees a device (ctypes; imports no GPU library)."""
+    lib = _cuda_driver()
+    count = ctypes.c_int(0)
+    return lib is not None and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def _cuda_driver() -> ctypes.CDLL | None:
+    """The CUDA driver library, initialised, or None without a usable driver."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return False
-    if lib.cuInit(0) != 0:
-        return False
-    count = ctypes.c_int(0)
-    return lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+        return None
+    return lib if lib.cuInit(0) == 0 else None
