@@ -93,7 +93,7 @@ core() {
     stash >/dev/null  # keep the first part of the full pack that rode along with core
     if install_core; then
         pytest_gpu kernels 90 tests/kernels
-        pytest_gpu executor 180 tests/engine/test_executor.py tests/engine/test_gpu_backends.py tests/engine/test_frames.py
+        pytest_gpu executor 180 tests/engine/test_executor.py tests/engine/test_gpu_backends.py tests/engine/test_frames.py tests/benchmarks/test_machine.py
         step overlap 120 "$PY" "$KIT/overlap.py" "$OUT"
     else
         note "core: no pycuda, so no kernel, executor or overlap checks; the PyTorch reference still runs"
