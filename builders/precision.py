@@ -47,6 +47,7 @@ from builders.calibration import (
     ort_data_reader,
 )
 from builders.manifest import atomic_write, onnx_sha256, sha256_file
+from builders.onnx_io import _ort_errors
 from engine.errors import InputError, ModelError
 from engine.specs import ModelSpec, OutputKind, spec_as_dict
 
@@ -286,12 +287,20 @@ def _check(model: onnx.ModelProto, what: str) -> None:
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if model.ByteSize() >= 2**31 - 2**20:
-        onnx.save(model, str(tmp), save_as_external_data=True, location=f"{path.name}.data")
-    else:
-        onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    # a temp name of its own: two runs preparing the same graph at once must not
+    # rename each other's file away
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        if model.ByteSize() >= 2**31 - 2**20:
+            onnx.save(model, str(tmp), save_as_external_data=True, location=f"{path.name}.data")
+        else:
+            onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -443,31 +452,37 @@ def quantize_int8(
         fp32_path = Path(tmp) / "fp32.onnx"
         qdq_path = Path(tmp) / "qdq.onnx"
         _save(fold_identity_initializers(source), fp32_path)
-        quantize_static(
-            str(fp32_path),
-            str(qdq_path),
-            # one image per calibration run: ONNX Runtime keeps every calibrated tensor of
-            # a run alive (CAFormer-S36 at 384: ~2.5 GB per image in the batch)
-            ort_data_reader(calib, input_name, CALIBRATION_RUN_BATCH),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(INT8_OPS),
-            per_channel=True,
-            reduce_range=False,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            calibration_providers=["CPUExecutionProvider"],
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                "QuantizeBias": False,
-                "UseQDQContribOps": False,
-                "DedicatedQDQPair": False,
-                # Q/DQ on the inputs of the quantised ops only, as TensorRT recommends:
-                # outputs (logits included) stay in higher precision.
-                "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
-            },
-        )
+        try:
+            quantize_static(
+                str(fp32_path),
+                str(qdq_path),
+                # one image per calibration run: ONNX Runtime keeps every calibrated tensor of
+                # a run alive (CAFormer-S36 at 384: ~2.5 GB per image in the batch)
+                ort_data_reader(calib, input_name, CALIBRATION_RUN_BATCH),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(INT8_OPS),
+                per_channel=True,
+                reduce_range=False,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_providers=["CPUExecutionProvider"],
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,
+                    "UseQDQContribOps": False,
+                    "DedicatedQDQPair": False,
+                    # Q/DQ on the inputs of the quantised ops only, as TensorRT recommends:
+                    # outputs (logits included) stay in higher precision.
+                    "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
+                },
+            )
+        except (*_ort_errors(), onnx.checker.ValidationError) as exc:
+            # ONNX Runtime's quantiser rejects some graphs (old opsets it cannot convert,
+            # shapes it cannot infer): a model problem, said in one line
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise ModelError(f"INT8 quantisation by ONNX Runtime failed on this model: {first}") from None
         logger.info("INT8 calibration: finished in %.1f s", time.perf_counter() - started)
         qdq = onnx.load(str(qdq_path))
         foreign = sorted({n.domain for n in qdq.graph.node if n.domain not in ("", "ai.onnx")})
@@ -506,8 +521,14 @@ def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
 # --------------------------------------------------------------------------- prepare
 
 
-def prepared_path(out_dir: Path, spec: ModelSpec, precision: Precision) -> Path:
-    return Path(out_dir) / f"{spec.key.replace('/', '-')}.{precision.value}.onnx"
+def prepared_path(
+    out_dir: Path, spec: ModelSpec, precision: Precision, source_sha: str, calib_sha: str | None = None
+) -> Path:
+    """Where the prepared graph of this source (and calibration set) is kept: one file
+    per (spec, precision, source, calibration set), so runs that alternate between
+    models or sets reuse each one instead of redoing it every time."""
+    calib = f".c{calib_sha[:10]}" if calib_sha else ""
+    return Path(out_dir) / f"{spec.key.replace('/', '-')}.{precision.value}.{source_sha[:12]}{calib}.onnx"
 
 
 def _recipe_key(
@@ -601,13 +622,17 @@ def prepare(
         from builders.calibration import calibration_set_sha256
 
         calib_sha = calibration_set_sha256(list(calib_images))
-    out_path = prepared_path(out_dir, spec, precision)
+    out_path = prepared_path(out_dir, spec, precision, source_sha, calib_sha)
     sidecar = out_path.with_suffix(".prep.json")
     key = _recipe_key(source_sha, spec, precision, calib_sha, fp16_in_int8)
     if not force:
         cached = _load_cached(out_path, sidecar, key, precision)
         if cached is not None:
             logger.info("reusing prepared %s (%s)", out_path.name, cached.agreement.summary() if cached.agreement else "unchecked")
+            if strict and cached.agreement is not None:  # the bounds hold for a reused graph too
+                problems = cached.agreement.violations(bounds or AgreementBounds.default(precision))
+                if problems:
+                    raise ModelError(f"{spec.key} {precision.value} disagrees with FP32 beyond bounds: {'; '.join(problems)}")
             return cached
 
     started = time.perf_counter()

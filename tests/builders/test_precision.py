@@ -9,7 +9,6 @@ meet them on these models.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -37,7 +36,7 @@ from builders.precision import (
     topological_sort,
 )
 from engine.errors import InputError, ModelError
-from engine.specs import OutputKind
+from engine.specs import OutputKind, SpecRegistry
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
 
@@ -291,6 +290,30 @@ def test_strict_bounds_fail_loudly(gender, gender_calib, tmp_path):
         )
 
 
+def test_strict_bounds_hold_for_a_reused_graph_too(gender, gender_calib, tmp_path):
+    impossible = AgreementBounds(min_argmax_agreement=1.0, max_abs_dp=0.0, max_mean_kl=0.0)
+    lenient = prepare(gender.onnx_path, gender.spec, Precision.FP16, None, tmp_path, calib=gender_calib,
+                      bounds=impossible)  # warned, cached
+    assert any("beyond bounds" in n for n in lenient.notes)
+    with pytest.raises(ModelError, match="disagrees with FP32 beyond bounds"):
+        prepare(gender.onnx_path, gender.spec, Precision.FP16, None, tmp_path, calib=gender_calib,
+                bounds=impossible, strict=True)
+    assert prepare(gender.onnx_path, gender.spec, Precision.FP16, None, tmp_path, calib=gender_calib,
+                   strict=True).from_cache  # within the default bounds
+
+
+def test_a_model_the_quantiser_rejects_is_a_one_line_model_error(gender_calib, tmp_path):
+    from tests.model_fixtures import make_tiny_classifier
+
+    path = make_tiny_classifier(tmp_path / "tiny.onnx", size=224, classes=2)
+    model = onnx.load(str(path))
+    model.graph.node[0].op_type = "NoSuchOp"  # a graph ONNX Runtime cannot run or calibrate
+    onnx.save(model, str(path))
+    spec = SpecRegistry.builtin().get("gender")
+    with pytest.raises(ModelError, match="^INT8 quantisation by ONNX Runtime failed on this model: "):
+        prepare(path, spec, Precision.INT8, None, tmp_path / "out", calib=gender_calib)
+
+
 def test_int8_needs_calibration_images(gender, tmp_path):
     with pytest.raises(InputError, match="INT8 needs calibration images"):
         prepare(gender.onnx_path, gender.spec, Precision.INT8, None, tmp_path)
@@ -310,10 +333,16 @@ def test_prepared_files_are_reused_until_something_changes(gender, calib_paths, 
 
     with caplog.at_level(logging.INFO, logger="builders.precision"):
         other_set = prepare(gender.onnx_path, gender.spec, Precision.FP16, images[:3], tmp_path)
-        assert not other_set.from_cache and other_set.agreement.images == 3
+        assert not other_set.from_cache and other_set.agreement.images == 3 and other_set.path != first.path
+        # going back to the first set reuses its file: one file per source and set
+        assert prepare(gender.onnx_path, gender.spec, Precision.FP16, images, tmp_path).from_cache
         other_set.path.write_bytes(other_set.path.read_bytes() + b"\0")
         tampered = prepare(gender.onnx_path, gender.spec, Precision.FP16, images[:3], tmp_path)
         assert not tampered.from_cache
+        record = json.loads(first.path.with_suffix(".prep.json").read_text())
+        record["key"]["recipe_version"] = -1  # as if made by another recipe
+        first.path.with_suffix(".prep.json").write_text(json.dumps(record))
+        assert not prepare(gender.onnx_path, gender.spec, Precision.FP16, images, tmp_path).from_cache
     assert "stale" in caplog.text and "modified after preparation" in caplog.text
 
     forced = prepare(gender.onnx_path, gender.spec, Precision.FP16, images[:3], tmp_path, force=True)
