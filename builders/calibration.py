@@ -18,12 +18,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from engine.discovery import IMAGE_SUFFIXES  # what `engine run` reads (GIF, TIFF: host decoder)
 from engine.errors import DependencyError, InputError
 from engine.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 # MinMax calibration is settled by a few dozen varied images; more mostly costs time
 # (CAFormer-S36 at 384 runs at roughly 1 image/s on a small CPU).

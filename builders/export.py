@@ -20,6 +20,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 DEFAULT_OPSET = 17
+# Opsets an export may ask for: 13 is the oldest the rest of the project takes (per-channel
+# Q/DQ for INT8, the FP16 pass, TensorRT's parser); 20 the newest the TorchScript
+# exporter writes (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET at torch 2.x).
+MIN_OPSET, MAX_OPSET = 13, 20
 CHECKPOINT_SUFFIXES_TORCH = (".pt", ".pth", ".bin", ".ckpt")
 CHECKPOINT_SUFFIXES = (".safetensors",) + CHECKPOINT_SUFFIXES_TORCH
 
@@ -122,13 +128,14 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
 
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
-                f"checkpoint {path} holds more than plain tensors and is not loaded (weights_only): {first[:200]}"
-            ) from None
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as exc:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its message
+            first = text.splitlines()[0] if text else type(exc).__name__
+            if "unsupported global" in text.lower():  # a class the weights-only unpickler refuses
+                raise ModelError(
+                    f"checkpoint {path} holds more than plain tensors (a pickled module or object?) and is not "
+                    f"loaded (weights_only); save its state_dict() instead"
+                ) from None
             raise ModelError(f"checkpoint {path} is not a readable PyTorch file: {first[:200]}") from None
     raise ModelError(f"checkpoint {path}: unknown format '{suffix}' (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
 
@@ -170,6 +177,8 @@ def load_checkpoint(model, path: Path, *, architecture: str | None = None):
     ``model``, strictly. Returns the model. A checkpoint that does not fit raises a
     one-line :class:`ModelError` naming a few missing/unexpected/mismatched keys."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"checkpoint {path} is a folder: name the checkpoint file")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     state = _unwrap_state_dict(_read_state_dict(path), path)
@@ -235,13 +244,26 @@ def export_onnx(
     ``engine.*`` metadata saying what it holds."""
     if (checkpoint is None) == (random_seed is None):
         raise ModelError("export needs exactly one source of weights: a checkpoint or a random seed")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelError(f"opset must be {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
+    out_path = Path(out_path)
+    # before the export (a minute for caformer): where the file goes
+    if out_path.is_dir():
+        raise ModelError(f"{out_path} is a folder: name the ONNX file to write")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot make the folder of {out_path}: {exc.strerror or exc}") from None
+    if not os.access(out_path.parent, os.W_OK):
+        raise ModelError(f"the folder of {out_path} is not writable")
     torch = _torch()
     import onnx
 
-    out_path = Path(out_path)
     started = time.perf_counter()
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():
+            raise ModelError(f"checkpoint {checkpoint} is a folder: name the checkpoint file")
         if not checkpoint.is_file():
             raise ModelError(f"checkpoint {checkpoint} does not exist")
         weights, detail = WEIGHTS_CHECKPOINT, f"checkpoint sha256:{file_sha256(checkpoint)}"
@@ -273,7 +295,10 @@ def export_onnx(
     }
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
-    write_model_atomic(proto, out_path)
+    try:
+        write_model_atomic(proto, out_path)
+    except OSError as exc:
+        raise ModelError(f"cannot write {out_path}: {exc.strerror or exc}") from None
 
     info = inspect_onnx(out_path)
     if info.input.fixed_batch is not None:  # a regression in the exporter, not a user error

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, help="safetensors or PyTorch state dict")
     src.add_argument("--random-weights", action="store_true", help="random weights (labelled as such in the ONNX)")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset to export (13..20, default 17)")
     _add_common(p)
     return parser
 
@@ -316,6 +318,16 @@ def cmd_build(args) -> int:
     from builders.trt_build import BatchProfile, BuildOptions, build_all
 
     precision = Precision(args.precision)
+    # Every option is checked before any work: preparing (int8 calibration) takes minutes.
+    tasks = [Task(args.only)] if args.only else list(Task)
+    for task in Task:
+        if task not in tasks and getattr(args, f"{task.value}_profile"):
+            raise EngineError(f"--{task.value}-profile was given, but --only {args.only} builds no {task.value} engine")
+    profiles_by_task = {t: BatchProfile.parse(text) for t in tasks if (text := getattr(args, f"{t.value}_profile"))}
+    if not math.isfinite(args.workspace_gb) or args.workspace_gb <= 0:
+        raise EngineError(f"--workspace-gb must be a positive number of GiB, got {args.workspace_gb}")
+    options = BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level,
+                           contexts=args.contexts)
     calib = None
     if args.calib is not None:
         calib = find_calibration_images(args.calib, limit=args.calib_count)
@@ -328,19 +340,16 @@ def cmd_build(args) -> int:
             model.onnx_path, model.spec, precision, calib, cache / "prepared",
             strict=args.strict, force=args.force, output_kind=model.output_kind,
         )
-        line = p.agreement.summary() if p.agreement else "no agreement check (no --calib images)"
+        if precision is Precision.FP32:
+            line = "none needed (the model itself)"
+        else:
+            line = p.agreement.summary() if p.agreement else "not checked (no --calib images)"
         print(f"{model.spec.key} {precision.value}: {p.path}" + (" (cached)" if p.from_cache else ""))
         print(f"  agreement with fp32: {line}")
         for note in p.notes:
             print(f"  note: {note}")
         prepared.append((p, model.spec))
-    profiles = {
-        spec.key: BatchProfile.parse(text)
-        for _, spec in prepared
-        if (text := getattr(args, f"{spec.task.value}_profile"))
-    }
-    options = BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level,
-                           contexts=args.contexts)
+    profiles = {spec.key: profiles_by_task[spec.task] for _, spec in prepared if spec.task in profiles_by_task}
     for artifact in build_all(prepared, cache / "engines", profiles, options):
         print(f"engine: {artifact.path}" + (" (cached)" if artifact.from_cache else ""))
     return 0
@@ -379,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"engine: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `engine models | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

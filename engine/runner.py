@@ -432,6 +432,8 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
     plan = plan_path(config, models)
     if announce is not None:
         announce(plan.describe())
+    if config.calib_dir is not None and plan.precision != "int8":
+        log.warning("--calib is only used at int8; this %s run ignores it", plan.precision)
     threads = config.threads or os.cpu_count() or 1
 
     def open_inference(stack: ExitStack) -> Inference:

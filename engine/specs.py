@@ -295,10 +295,22 @@ class SpecRegistry:
                 key = f"{task.value}/{variant}"
                 fields = dict(fields)
                 base_key = fields.pop("base", None)
+                if base_key == key:
+                    base_key = None  # based on itself: an override of the variant, hub source kept
                 if base_key is not None:
+                    if not isinstance(base_key, str):
+                        raise SpecError(f"{source}: [{task_name}.{variant}] base must be a spec name such as "
+                                        f"\"{task.value}/{DEFAULT_VARIANTS[task]}\", got {base_key!r}")
                     if base_key not in specs:
                         raise SpecError(f"{source}: [{task_name}.{variant}] base '{base_key}' is not a known spec")
-                    base = dataclasses.replace(specs[base_key], variant=variant, hub=None)
+                    # a new variant: the base's preprocessing, labels and architecture, not
+                    # its published file (name, hub source and what is unconfirmed about it)
+                    based = specs[base_key]
+                    base = dataclasses.replace(
+                        based, variant=variant, hub=None,
+                        published_as=f"none (a variant based on {base_key})",
+                        unconfirmed=frozenset(f for f in based.unconfirmed if not f.startswith("hub.")),
+                    )
                     if base.task is not task:
                         raise SpecError(f"{source}: [{task_name}.{variant}] base '{base_key}' is another task")
                 elif key in specs:

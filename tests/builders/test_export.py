@@ -189,13 +189,24 @@ def test_unreadable_checkpoints_are_model_errors(tmp_path, name, content):
     with pytest.raises(ModelError) as err:
         load_checkpoint(build_torch_model(Architecture.RESNET18, 2), ckpt)
     assert str(ckpt) in str(err.value) and "\n" not in str(err.value)
+    assert "more than plain tensors" not in str(err.value)  # corrupt, not unsafe
+
+
+def test_a_folder_given_as_checkpoint_says_so(tmp_path):
+    with pytest.raises(ModelError, match="is a folder"):
+        load_checkpoint(build_torch_model(Architecture.RESNET18, 2), tmp_path)
 
 
 def test_pickled_objects_are_refused(tmp_path):
     ckpt = tmp_path / "unsafe.pt"
     torch.save({"fc.weight": torch.zeros(2, 512), "cfg": _NotATensor()}, ckpt)
-    with pytest.raises(ModelError, match="weights_only"):
+    with pytest.raises(ModelError, match="weights_only") as err:
         load_checkpoint(build_torch_model(Architecture.RESNET18, 2), ckpt)
+    assert "\x1b" not in str(err.value) and "more than plain tensors" in str(err.value)
+    whole = tmp_path / "module.pt"
+    torch.save(build_torch_model(Architecture.RESNET18, 2), whole)  # a pickled module, not a state dict
+    with pytest.raises(ModelError, match="state_dict"):
+        load_checkpoint(build_torch_model(Architecture.RESNET18, 2), whole)
 
 
 def test_export_needs_exactly_one_weight_source(tmp_path):
@@ -206,3 +217,21 @@ def test_export_needs_exactly_one_weight_source(tmp_path):
         export_onnx(spec, tmp_path / "x.onnx", checkpoint=tmp_path / "c.pt", random_seed=0)
     with pytest.raises(ModelError, match="does not exist"):
         export_onnx(spec, tmp_path / "x.onnx", checkpoint=tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize(
+    "out, opset, message",
+    [
+        ("DIR", 17, "is a folder"),
+        ("a_file/x.onnx", 17, "cannot make the folder"),
+        ("x.onnx", 5, "opset must be 13..20"),
+        ("x.onnx", 99, "opset must be 13..20"),
+    ],
+)
+def test_export_checks_its_output_and_opset_before_exporting(tmp_path, out, opset, message):
+    spec = SpecRegistry.builtin().get("gender")
+    (tmp_path / "a_file").write_text("in the way")
+    target = tmp_path if out == "DIR" else tmp_path / out
+    with pytest.raises(ModelError, match=message):
+        export_onnx(spec, target, random_seed=0, opset=opset)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -116,6 +116,18 @@ def test_calibration_set_uses_the_model_pipeline_and_skips_broken_files(gender, 
     assert gender_calib.tensors.std() > 0.05  # real image content, not a constant
 
 
+def test_gif_and_tiff_calibrate_as_engine_run_reads_them(tmp_path, gender):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for name in ("a.gif", "b.tif", "c.tiff"):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / name)
+    found = find_calibration_images(tmp_path)
+    assert [p.name for p in found] == ["a.gif", "b.tif", "c.tiff"]
+    calib = load_calibration_set(found, gender.spec)
+    assert calib.tensors.shape[0] == 3 and not calib.skipped
+
+
 def test_calibration_set_with_no_usable_image(tmp_path, gender):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png at all")

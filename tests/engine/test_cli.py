@@ -49,7 +49,7 @@ def test_build_without_tensorrt_prepares_reports_and_stops_in_one_line(calib_dir
     assert "gender/alpha fp16" in captured.out and "argmax agreement 100.0%" in captured.out
     err = captured.err.strip().splitlines()[-1]
     assert err.startswith("engine: error: TensorRT engine build needs TensorRT and an NVIDIA GPU")
-    assert (model_cache_dir / "prepared" / "gender-alpha.fp16.onnx").is_file()
+    assert list((model_cache_dir / "prepared").glob("gender-alpha.fp16.*.onnx"))
 
 
 def test_int8_needs_calibration_images(random_models, model_cache_dir, capsys):
@@ -89,3 +89,32 @@ def test_build_contexts_option_defaults_to_the_executor_ring_and_refuses_nonsens
             parser.parse_args(["build", "--contexts", bad])
         assert exc.value.code == 2
     assert "--contexts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--only", "gender", "--quality-profile", "1,4,8"], "--quality-profile was given, but --only gender"),
+        (["--gender-profile", "4,2,8"], "profile"),
+        (["--workspace-gb", "nan"], "--workspace-gb must be a positive number"),
+        (["--workspace-gb", "inf"], "--workspace-gb must be a positive number"),
+        (["--workspace-gb", "0"], "--workspace-gb must be a positive number"),
+    ],
+)
+def test_build_options_are_checked_before_any_model_work(extra, message, tmp_path, capsys):
+    # an empty cache and no download: any model work would fail first, with another message
+    code = main(["build", "--precision", "fp16", "--no-download", "--cache-dir", str(tmp_path / "empty"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("engine: error:") and message in err and "\n" not in err
+
+
+def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    # `true` exits without reading, long before the interpreter is up: the output meets a closed pipe
+    proc = subprocess.run(
+        f"'{sys.executable}' -m engine models | true; echo ${{PIPESTATUS[0]}}", shell=True, capture_output=True,
+        text=True, timeout=120, executable="/bin/bash",
+    )
+    assert proc.stderr == "" and proc.stdout.strip() == "141"

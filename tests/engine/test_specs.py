@@ -84,6 +84,9 @@ labels = ["a", "b", "c", "d"]
     assert "preprocess.std" in g.unconfirmed  # untouched facts stay marked
     t = reg.get("quality", "tuned")
     assert t.labels == ("a", "b", "c", "d") and t.preprocess.size == 384 and t.hub is None
+    # a new variant is not the base's published file, nor unconfirmed about its hub source
+    assert t.published_as == "none (a variant based on quality/head_crop)"
+    assert not any(f.startswith("hub.") for f in t.unconfirmed) and "output" in t.unconfirmed
     # the built-ins are untouched
     assert SpecRegistry.builtin().get("gender").output is OutputKind.PROBABILITIES
 
@@ -98,6 +101,7 @@ labels = ["a", "b", "c", "d"]
         ("[gender.alpha.preprocess]\nmean = [0.5, 0.5]\n", "three numbers"),
         ("[gender.new]\nlabels = ['x', 'y']\n", "base ="),
         ("[gender.new]\nbase = 'quality/baseline'\n", "another task"),
+        ("[gender.new]\nbase = ['gender/alpha']\n", "base must be a spec name"),
         ("[faces.alpha]\n", "task"),
         ("[gender.alpha]\nlabels = ['a', 'a']\n", "unique"),
         ("not toml = = =", "not valid TOML"),
@@ -109,6 +113,13 @@ def test_bad_override_is_one_clear_error(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(SpecError, match=message):
         SpecRegistry.load(f)
+
+
+def test_a_variant_based_on_itself_is_an_override_of_it(tmp_path):
+    f = tmp_path / "self.toml"
+    f.write_text("[quality.head_crop]\nbase = 'quality/head_crop'\noutput = 'logits'\n")
+    builtin, t = SpecRegistry.builtin().get("quality", "head_crop"), SpecRegistry.load(f).get("quality", "head_crop")
+    assert t.output is OutputKind.LOGITS and t.hub == builtin.hub and t.published_as == builtin.published_as
 
 
 def test_missing_override_file(tmp_path):
