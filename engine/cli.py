@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the fastest there. On the GPU it selects which TensorRT engines are used",
     )
     p.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --precision int8")
+    p.add_argument("--calib-count", type=int, metavar="N",
+                   help="images taken from --calib (default 64, as `engine build`: the same count reuses its graph)")
     p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming into --out")
     p.add_argument(
         "--flush-every",
@@ -282,6 +284,7 @@ def cmd_run(args) -> int:
         overwrite=args.overwrite,
         flush_every=args.flush_every,
         calib_dir=args.calib,
+        calib_count=args.calib_count,
         progress=not args.no_progress and sys.stderr.isatty(),
         device=args.device,
         gpu_backend=args.gpu_backend,

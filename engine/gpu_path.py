@@ -140,6 +140,8 @@ def build_command(config: "RunConfig", missing: Sequence[tuple["ModelChoice", "M
             args += [f"--{t}-profile", f"1,{b},{b}"]
     if precision == "int8":
         args += ["--calib", str(config.calib_dir) if config.calib_dir else "DIR_OF_TYPICAL_FRAMES"]
+        if config.calib_count is not None:
+            args += ["--calib-count", str(config.calib_count)]
     if config.spec_file is not None:
         args += ["--spec-file", str(config.spec_file)]
     args += ["--cache-dir", str(config.cache_dir)]

@@ -55,6 +55,7 @@ class RunConfig:
     overwrite: bool = False
     flush_every: int = 512
     calib_dir: Path | None = None
+    calib_count: int | None = None  # images taken from calib_dir (None: builders' default, 64)
     progress: bool = True
     device: str = "auto"  # auto | cpu | gpu
     gpu_backend: str = "tensorrt"  # tensorrt | torch (PyTorch on CUDA; checkpoints or random weights)
@@ -68,6 +69,8 @@ class RunConfig:
             raise InputError(f"--flush-every must be at least 1, got {self.flush_every}")
         if Path(self.out).name in ("", ".", ".."):
             raise InputError(f"--out must name a file (results.parquet), got {str(self.out)!r}")
+        if self.calib_count is not None and self.calib_count < 1:
+            raise InputError(f"--calib-count must be at least 1, got {self.calib_count}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be at least 1, got {self.threads}")
         if not self.models:
@@ -137,7 +140,8 @@ def result_schema(models: Sequence[ResolvedModel]) -> dict[str, pl.DataType]:
     return schema
 
 
-def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir: Path | None = None) -> dict[str, object]:
+def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir: Path | None = None,
+                      calib_count: int | None = None) -> dict[str, object]:
     """What produced the rows; an output is only resumed under the same record. Models
     are named by content (sha256 of the ONNX run), not by path: a file replaced in place
     is another model, the same file reached by another path is not. An int8 run also
@@ -146,9 +150,9 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir
 
     calibration = None
     if precision == "int8" and calib_dir is not None:
-        from builders.calibration import calibration_set_sha256, find_calibration_images
+        from builders.calibration import calibration_set_sha256
 
-        calibration = calibration_set_sha256(find_calibration_images(calib_dir))
+        calibration = calibration_set_sha256(_calibration_images(calib_dir, calib_count))
     return {
         "record": 2,
         "precision": precision,
@@ -335,16 +339,22 @@ def _progress(enabled: bool):
     return tqdm(total=None, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
-def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib_dir: Path | None = None) -> Path:
+def _calibration_images(calib_dir: Path, count: int | None) -> list[Path]:
+    from builders.calibration import find_calibration_images
+
+    return find_calibration_images(calib_dir) if count is None else find_calibration_images(calib_dir, limit=count)
+
+
+def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib_dir: Path | None = None,
+                    calib_count: int | None = None) -> Path:
     """The ONNX to run on the CPU: the model itself for fp32, else its prepared
     fp16/int8 graph (made once by builders.precision and cached under ``cache_dir``;
     FP32 inputs and outputs are kept; int8 is calibrated on the images in ``calib_dir``)."""
     if precision == "fp32":
         return model.onnx_path
-    from builders.calibration import find_calibration_images
     from builders.precision import prepare
 
-    calib = find_calibration_images(calib_dir) if calib_dir else None
+    calib = _calibration_images(calib_dir, calib_count) if calib_dir else None
     if precision == "int8" and not calib:
         raise EngineError("int8 needs calibration images: a folder of typical frames "
                           "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
@@ -356,12 +366,12 @@ def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib
 
 
 def open_cpu_backend(model: ResolvedModel, precision: str, *, threads: int | None, cache_dir: Path,
-                     calib_dir: Path | None = None):
+                     calib_dir: Path | None = None, calib_count: int | None = None):
     """ONNX Runtime on the CPU for ``model`` at ``precision`` (its :func:`precision_graph`):
     what the CPU path runs, also used by :mod:`engine.frames`."""
     from engine.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(precision_graph(model, precision, cache_dir, calib_dir), model.info.input, model.info.output,
+    return OrtBackend(precision_graph(model, precision, cache_dir, calib_dir, calib_count), model.info.input, model.info.output,
                       precision=precision, threads=threads)
 
 
@@ -388,7 +398,8 @@ class CpuInference:
         self._models = list(models)
         self._backends = {
             m.spec.key: stack.enter_context(
-                open_cpu_backend(m, precision, threads=threads, cache_dir=config.cache_dir, calib_dir=config.calib_dir)
+                open_cpu_backend(m, precision, threads=threads, cache_dir=config.cache_dir, calib_dir=config.calib_dir,
+                                 calib_count=config.calib_count)
             )
             for m in models
         }
@@ -461,7 +472,7 @@ def execute(
 
     with ExitStack() as stack:
         writer = stack.enter_context(
-            ResultWriter(config.out, schema, run_config_record(models, precision, config.calib_dir),
+            ResultWriter(config.out, schema, run_config_record(models, precision, config.calib_dir, config.calib_count),
                          overwrite=config.overwrite,
                          part_rows=config.flush_every)
         )

@@ -235,6 +235,8 @@ def test_int8_record_names_the_calibration_set(random_models, tmp_path):
     a, b = (run_config_record(models, "int8", tmp_path / n) for n in ("a", "b"))
     assert a["calibration_sha256"] and a != b
     assert run_config_record(models, "int8", tmp_path / "a") == a  # deterministic
+    _image((32, 32), "RGB", 3).save(tmp_path / "a" / "d.png")
+    assert run_config_record(models, "int8", tmp_path / "a", 1) != run_config_record(models, "int8", tmp_path / "a", 2)
     assert run_config_record(models, "fp32", tmp_path / "a") == run_config_record(models, "fp32", tmp_path / "b")
 
 
@@ -262,6 +264,7 @@ def test_resume_retries_failed_files_and_counts_only_files_still_there(model_cac
     [
         (["--out", ""], "must name a file"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--calib-count", "0"], "--calib-count must be at least 1"),
         (["--spec-file", "__PNG__"], "is not UTF-8 text"),
     ],
 )
