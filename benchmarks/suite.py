@@ -324,6 +324,10 @@ def _measure_engine_run(
     if image_set.source == "folder" and cfg.max_images is not None:
         rec.skip(f"{cid} engine_run", "`engine run` takes a whole folder; --max-images limits the benchmark set")
         return
+    if image_set.excluded:
+        rec.skip(f"{cid} engine_run", f"`engine run` takes the whole folder, and {len(image_set.excluded)} of its "
+                 "files do not decode (left out of every other figure)")
+        return
     scenarios = [Scenario.BOTH] if Scenario.BOTH in cfg.scenarios else list(cfg.scenarios)
     with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix="engine-run-") as tmp:
         work = Path(tmp)

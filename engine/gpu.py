@@ -164,6 +164,9 @@ class CudaContext:
         self.device_id = device_id
         self.device = cuda.Device(device_id)
         self._thread = threading.get_ident()
+        # a context pycuda made current before us (pycuda.autoinit, another CudaContext):
+        # close must hand it back through pycuda (see close)
+        self._under_pycuda = cuda.Context.get_current() is not None
         self._ctx = self.device.retain_primary_context()
         self._ctx.push()  # on the driver's stack and pycuda's own
         self.name = self.device.name()
@@ -186,10 +189,16 @@ class CudaContext:
             # context stacks are per thread: from here it would pop another context
             raise CudaError("a CUDA context must be closed on the thread that opened it")
         ctx, self._ctx = self._ctx, None
-        # pycuda 2026.1 (cuda.hpp, context::detach): for the context on top of its own
-        # stack it releases the primary context and forgets it, leaving the driver's
-        # stack alone; popped first, it would push the context again to release it and
-        # leave that entry behind. So: detach while current, then pop our own push.
+        # pycuda 2026.1 (cuda.hpp, context::pop/detach), with "S" its own stack:
+        # - ours alone on S: detach() while current releases the primary context and
+        #   forgets it, leaving the driver's stack alone; one pop removes our push.
+        # - a pycuda context X below ours on S: detach() while current would push X
+        #   again (to make it current), so pop() first, which hands X back; detach() of
+        #   a context no longer current then pushes ours once more to release it and
+        #   leaves that entry: one pop removes it.
+        # Either way exactly one entry of ours is left on the driver's stack.
+        if self._under_pycuda:
+            ctx.pop()
         ctx.detach()
         driver().call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 

@@ -54,10 +54,15 @@ class OutputLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and _owner_alive(owner):
-                    where = "" if owner.get("host") in (None, _HOST) else f" on {owner['host']}"
+                    elsewhere = owner.get("host") not in (None, _HOST)
+                    where = f" on {owner['host']}" if elsewhere else ""
+                    hint = (
+                        f"; if no run is writing it (a machine or container that is gone), delete {self.path}"
+                        if elsewhere else ""
+                    )
                     raise OutputError(
                         f"another run (pid {owner['pid']}{where}) is writing {self.path.with_suffix('')}; "
-                        f"wait for it or choose another --out"
+                        f"wait for it or choose another --out{hint}"
                     ) from None
                 log.warning("removing stale lock %s (its process %s is gone)", self.path, owner and owner["pid"])
                 self.path.unlink(missing_ok=True)
@@ -199,13 +204,13 @@ class ResultWriter:
         parent = self.out.parent
         if not parent.is_dir():
             raise OutputError(f"output folder does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"output folder is not writable: {parent}")
         if self.out.is_dir():
             raise OutputError(f"output path is a folder: {self.out}")
         if self.out.exists() and not self.out.is_file():
             # a device, FIFO or socket: the final rename would replace it
             raise OutputError(f"output path is not a regular file: {self.out}")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"output folder is not writable: {parent}")
         if self.parts_dir.exists() and (self.parts_dir.is_symlink() or not self.parts_dir.is_dir()):
             raise OutputError(f"{self.parts_dir} is in the way of the output's parts folder: move it away")
         self._lock.acquire()

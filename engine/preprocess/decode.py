@@ -151,8 +151,12 @@ def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     pos, n = 2, len(data)
     while pos + 4 <= n:
         head = bytes(data[pos : pos + 9])  # marker, length and (for a SOF) the size
-        if head[0] != 0xFF:
-            return None  # lost in the stream: malformed
+        if head[0] != 0xFF:  # junk between segments: skipped to the next 0xFF, as PIL does
+            ahead = bytes(data[pos : pos + 65536]).find(b"\xff")
+            if ahead < 0:
+                return None
+            pos += ahead
+            continue
         marker = head[1]
         if marker == 0xFF:  # fill byte
             pos += 1

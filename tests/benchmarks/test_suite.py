@@ -191,7 +191,7 @@ def test_user_folder_with_an_undecodable_file(tmp_path, random_models, torch_gen
         repeats=1,
         warmup_batches=0,
         workers=0,  # the reference loads in the main process: also a supported setting
-        engine_run_check=False,
+        engine_run_check=True,  # skipped, with the reason: engine run would take the bad file too
         plot=False,
         backends=("onnxruntime",),
     )
@@ -200,6 +200,8 @@ def test_user_folder_with_an_undecodable_file(tmp_path, random_models, torch_gen
     assert doc["images"]["source"] == "folder" and doc["images"]["count"] == 2
     assert doc["images"]["excluded"] == {"broken.jpg": "cannot decode: corrupt or unsupported JPEG header"}
     assert any("do not decode and were left out" in n for n in doc["notes"])
+    assert [s["id"] for s in doc["skipped"]] == [f"{ENGINE} engine_run"]
+    assert not any(r["stage"] == "engine_run" for r in doc["results"])
     for cid in (ENGINE, REFERENCE):
         assert _result(doc, cid, "end_to_end", "gender")["images"] == 2
         assert _result(doc, cid, "inference", None, "gender/alpha")["images"] == 2

@@ -44,19 +44,28 @@ def _context_stack() -> list[int]:
     return popped[::-1]
 
 
-@pytest.mark.parametrize("torch_first", [False, True])
-def test_closing_leaves_the_threads_context_stack_as_it_was(torch_first):
+@pytest.mark.parametrize("first", ["nothing", "torch", "pycuda", "ours"])
+def test_closing_leaves_the_threads_context_stack_as_it_was(first):
     import threading
+
+    import pycuda.driver as cuda
 
     from engine.gpu import CudaDevice
 
+    torch_first = first == "torch"
     seen: dict = {}
 
     def body():  # a fresh thread: its stack starts empty
+        own = outer = None
         try:
             if torch_first:  # PyTorch makes the primary context current first
                 torch = pytest.importorskip("torch")
                 torch.zeros(1, device="cuda").sum().item()
+            elif first == "pycuda":  # a context of the user's, made by pycuda (as pycuda.autoinit does)
+                cuda.init()
+                own = cuda.Device(0).make_context()
+            elif first == "ours":  # one CudaDevice inside another
+                outer = CudaDevice(0)
             before = _context_stack()
             inside = []
             for _ in range(3):
@@ -66,6 +75,14 @@ def test_closing_leaves_the_threads_context_stack_as_it_was(torch_first):
             seen.update(before=before, inside=inside, after=_context_stack())
             if torch_first:
                 seen["torch_after"] = torch.ones(3, device="cuda").sum().item()
+            if outer is not None:  # the outer one still works and closes cleanly
+                outer.device_empty((4,), np.float32)
+                outer.close()
+                seen["after_outer"] = _context_stack()
+            if own is not None:
+                own.pop()
+                own.detach()
+                seen["after_own"] = _context_stack()
         except BaseException as exc:  # re-raised on the test's thread
             seen["error"] = exc
 
@@ -78,6 +95,9 @@ def test_closing_leaves_the_threads_context_stack_as_it_was(torch_first):
     assert all(stack == seen["before"] + stack[-1:] and stack[-1] for stack in seen["inside"])
     if torch_first:
         assert len(seen["before"]) == 1 and seen["torch_after"] == 3.0
+    if first in ("pycuda", "ours"):
+        assert len(seen["before"]) == 1
+        assert seen.get("after_own", seen.get("after_outer")) == []
 
 
 def test_cuda_device_copies_and_counts_allocations(device):

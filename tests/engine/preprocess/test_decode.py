@@ -114,6 +114,8 @@ def test_size_limit_from_the_headers():
     assert cause.startswith("image too large to decode safely (30000x30000 = 900000000 pixels")
     assert probe(_jpeg_header(30000, 30000)).size == (30000, 30000)
     assert probe(_jpeg_header(640, 480)).too_large() is None
+    junk = _jpeg_header(30000, 30000).replace(b"\xff\xff\xff\xc0", b"\x00\x17\xff\xc0")  # junk before the SOF
+    assert header_size(junk) == (30000, 30000)  # skipped, as PIL does
     for cut in (b"\xff\xd8\xff", _jpeg_header(10, 10)[:25], _png_header(5, 5)[:20], b"\xff\xd8\xff\xda"):
         assert header_size(cut) is None  # cut short: left to the decoder
     assert header_size(encode(RGB, "TIFF")) is None  # PIL's own limit applies
