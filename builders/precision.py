@@ -521,6 +521,22 @@ def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
 # --------------------------------------------------------------------------- prepare
 
 
+STALE_TEMP_S = 24 * 3600  # no preparation runs this long: an older temp file is a killed run's
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Temp files of preparations killed mid-save (they have names of their own, so
+    nothing else replaces them)."""
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+                logger.info("removed %s, left by a preparation that was stopped", tmp)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
 def prepared_path(
     out_dir: Path, spec: ModelSpec, precision: Precision, source_sha: str, calib_sha: str | None = None
 ) -> Path:
@@ -635,6 +651,7 @@ def prepare(
                     raise ModelError(f"{spec.key} {precision.value} disagrees with FP32 beyond bounds: {'; '.join(problems)}")
             return cached
 
+    _remove_stale_temp_files(Path(out_dir))
     started = time.perf_counter()
     logger.info("preparing %s at %s: start", spec.key, precision.value)
     if calib is None and calib_images:

@@ -326,6 +326,18 @@ def test_a_model_the_quantiser_rejects_is_a_one_line_model_error(gender_calib, t
         prepare(path, spec, Precision.INT8, None, tmp_path / "out", calib=gender_calib)
 
 
+def test_a_killed_preparations_old_temp_file_is_removed_a_fresh_one_kept(gender, tmp_path):
+    import os
+    import time
+
+    old, fresh = tmp_path / ".x.fp16.onnx.abc.tmp", tmp_path / ".y.fp16.onnx.def.tmp"
+    for f in (old, fresh):
+        f.write_bytes(b"half a graph")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    prepare(gender.onnx_path, gender.spec, Precision.FP16, None, tmp_path, force=True)
+    assert not old.exists() and fresh.exists()  # the fresh one may be another run's, being written
+
+
 def test_int8_needs_calibration_images(gender, tmp_path):
     with pytest.raises(InputError, match="INT8 needs calibration images"):
         prepare(gender.onnx_path, gender.spec, Precision.INT8, None, tmp_path)
