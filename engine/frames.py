@@ -810,7 +810,7 @@ class FrameClassifier:
         if self._closed:
             raise RuntimeError("frame classifier is closed")
         check_on_error(on_error)  # now: the generator below starts only when iterated
-        if isinstance(frames, np.ndarray) and (frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 3, 4))):
+        if isinstance(frames, np.ndarray) and (frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] <= 4)):
             # one frame: iterating it would give its rows as "frames" ((N, H, W) is a stack of grey frames)
             raise InputError(
                 f"frames is one {frames.ndim}-D array {frames.shape}: pass [frame] for a single frame, "

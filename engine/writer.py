@@ -162,6 +162,15 @@ def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> 
         raise
 
 
+def _record_format(config_json: str | None) -> object:
+    """The ``record`` format number of a stored configuration (None before there was one)."""
+    try:
+        data = json.loads(config_json or "null")
+    except ValueError:
+        return None
+    return data.get("record") if isinstance(data, dict) else None
+
+
 class ResultWriter:
     """Collects result rows and writes them as described in the module docstring.
 
@@ -262,10 +271,11 @@ class ResultWriter:
             except Exception as exc:  # a foreign or damaged file: never overwrite silently
                 raise OutputError(f"{f} is not a readable result file ({exc}); use --overwrite to start fresh") from None
             if meta.get(CONFIG_KEY) != self.config_json:
-                raise OutputError(
-                    f"{f} holds results of another configuration (models, weights or precision differ); "
-                    f"use --overwrite to start fresh or choose another --out"
-                )
+                if _record_format(meta.get(CONFIG_KEY)) != _record_format(self.config_json):
+                    why = "was written by another version of the engine, which describes its models otherwise"
+                else:
+                    why = "holds results of another configuration (models, weights or precision differ)"
+                raise OutputError(f"{f} {why}; use --overwrite to start fresh or choose another --out")
             self.done.update(paths.filter(errors.is_null()).to_list())
             failed.update(paths.filter(errors.is_not_null()).to_list())
             if f.parent == self.parts_dir:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -147,31 +148,37 @@ def header_size(data: bytes | memoryview, container: Container | None = None) ->
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
+_JPEG_SCAN = 1 << 20  # a frame header further in than this is left to PIL (see probe's callers)
+_FILL = re.compile(rb"\xff+")
+
+
 def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    pos, n = 2, len(data)
+    """The size in the first frame header (SOF), scanning segments as libjpeg does:
+    fill bytes (runs of 0xFF) and junk between segments are skipped, 0xFF 0x00 is a
+    stuffed zero. None when no SOF is found within the first MiB."""
+    buf = bytes(data[:_JPEG_SCAN])
+    pos, n = 2, len(buf)
     while pos + 4 <= n:
-        head = bytes(data[pos : pos + 9])  # marker, length and (for a SOF) the size
-        if head[0] != 0xFF:  # junk between segments: skipped to the next 0xFF, as PIL does
-            ahead = bytes(data[pos : pos + 65536]).find(b"\xff")
-            if ahead < 0:
+        if buf[pos] != 0xFF:  # junk between segments: on to the next 0xFF
+            pos = buf.find(b"\xff", pos)
+            if pos < 0:
                 return None
-            pos += ahead
             continue
-        marker = head[1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+        pos = _FILL.match(buf, pos).end() - 1  # the last 0xFF of a run of fill bytes
+        if pos + 4 > n:
+            return None
+        marker = buf[pos + 1]
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # stuffed zero, TEM, RSTn: no length
             pos += 2
             continue
         if marker in (0xD9, 0xDA):  # EOI, SOS before any frame header
             return None
         if marker in _JPEG_SOF:
-            if len(head) < 9:
+            if pos + 9 > n:
                 return None
-            h, w = struct.unpack(">HH", head[5:9])
+            h, w = struct.unpack(">HH", buf[pos + 5 : pos + 9])
             return w, h
-        length = (head[2] << 8) | head[3]
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
         if length < 2:
             return None
         pos += 2 + length

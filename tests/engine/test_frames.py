@@ -488,7 +488,8 @@ def test_closing_the_classifier_ends_a_live_iterator_first(random_models, model_
 
 def test_one_frame_passed_as_frames_is_refused_not_split_into_rows(random_models, model_cache_dir):
     with FrameClassifier([random_models[GENDER]], threads=2, cache_dir=model_cache_dir) as fc:
-        for one in (np.zeros((5, 40, 3), np.uint8), np.zeros((5, 40), np.uint8), np.zeros((5, 40, 4), np.uint8)):
+        for one in (np.zeros((5, 40, 3), np.uint8), np.zeros((5, 40), np.uint8), np.zeros((5, 40, 4), np.uint8),
+                    np.zeros((5, 40, 2), np.uint8)):
             with pytest.raises(InputError, match=r"pass \[frame\] for a single frame"):
                 fc.classify(one)
         assert len(fc.classify(np.zeros((2, 5, 40, 3), np.uint8))) == 2  # a stack of frames

@@ -66,6 +66,16 @@ def test_other_configuration_is_refused(tmp_path):
     assert not (tmp_path / "r.parquet.lock").exists()
 
 
+def test_an_output_of_another_record_format_says_so(tmp_path):
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, {"models": ["m"]}) as w:  # as written before records had a format
+        w.add(rows(["a"]))
+    with pytest.raises(OutputError, match="another version of the engine"):
+        ResultWriter(out, SCHEMA, {"record": 2, "models": ["m"]}).open()
+    with pytest.raises(OutputError, match="another configuration"):
+        ResultWriter(out, SCHEMA, {"models": ["n"]}).open()
+
+
 def test_foreign_file_is_not_overwritten(tmp_path):
     out = tmp_path / "r.parquet"
     out.write_text("not parquet")

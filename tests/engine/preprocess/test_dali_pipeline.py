@@ -407,3 +407,17 @@ def test_oversized_images_are_refused_from_the_header_alone_in_any_company():
             assert result.errors[index] == cause
         assert pre.process([bytes(rgba_bomb)]).errors[0].startswith("image too large to decode safely (20000x20000")
         assert pre.process([good, bomb]).ok == [0]
+
+
+def test_a_jpeg_whose_size_the_headers_do_not_give_goes_to_the_host_decoder(caplog):
+    import logging
+
+    good = encode(photo("rocket"), "JPEG")
+    at = 4 + int.from_bytes(good[4:6], "big")  # after SOI and the first segment (APP0)
+    odd = good[:at] + bytes((1 << 20) + 100) + good[at:]  # junk past the header scan
+    with DaliPreprocessor(BOTH[:1], max_batch=2, num_threads=1) as pre:
+        with caplog.at_level(logging.DEBUG, logger="engine.preprocess.dali_pipeline"):
+            result = pre.process([odd])
+        clean = pre.process([good])
+    assert "goes the host route" in caplog.text  # where PIL's own size limit applies
+    assert result.ok == [0] and result.sizes == clean.sizes  # PIL skips the junk too

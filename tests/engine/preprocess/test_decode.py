@@ -116,6 +116,16 @@ def test_size_limit_from_the_headers():
     assert probe(_jpeg_header(640, 480)).too_large() is None
     junk = _jpeg_header(30000, 30000).replace(b"\xff\xff\xff\xc0", b"\x00\x17\xff\xc0")  # junk before the SOF
     assert header_size(junk) == (30000, 30000)  # skipped, as PIL does
+    big = _jpeg_header(30000, 30000)
+    soi, rest = big[:20], big[20:]  # SOI + APP0 | the rest
+    # a stuffed zero (0xFF 0x00) is two bytes, not a segment whose "length" jumps into an
+    # APP1 that hides a fake 10x10 frame header
+    app1 = b"\xff\xe1" + (2 + 11 + 3).to_bytes(2, "big") + _jpeg_header(10, 10)[20:34][:14]
+    fake = soi + b"\x00\xff\x00\x00\x06" + app1 + rest
+    assert header_size(fake) == (30000, 30000)
+    assert header_size(soi + bytes(70000) + rest) == (30000, 30000)  # long junk, no 0xFF in it
+    assert header_size(soi + b"\xff" * 100000 + rest) == (30000, 30000)  # a long run of fill bytes
+    assert header_size(soi + bytes(2 << 20) + rest) is None  # beyond the scan: left to PIL
     for cut in (b"\xff\xd8\xff", _jpeg_header(10, 10)[:25], _png_header(5, 5)[:20], b"\xff\xd8\xff\xda"):
         assert header_size(cut) is None  # cut short: left to the decoder
     assert header_size(encode(RGB, "TIFF")) is None  # PIL's own limit applies
