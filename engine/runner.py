@@ -489,7 +489,6 @@ def execute(
                     summary.retried += 1
                 yield p
 
-
         reader = FileReader(_batches(todo(), config.batch_size), inference.preprocess)
         bar = stack.enter_context(_progress(config.progress))
         # The bar's total comes from a second walk of the folder on a thread of its own,

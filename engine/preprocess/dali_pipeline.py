@@ -435,8 +435,7 @@ class DaliPreprocessor:
             if too_large is not None:  # refused alike on either route (see decode.MAX_PIXELS)
                 errors[index] = too_large
                 continue
-            # a size the headers do not give (cut short, odd): PIL decodes it, under its own limit
-            route = Route.DALI if info.dali_decodable and info.size is not None else Route.HOST
+            route = Route.DALI if info.dali_decodable else Route.HOST
             if route is Route.HOST:
                 log.debug("item %d (%s, alpha=%s) goes the host route", index, info.container.value, info.has_alpha)
             entries.append(_Entry(index, data, route))

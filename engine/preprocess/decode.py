@@ -83,8 +83,11 @@ class Probe:
 
     @property
     def dali_decodable(self) -> bool:
-        """True when DALI's decoder (output RGB) gives everything the views need."""
-        return self.container in DALI_CONTAINERS and not self.has_alpha and not self.animated
+        """True when DALI's decoder (output RGB) gives everything the views need and the
+        headers give the size (so that :meth:`too_large` could judge it; a file whose
+        size they do not give is left to PIL, which applies its own limit)."""
+        return (self.container in DALI_CONTAINERS and not self.has_alpha and not self.animated
+                and self.size is not None)
 
 
 def sniff(data: bytes | memoryview) -> Container:
@@ -146,8 +149,6 @@ def header_size(data: bytes | memoryview, container: Container | None = None) ->
 
 # SOF markers: C0-CF but C4 (DHT), C8 (JPG extension) and CC (DAC)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
 _JPEG_SCAN = 1 << 20  # a frame header further in than this is left to PIL (see probe's callers)
 _FILL = re.compile(rb"\xff+")
 
