@@ -137,7 +137,8 @@ def _random_input(decl: TensorDecl, batch: int, rng: np.random.Generator) -> np.
     return None
 
 
-def _ort_errors() -> tuple[type[BaseException], ...]:
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions ONNX Runtime raises for a graph it cannot load, check or run."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     names = ("Fail", "InvalidArgument", "InvalidGraph", "RuntimeException", "NotImplemented", "InvalidProtobuf")
@@ -173,7 +174,7 @@ def _runs_batched(original: bytes, dynamic: bytes, decl: TensorDecl, fixed: int,
                 chunk = np.concatenate([chunk, pad])
             refs.append(ref_sess.run(None, {decl.name: chunk})[0])
         ref = np.concatenate(refs)[:probe]
-    except _ort_errors() as exc:
+    except ort_errors() as exc:
         logger.info("%s: the graph does not run at batch %d (%s)", src, probe, str(exc).splitlines()[0][:200])
         return False
     if out.shape != ref.shape:

@@ -47,7 +47,7 @@ from builders.calibration import (
     ort_data_reader,
 )
 from builders.manifest import atomic_write, onnx_sha256, sha256_file
-from builders.onnx_io import _ort_errors
+from builders.onnx_io import ort_errors
 from engine.errors import InputError, ModelError
 from engine.specs import ModelSpec, OutputKind, spec_as_dict
 
@@ -478,7 +478,7 @@ def quantize_int8(
                     "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
                 },
             )
-        except (*_ort_errors(), onnx.checker.ValidationError) as exc:
+        except (*ort_errors(), onnx.checker.ValidationError) as exc:
             # ONNX Runtime's quantiser rejects some graphs (old opsets it cannot convert,
             # shapes it cannot infer): a model problem, said in one line
             first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
