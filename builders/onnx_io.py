@@ -187,8 +187,14 @@ def _runs_batched(original: bytes, dynamic: bytes, decl: TensorDecl, fixed: int,
     return True
 
 
+# protobuf's 2 GiB limit, less room for the graph: a larger model keeps its weights beside it
+EXTERNAL_DATA_BYTES = 2**31 - 2**20
+
+
 def write_model_atomic(model, dst: Path) -> None:
-    """Save ``model`` as one self-contained file at ``dst`` (temp file, then rename)."""
+    """Save ``model`` at ``dst``: a temp name of its own (two writers of one file must
+    not rename each other's away), then a rename. One self-contained file, except for a
+    model past protobuf's limit, whose weights go to ``<dst name>.data`` beside it."""
     import onnx
 
     dst = Path(dst)
@@ -196,7 +202,10 @@ def write_model_atomic(model, dst: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        onnx.save_model(model, tmp)
+        if model.ByteSize() >= EXTERNAL_DATA_BYTES:
+            onnx.save_model(model, tmp, save_as_external_data=True, location=f"{dst.name}.data")
+        else:
+            onnx.save_model(model, tmp)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -47,7 +47,7 @@ from builders.calibration import (
     ort_data_reader,
 )
 from builders.manifest import atomic_write, onnx_sha256, sha256_file
-from builders.onnx_io import ort_errors
+from builders.onnx_io import ort_errors, write_model_atomic
 from engine.errors import InputError, ModelError
 from engine.specs import ModelSpec, OutputKind, spec_as_dict
 
@@ -285,24 +285,6 @@ def _check(model: onnx.ModelProto, what: str) -> None:
         raise ModelError(f"{what} produced an invalid ONNX graph: {str(exc).splitlines()[0]}") from None
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temp name of its own: two runs preparing the same graph at once must not
-    # rename each other's file away
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        if model.ByteSize() >= 2**31 - 2**20:
-            onnx.save(model, str(tmp), save_as_external_data=True, location=f"{path.name}.data")
-        else:
-            onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
@@ -451,7 +433,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         qdq_path = Path(tmp) / "qdq.onnx"
-        _save(fold_identity_initializers(source), fp32_path)
+        write_model_atomic(fold_identity_initializers(source), fp32_path)
         try:
             quantize_static(
                 str(fp32_path),
@@ -498,16 +480,16 @@ def quantize_int8(
                 mixed = upgrade_opset(qdq, QDQ_FP16_MIN_OPSET)
                 mixed = convert_fp16(mixed)
                 candidate = Path(tmp) / "qdq_fp16.onnx"
-                _save(mixed, candidate)
+                write_model_atomic(mixed, candidate)
                 cpu_session(candidate)  # ONNX Runtime must accept the graph
-                _save(mixed, out_path)
+                write_model_atomic(mixed, out_path)
                 fp16_done = True
             except (ModelError, onnx.checker.ValidationError, ConvertError, RuntimeError, ValueError) as exc:
                 msg = f"FP16 in the unquantised INT8 layers not possible ({str(exc).splitlines()[0]}); they stay FP32"
                 logger.warning(msg)
                 notes.append(msg)
         if not fp16_done:
-            _save(qdq, out_path)
+            write_model_atomic(qdq, out_path)
     return fp16_done, tuple(notes)
 
 
@@ -661,7 +643,7 @@ def prepare(
     notes: tuple[str, ...] = ()
     fp16_done = False
     if precision is Precision.FP16:
-        _save(convert_fp16(fold_identity_initializers(source)), out_path)
+        write_model_atomic(convert_fp16(fold_identity_initializers(source)), out_path)
     else:
         if calib is None:  # unreachable: INT8 without images was rejected above
             raise InputError("INT8 needs calibration images")
