@@ -172,15 +172,21 @@ def _few(keys: list[str], n: int = 4) -> str:
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_checkpoint(model, path: Path, *, architecture: str | None = None):
-    """Load the state dict at ``path`` (safetensors or a PyTorch state dict) into
-    ``model``, strictly. Returns the model. A checkpoint that does not fit raises a
-    one-line :class:`ModelError` naming a few missing/unexpected/mismatched keys."""
+def _checkpoint_file(path: Path) -> Path:
+    """``path`` as a Path, once it names a file (a one-line :class:`ModelError` if not)."""
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"checkpoint {path} is a folder: name the checkpoint file")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(model, path: Path, *, architecture: str | None = None):
+    """Load the state dict at ``path`` (safetensors or a PyTorch state dict) into
+    ``model``, strictly. Returns the model. A checkpoint that does not fit raises a
+    one-line :class:`ModelError` naming a few missing/unexpected/mismatched keys."""
+    path = _checkpoint_file(path)
     state = _unwrap_state_dict(_read_state_dict(path), path)
     expected = model.state_dict()
     # Keys in model order (or checkpoint order): the first ones shown are the telling ones.
@@ -261,11 +267,7 @@ def export_onnx(
 
     started = time.perf_counter()
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if checkpoint.is_dir():
-            raise ModelError(f"checkpoint {checkpoint} is a folder: name the checkpoint file")
-        if not checkpoint.is_file():
-            raise ModelError(f"checkpoint {checkpoint} does not exist")
+        checkpoint = _checkpoint_file(checkpoint)
         weights, detail = WEIGHTS_CHECKPOINT, f"checkpoint sha256:{file_sha256(checkpoint)}"
         model = build_torch_model(spec.architecture, spec.num_classes)
         load_checkpoint(model, checkpoint, architecture=f"{spec.architecture.value} ({spec.num_classes} classes)")
