@@ -244,13 +244,18 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _tasks(args) -> list[Task]:
+    """The tasks a command runs: ``--only``'s, or both."""
+    return [Task(args.only)] if args.only else list(Task)
+
+
 def _model_choices(args) -> tuple:
     """One ModelChoice per task selected on the command line (the model-source options)."""
     from engine.models import ModelSource
     from engine.runner import ModelChoice
 
     choices = []
-    for task in [Task(args.only)] if args.only else list(Task):
+    for task in _tasks(args):
         t = task.value
         onnx, checkpoint = getattr(args, f"{t}_onnx"), getattr(args, f"{t}_checkpoint")
         source = ModelSource(
@@ -322,7 +327,7 @@ def cmd_build(args) -> int:
 
     precision = Precision(args.precision)
     # Every option is checked before any work: preparing (int8 calibration) takes minutes.
-    tasks = [Task(args.only)] if args.only else list(Task)
+    tasks = _tasks(args)
     for task in Task:
         if task not in tasks and getattr(args, f"{task.value}_profile"):
             raise EngineError(f"--{task.value}-profile was given, but --only {args.only} builds no {task.value} engine")
