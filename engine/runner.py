@@ -37,7 +37,7 @@ from engine.errors import EngineError, InputError
 from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model  # ModelChoice: re-exported
 from engine.postprocess import Classified, classify
 from engine.specs import SpecRegistry, spec_as_dict
-from engine.writer import ResultWriter
+from engine.writer import ResultWriter, check_output_name
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class RunConfig:
             raise InputError(f"batch size must be between 1 and 4096, got {self.batch_size}")
         if self.flush_every < 1:
             raise InputError(f"--flush-every must be at least 1, got {self.flush_every}")
-        if Path(self.out).name in ("", ".", ".."):
-            raise InputError(f"--out must name a file (results.parquet), got {str(self.out)!r}")
+        check_output_name(self.out)  # before any model work (the writer opens after it)
         if self.calib_count is not None and self.calib_count < 1:
             raise InputError(f"--calib-count must be at least 1, got {self.calib_count}")
         if self.threads is not None and self.threads < 1:

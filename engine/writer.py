@@ -162,6 +162,14 @@ def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> 
         raise
 
 
+def check_output_name(out: Path | str) -> Path:
+    """``out`` as a Path, once it names a file (not "", "." or "..")."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise OutputError(f"--out must name a file (results.parquet), got {str(out)!r}")
+    return out
+
+
 def _record_format(config_json: str | None) -> object:
     """The ``record`` format number of a stored configuration (None before there was one)."""
     try:
@@ -188,9 +196,7 @@ class ResultWriter:
         overwrite: bool = False,
         part_rows: int = 512,
     ) -> None:
-        out = Path(out)
-        if out.name in ("", ".", ".."):
-            raise OutputError(f"--out must name a file, got {str(out)!r}")
+        out = check_output_name(out)
         if out.is_symlink():  # write through the link: the link stays, its target is replaced
             out = Path(os.path.realpath(out))
         self.out = out
