@@ -118,6 +118,7 @@ def _prepared_onnx(model: "ResolvedModel", precision: Precision, context: Backen
         fp16_in_int8=False,
         batch_size=min(context.batch_size, 8),
         output_kind=model.output_kind,
+        source_sha256=model.source_sha256,
     )
     return prepared.path
 
@@ -192,7 +193,7 @@ def tensorrt_factory(model: "ResolvedModel", precision: Precision, context: Back
 
     calib = list(context.calibration_images) if precision is Precision.INT8 else None
     prepared = prepare(model.onnx_path, model.spec, precision.value, calib, context.work_dir / "prepared",
-                       output_kind=model.output_kind)
+                       output_kind=model.output_kind, source_sha256=model.source_sha256)
     default = default_profile(model.spec)
     profile = BatchProfile(1, context.batch_size, max(default.max, context.batch_size))
     artifact = build_engine(prepared, model.spec, context.work_dir / "engines", profile)

@@ -593,6 +593,7 @@ def prepare(
     preprocess: PreprocessFn | None = None,
     calib: CalibrationSet | None = None,
     output_kind: OutputKind | None = None,
+    source_sha256: str | None = None,
 ) -> PreparedModel:
     """Prepare ``model_onnx`` for a strongly typed build at ``precision``.
 
@@ -602,14 +603,16 @@ def prepare(
     Agreement outside ``bounds`` (default :meth:`AgreementBounds.default`) is logged as
     a warning, or raised as :class:`ModelError` when ``strict``. ``calib`` passes
     already preprocessed tensors (then ``calib_images`` is ignored). ``output_kind``
-    overrides ``spec.output`` (e.g. ``ResolvedModel.output_kind``). The result is reused
+    overrides ``spec.output`` (e.g. ``ResolvedModel.output_kind``); ``source_sha256`` is
+    :func:`onnx_sha256` of ``model_onnx`` when the caller already has it (e.g.
+    ``ResolvedModel.source_sha256``), so the file is not read again. The result is reused
     from ``out_dir`` while nothing it depends on changed, unless ``force``.
     """
     precision = Precision(precision)
     model_onnx = Path(model_onnx)
     if not model_onnx.is_file():
         raise ModelError(f"ONNX file {model_onnx} does not exist")
-    source_sha = onnx_sha256(model_onnx)
+    source_sha = source_sha256 or onnx_sha256(model_onnx)
     if precision is Precision.FP32:
         return PreparedModel(path=model_onnx, precision=precision, source_sha256=source_sha, sha256=source_sha, agreement=None)
     if precision is Precision.INT8 and calib is None and not calib_images:

@@ -347,6 +347,7 @@ def cmd_build(args) -> int:
         p = prepare(
             model.onnx_path, model.spec, precision, calib, cache / "prepared",
             strict=args.strict, force=args.force, output_kind=model.output_kind,
+            source_sha256=model.source_sha256,
         )
         if precision is Precision.FP32:
             line = "none needed (the model itself)"

@@ -154,7 +154,7 @@ def lookup_engines(
     """The cached engine of every model for a run at ``precision`` and ``batch_size``,
     or the problem: which models have none in ``cache_dir`` (with the reasons other
     engines were passed over). :func:`find_engines` adds the build command."""
-    from builders.manifest import EngineCache, EngineQuery, onnx_sha256
+    from builders.manifest import EngineCache, EngineQuery
     from engine.executor import MIN_DEPTH
 
     cache = EngineCache(Path(cache_dir) / "engines")
@@ -162,7 +162,7 @@ def lookup_engines(
     missing: list[str] = []
     notes: list[str] = []
     for m in models:
-        query = EngineQuery(m.spec.key, onnx_sha256(m.onnx_path), precision, target, batch_size, contexts=MIN_DEPTH)
+        query = EngineQuery(m.spec.key, m.source_sha256, precision, target, batch_size, contexts=MIN_DEPTH)
         search = cache.find_for_run(query)
         if search.entry is None:
             missing.append(m.spec.key)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 from pathlib import Path
 
@@ -107,6 +108,16 @@ class ResolvedModel:
     @property
     def is_random(self) -> bool:
         return self.weights is WeightsKind.RANDOM
+
+    @cached_property
+    def source_sha256(self) -> str:
+        """:func:`builders.manifest.onnx_sha256` of ``onnx_path`` (external data
+        included), read once: the run record, the prepared graph's cache key and the
+        engine lookup all name the model by this one reading, so they cannot disagree
+        about a file replaced mid-run, and a large graph is not parsed three times."""
+        from builders.manifest import onnx_sha256
+
+        return onnx_sha256(self.onnx_path)
 
 
 def default_cache_dir() -> Path:

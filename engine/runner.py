@@ -145,8 +145,6 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir
     are named by content (sha256 of the ONNX run), not by path: a file replaced in place
     is another model, the same file reached by another path is not. An int8 run also
     records its calibration set, which decides the int8 graph's scales."""
-    from builders.manifest import onnx_sha256  # the graph with its external data, if any
-
     calibration = None
     if precision == "int8" and calib_dir is not None:
         from builders.calibration import calibration_set_sha256
@@ -162,7 +160,7 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir
                 # preprocessing, labels or output kind changed by a spec file: another config
                 "spec_sha256": hashlib.sha256(json.dumps(spec_as_dict(m.spec), sort_keys=True).encode()).hexdigest(),
                 "weights": m.weights.value,
-                "onnx_sha256": onnx_sha256(m.onnx_path),
+                "onnx_sha256": m.source_sha256,  # the graph with its external data, if any
             }
             for m in models
         ],
@@ -359,7 +357,7 @@ def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib
                           "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
     prepared = prepare(
         model.onnx_path, model.spec, precision, calib, Path(cache_dir) / "prepared",
-        output_kind=model.output_kind,
+        output_kind=model.output_kind, source_sha256=model.source_sha256,
     )
     return prepared.path
 

@@ -274,3 +274,31 @@ def test_more_user_errors_are_one_line(extra, message, folder, tmp_path, capsys)
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.parquet"), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("engine: error:") and message in err and "\n" not in err
+
+
+def test_a_run_reads_each_models_onnx_hash_once(folder, tmp_path, capsys, monkeypatch):
+    """The run record, the prepared fp16 graph's cache key and (on a GPU) the engine
+    lookup name the model by one reading of its hash: a large graph is parsed once."""
+    import builders.manifest
+    import builders.precision
+    from builders.export import META_OUTPUT_KIND
+    from tests.model_fixtures import make_tiny_classifier
+
+    user = make_tiny_classifier(tmp_path / "user.onnx", size=224, classes=2, metadata={META_OUTPUT_KIND: "logits"})
+    calls = []
+    real = builders.manifest.onnx_sha256
+
+    def counting(path):
+        calls.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(builders.manifest, "onnx_sha256", counting)
+    monkeypatch.setattr(builders.precision, "onnx_sha256", counting)
+    out = tmp_path / "h.parquet"
+    args = _gender_args(folder / "heads", out, tmp_path / "cache", "--gender-onnx", str(user), "--precision", "fp16")
+    assert main(args) == 0
+    assert calls == ["user.onnx"]
+    capsys.readouterr()
+    calls.clear()
+    assert main(args) == 0  # resumed: the record is compared, the prepared graph reused
+    assert calls == ["user.onnx"] and "already done" in capsys.readouterr().out
