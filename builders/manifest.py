@@ -24,9 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -35,6 +33,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from engine.errors import ModelError
+from engine.fileio import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -471,12 +470,4 @@ class EngineCache:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)

@@ -8,9 +8,7 @@ functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 from engine.backends.base import TensorDecl
 from engine.errors import ModelError
+from engine.fileio import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -199,17 +198,11 @@ def write_model_atomic(model, dst: Path) -> None:
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with replacing(dst) as tmp:
         if model.ByteSize() >= EXTERNAL_DATA_BYTES:
             onnx.save_model(model, tmp, save_as_external_data=True, location=f"{dst.name}.data")
         else:
             onnx.save_model(model, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_batch_dynamic(src: Path, dst: Path, *, probe_batch: int = 2) -> bool:

@@ -22,13 +22,13 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import polars as pl
 
 from engine.errors import OutputError
+from engine.fileio import replacing
 
 log = logging.getLogger(__name__)
 
@@ -134,32 +134,9 @@ def _owner_alive(owner: Mapping) -> bool:
     return recorded is None or now is None or recorded == now
 
 
-def _umask() -> int:
-    try:  # Linux: read it without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is 0600
-    finally:
-        os.close(fd)
-    try:
+    with replacing(dest) as tmp:
         df.write_parquet(tmp, metadata=dict(metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_output_name(out: Path | str) -> Path:

@@ -1,0 +1,60 @@
+"""Writing a file so that readers see the old one or the new one, never half of it.
+
+Every file the project writes for keeps (results, their parts, prepared ONNX graphs,
+engines, manifests, timing caches) goes through :func:`replacing`: the bytes are
+written under a temporary name of the writer's own beside the destination, flushed to
+disk, and renamed over it. Two writers of one file each rename a whole file of their
+own; a writer that fails or is interrupted leaves the old file and no temporary one.
+The new file gets the mode the umask allows (0644 under umask 022), as a plain
+``open()`` would, not the 0600 of a private temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def replacing(dest: Path | str) -> Iterator[str]:
+    """Yield a temporary path beside ``dest`` to write the new file at; when the block
+    ends without an exception, the file is synced and renamed onto ``dest``, otherwise
+    removed. ``dest``'s folder must exist."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~umask())
+        finally:
+            os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    """``data`` as the whole of ``path`` (its folder made if missing), via :func:`replacing`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)

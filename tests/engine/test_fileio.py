@@ -1,0 +1,74 @@
+"""engine.fileio: the one temp-then-rename writer behind results, graphs, engines and
+manifests."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from engine.fileio import replacing, umask, write_bytes_atomic
+
+
+def test_umask_is_read_without_changing_it():
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        assert umask() == 0o027
+    finally:
+        os.umask(old)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    dest = tmp_path / "engine.plan"
+    dest.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with replacing(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(b"half of the ne")
+            raise RuntimeError("the builder died")
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]
+
+
+def test_the_temporary_file_is_beside_the_destination_and_renamed_onto_it(tmp_path):
+    dest = tmp_path / "m.onnx"
+    with replacing(dest) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and os.path.basename(tmp).startswith(".m.onnx.")
+        assert not dest.exists()
+        with open(tmp, "wb") as fh:
+            fh.write(b"new")
+    assert dest.read_bytes() == b"new" and not os.path.exists(tmp)
+
+
+def test_written_files_get_the_mode_the_umask_allows(tmp_path):
+    old = os.umask(0o002)
+    try:
+        write_bytes_atomic(tmp_path / "cache" / "manifest.json", b"{}")
+    finally:
+        os.umask(old)
+    path = tmp_path / "cache" / "manifest.json"  # the folder was made
+    assert path.read_bytes() == b"{}" and path.stat().st_mode & 0o777 == 0o664
+
+
+def test_two_writers_of_one_file_never_leave_a_mixture(tmp_path):
+    dest = tmp_path / "shared.bin"
+    blobs = [bytes([i]) * 200_000 for i in range(8)]
+    errors = []
+
+    def write(blob):
+        try:
+            for _ in range(5):
+                write_bytes_atomic(dest, blob)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert dest.read_bytes() in blobs
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
