@@ -116,7 +116,7 @@ def probe(data: bytes | memoryview) -> Probe:
     if container is Container.PNG:
         has_alpha = _png_has_alpha(data)
     elif container is Container.WEBP:
-        has_alpha, animated = _webp_flags(data)
+        _, has_alpha, animated = _webp_header(data)
     elif container is Container.BMP:
         has_alpha = _bmp_has_alpha(data)
     return Probe(container, has_alpha, animated, header_size(data, container))
@@ -134,7 +134,7 @@ def header_size(data: bytes | memoryview, container: Container | None = None) ->
         elif container is Container.JPEG:
             return _jpeg_size(data)
         elif container is Container.WEBP:
-            return _webp_size(data)
+            return _webp_header(data)[0]
         elif container is Container.BMP:
             if int.from_bytes(bytes(data[14:18]), "little") == 12:  # OS/2 core header
                 return struct.unpack("<HH", bytes(data[18:22]))
@@ -186,19 +186,23 @@ def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
-def _webp_size(data: bytes | memoryview) -> tuple[int, int] | None:
+def _webp_header(data: bytes | memoryview) -> tuple[tuple[int, int] | None, bool, bool]:
+    """(size or None, has_alpha, animated) from a WebP file's first chunk: VP8X (the
+    extended header), VP8L (lossless) or "VP8 " (lossy, never alpha)."""
     chunk = bytes(data[12:16])
-    if chunk == b"VP8X" and len(data) >= 30:
-        w = int.from_bytes(bytes(data[24:27]), "little") + 1
-        h = int.from_bytes(bytes(data[27:30]), "little") + 1
-        return w, h
+    if chunk == b"VP8X" and len(data) >= 21:
+        flags = data[20]
+        size = None
+        if len(data) >= 30:
+            size = (int.from_bytes(bytes(data[24:27]), "little") + 1, int.from_bytes(bytes(data[27:30]), "little") + 1)
+        return size, bool(flags & 0x10), bool(flags & 0x02)
     if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
         bits = int.from_bytes(bytes(data[21:25]), "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1), bool((bits >> 28) & 1), False
     if chunk == b"VP8 " and len(data) >= 30 and bytes(data[23:26]) == b"\x9d\x01\x2a":
         w, h = struct.unpack("<HH", bytes(data[26:30]))
-        return w & 0x3FFF, h & 0x3FFF
-    return None
+        return (w & 0x3FFF, h & 0x3FFF), False, False
+    return None, False, False
 
 
 def _png_has_alpha(data: bytes | memoryview) -> bool:
@@ -215,18 +219,6 @@ def _png_has_alpha(data: bytes | memoryview) -> bool:
             return False
         pos += 12 + length
     return False
-
-
-def _webp_flags(data: bytes | memoryview) -> tuple[bool, bool]:
-    """(has_alpha, animated) of a WebP file."""
-    chunk = bytes(data[12:16])
-    if chunk == b"VP8X" and len(data) >= 21:
-        flags = data[20]
-        return bool(flags & 0x10), bool(flags & 0x02)
-    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
-        bits = int.from_bytes(bytes(data[21:25]), "little")
-        return bool((bits >> 28) & 1), False
-    return False, False  # "VP8 ": lossy, no alpha
 
 
 def _bmp_has_alpha(data: bytes | memoryview) -> bool:
