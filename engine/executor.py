@@ -134,7 +134,9 @@ class DeviceBackend(Protocol):
 
     ``inputs``/``outputs`` are declarations with ``None`` for the dynamic batch; the
     executor allocates every buffer from them, once, at ``batch_size`` rows (at most
-    ``max_batch``). ``bind`` is called once per slot (set tensor addresses there);
+    ``max_batch``; a backend may also declare ``min_batch``, the smallest batch it
+    runs, and shorter batches are padded up to it). ``bind`` is called once per slot
+    (set tensor addresses there);
     ``enqueue`` queues the model on ``stream`` for ``batch_size`` rows of the slot's
     device buffers and returns without waiting. ``capture`` returns a graph of that
     enqueue (or None where the backend cannot); it is called only after one plain
@@ -196,12 +198,13 @@ class BatchPlan:
 
 
 def plan_batch(rows: int, capacity: int, *, fixed_batch: int | None = None, graph_batch: int | None = None,
-               pad_partial: bool = True) -> BatchPlan:
+               pad_partial: bool = True, min_batch: int = 1) -> BatchPlan:
     """How to run a batch of ``rows`` on buffers of ``capacity`` rows.
 
     A fixed-batch model always runs its fixed batch; a dynamic one runs the graph batch
     when it has a graph of that size (a short batch is padded when ``pad_partial``),
-    else exactly ``rows``."""
+    else exactly ``rows``, padded up to ``min_batch`` (the smallest batch the backend
+    accepts, e.g. a TensorRT profile that starts above 1)."""
     if not isinstance(rows, (int, np.integer)) or rows < 1:
         raise ValueError(f"a batch needs at least one row, got {rows!r}")
     if rows > capacity:
@@ -210,7 +213,9 @@ def plan_batch(rows: int, capacity: int, *, fixed_batch: int | None = None, grap
         return BatchPlan(int(rows), fixed_batch, graph_batch == fixed_batch)
     if graph_batch is not None and (rows == graph_batch or (pad_partial and rows < graph_batch)):
         return BatchPlan(int(rows), graph_batch, True)
-    return BatchPlan(int(rows), int(rows), False)
+    if min_batch > capacity:
+        raise ValueError(f"the backend's smallest batch {min_batch} exceeds the executor batch size {capacity}")
+    return BatchPlan(int(rows), max(int(rows), int(min_batch)), False)
 
 
 class SlotState(str, Enum):
@@ -612,7 +617,7 @@ class HostBackend:
 
     supports_graphs = True
 
-    def __init__(self, backend: Backend, max_batch: int = 4096) -> None:
+    def __init__(self, backend: Backend, max_batch: int = 4096, min_batch: int = 1) -> None:
         if len(backend.inputs) != 1 or len(backend.outputs) != 1:
             raise ModelError(f"{backend.name}: the host adapter runs single-input, single-output models")
         self._backend = backend
@@ -621,6 +626,7 @@ class HostBackend:
         self.inputs = tuple(dataclasses.replace(d, device="cpu") for d in backend.inputs)
         self.outputs = tuple(dataclasses.replace(d, device="cpu") for d in backend.outputs)
         self.max_batch = max_batch
+        self.min_batch = min_batch  # a backend that runs no smaller batch (as a TensorRT profile can)
         self._views: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def bind(self, slot: "Slot") -> None:
@@ -731,6 +737,11 @@ class _Lane:
             raise ModelError(f"{key}: the model runs a fixed batch of {self.fixed_batch}; batch size {config.batch_size} is larger")
         if config.batch_size > backend.max_batch:
             raise ModelError(f"{key}: batch size {config.batch_size} exceeds the backend's maximum {backend.max_batch}")
+        self.min_batch = int(getattr(backend, "min_batch", 1))
+        if self.fixed_batch is None and config.batch_size < self.min_batch:
+            raise ModelError(f"{key}: batch size {config.batch_size} is below the smallest batch the backend runs "
+                             f"({self.min_batch}, its engine's optimisation profile); use --batch-size "
+                             f"{self.min_batch} or more, or rebuild the engine with a profile that starts at 1")
         self.capacity = self.fixed_batch or config.batch_size
         self.rows = {d.name: _row_shape(d) for d in (*backend.inputs, *backend.outputs)}
         self.ring = Ring(config.depth)
@@ -796,7 +807,7 @@ class _Lane:
 
     def plan(self, rows: int) -> BatchPlan:
         return plan_batch(rows, self.capacity, fixed_batch=self.fixed_batch, graph_batch=self.graph_batch,
-                          pad_partial=self.config.pad_partial)
+                          pad_partial=self.config.pad_partial, min_batch=self.min_batch)
 
     def _check(self, name: str, shape: tuple[int, ...], dtype: np.dtype, what: str) -> int:
         want = self.rows.get(name)

@@ -94,6 +94,15 @@ def test_plan_batch_graph_pads_partial_batch_or_not():
     assert plan_batch(3, 8, graph_batch=8, pad_partial=False) == BatchPlan(3, 3, False)
 
 
+def test_plan_batch_pads_up_to_the_backends_smallest_batch():
+    assert plan_batch(3, 8, min_batch=4) == BatchPlan(3, 4, False)
+    assert plan_batch(5, 8, min_batch=4) == BatchPlan(5, 5, False)
+    assert plan_batch(3, 8, graph_batch=8, min_batch=4) == BatchPlan(3, 8, True)  # the graph's batch first
+    assert plan_batch(3, 8, graph_batch=8, pad_partial=False, min_batch=4) == BatchPlan(3, 4, False)
+    with pytest.raises(ValueError, match="smallest batch 9"):
+        plan_batch(3, 8, min_batch=9)
+
+
 def test_plan_batch_fixed_model_always_runs_its_batch():
     assert plan_batch(2, 4, fixed_batch=4) == BatchPlan(2, 4, False)
     assert plan_batch(2, 4, fixed_batch=4, graph_batch=4) == BatchPlan(2, 4, True)
@@ -288,6 +297,41 @@ def test_fixed_batch_model_gets_padded_batches():
         got = list(ex.run({"m": b} for b in data))
     assert set(model.calls) == {4}
     np.testing.assert_array_equal(got[-1].output("m"), run_alone(NumpyModel(), data[-1]))
+
+
+class AtLeast(NumpyModel):
+    """Refuses batches below ``least`` rows, as a TensorRT context refuses an input
+    shape outside its optimisation profile."""
+
+    def __init__(self, least: int, **kw) -> None:
+        super().__init__(**kw)
+        self.least = least
+
+    def run(self, batch):
+        if len(batch) < self.least:
+            raise ValueError(f"batch {len(batch)} is below the profile minimum {self.least}")
+        return super().run(batch)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_short_batches_are_padded_up_to_the_backends_smallest_batch(graphs):
+    model = AtLeast(3)
+    data = batches(4, 4, last=1)
+    backend = HostBackend(model, min_batch=3)
+    config = ExecutorConfig(batch_size=4, graphs=graphs, pad_partial=False)
+    with StreamedExecutor({"m": backend}, "host", config) as ex:
+        got = list(ex.run({"m": b} for b in data))
+        stats = ex.stats["m"]
+    assert min(model.calls) == 3 and stats.padded_batches == 1
+    assert [c.output("m").shape for c in got] == [(4, 4)] * 3 + [(1, 4)]
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+
+
+def test_batch_size_below_the_backends_smallest_batch_is_refused():
+    with pytest.raises(ModelError, match="below the smallest batch the backend runs"):
+        with StreamedExecutor({"m": HostBackend(NumpyModel(), min_batch=8)}, "host", ExecutorConfig(batch_size=4)):
+            pass
 
 
 def test_batch_larger_than_fixed_model_batch_is_refused():
