@@ -102,10 +102,13 @@ def default_profile(spec: ModelSpec) -> BatchProfile:
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """How to build. Engines are built on CUDA device 0, the device TensorRT uses when
+    nothing else is made current (pick another GPU with CUDA_VISIBLE_DEVICES), and the
+    manifest names that device."""
+
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
     timing_cache: bool = True  # load and save <cache_dir>/timing.*.cache
-    device: int = 0
     contexts: int = DEFAULT_CONTEXTS  # identical optimisation profiles (see DEFAULT_CONTEXTS)
 
     def __post_init__(self) -> None:
@@ -270,7 +273,7 @@ def build_engine(
     """
     profile = profile or default_profile(spec)
     trt = import_tensorrt()
-    target = detect_target(trt, options.device)
+    target = detect_target(trt)
     wanted = plan_manifest(prepared, spec, profile, target, options)
     cache = EngineCache(cache_dir)
     if not force:
@@ -297,7 +300,11 @@ def build_engine(
     for k in range(wanted.contexts):  # profile k serves one execution context in use at a time
         trt_profile = builder.create_optimization_profile()
         for shape in wanted.profile:
-            trt_profile.set_shape(shape.name, shape.min, shape.opt, shape.max)
+            try:  # the binding raises (it does not return False) on inconsistent shapes
+                trt_profile.set_shape(shape.name, shape.min, shape.opt, shape.max)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ModelError(f"TensorRT refused the shapes {shape.min}/{shape.opt}/{shape.max} of input "
+                                 f"{shape.name!r} for {spec.key}: {exc}") from None
         if config.add_optimization_profile(trt_profile) < 0:
             raise ModelError(f"TensorRT refused optimisation profile {k} of {wanted.contexts} for {spec.key}")
 
@@ -383,7 +390,7 @@ def build_all(
     options: BuildOptions = BuildOptions(),
 ) -> list[EngineArtifact]:
     """Build every (prepared model, spec) pair; checks TensorRT/GPU once up front."""
-    reason = tensorrt_unavailable_reason(options.device)
+    reason = tensorrt_unavailable_reason()
     if reason is not None:
         raise TensorRTUnavailable(reason)
     profiles = profiles or {}

@@ -29,6 +29,21 @@ from engine.errors import ModelError
 log = logging.getLogger(__name__)
 
 
+def _pinned_by_profiles(name: str, shape: tuple, ranges, engine_path: Path) -> tuple:
+    """``shape`` (None where dynamic) with its non-batch dimensions taken from the
+    optimisation profiles where the engine leaves them dynamic, as it does for an ONNX
+    with dynamic height/width (`engine build` pins them to the spec's size). ``ranges``
+    holds each profile's ``[min, opt, max]`` shapes of this input."""
+    if not shape or all(d is not None for d in shape[1:]):
+        return shape
+    pinned = {tuple(int(x) for x in dims[1:]) for r in ranges for dims in (r[0], r[2])}
+    if len(pinned) != 1:
+        raise ModelError(f"{engine_path}: input {name!r} is {shape} and its optimisation profiles do not fix the "
+                         f"dimensions after the batch; the executor needs a fixed image size (build the engine "
+                         f"with `engine build`, which pins them to the spec's size)")
+    return (shape[0], *pinned.pop())
+
+
 class ProfilePool:
     """Which of an engine's ``count`` optimisation profiles each execution context holds
     (keyed by the backend's context key); the lowest free one goes first."""
@@ -76,14 +91,14 @@ class TensorRTBackend:
     name = "tensorrt"
     supports_graphs = True
 
-    def __init__(self, engine_path: Path, wanted, *, device: int = 0) -> None:
+    def __init__(self, engine_path: Path, wanted) -> None:
         from builders.manifest import check_engine, check_runtime
         from builders.trt_build import _make_logger, detect_target, import_tensorrt
 
         trt = import_tensorrt()
         engine_path = Path(engine_path)
         found = check_engine(engine_path, wanted)
-        check_runtime(found, detect_target(trt, device), str(engine_path))
+        check_runtime(found, detect_target(trt), str(engine_path))  # CUDA device 0, as builds
         self.precision = found.precision
         self._trt = trt
         self._logger = _make_logger(trt)
@@ -91,31 +106,73 @@ class TensorRTBackend:
         self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self._engine is None:
             raise ModelError(f"TensorRT could not deserialise {engine_path}; see the TensorRT messages above")
-        inputs, outputs, max_batch = [], [], None
-        for i in range(self._engine.num_io_tensors):
-            name = self._engine.get_tensor_name(i)
-            shape = tuple(None if d < 0 else int(d) for d in self._engine.get_tensor_shape(name))
-            decl = TensorDecl(name, shape, np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))), "cuda")
-            if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                inputs.append(decl)
-                if shape and shape[0] is None:  # the largest batch every profile admits
-                    top = min(int(self._engine.get_tensor_profile_shape(name, k)[2][0])
-                              for k in range(self._engine.num_optimization_profiles))
+        engine = self._engine
+        profiles = range(engine.num_optimization_profiles)
+        inputs, outputs = [], []
+        max_batch: int | None = None
+        min_batch = 1
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            shape = tuple(None if d < 0 else int(d) for d in engine.get_tensor_shape(name))
+            try:
+                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            except TypeError:  # bf16, fp8, fp4, int4: no NumPy type (prepared graphs keep FP32 I/O)
+                raise ModelError(f"{engine_path}: tensor {name!r} is {engine.get_tensor_dtype(name)}, which has no "
+                                 f"NumPy type; the engine's inputs and outputs must be FP32, FP16 or integers") from None
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                if None in shape:  # profile shapes exist for dynamic inputs only
+                    ranges = [engine.get_tensor_profile_shape(name, k) for k in profiles]  # [min, opt, max] each
+                    shape = _pinned_by_profiles(name, shape, ranges, engine_path)
+                if shape and shape[0] is None:  # the batch range every profile admits
+                    top = min(int(r[2][0]) for r in ranges)
+                    min_batch = max(min_batch, *(int(r[0][0]) for r in ranges))
                     max_batch = top if max_batch is None else min(max_batch, top)
                 elif shape:
                     max_batch = shape[0] if max_batch is None else min(max_batch, shape[0])
+                inputs.append(TensorDecl(name, shape, dtype, "cuda"))
             else:
-                outputs.append(decl)
+                outputs.append(TensorDecl(name, shape, dtype, "cuda"))
         if not inputs or not outputs:
             raise ModelError(f"{engine_path}: engine has {len(inputs)} inputs and {len(outputs)} outputs")
+        if any(None in d.shape[1:] for d in outputs):
+            outputs = self._resolve_output_shapes(inputs, outputs, min_batch, engine_path)
+        if max_batch is not None and min_batch > max_batch:
+            raise ModelError(f"{engine_path}: no batch size fits every optimisation profile "
+                             f"(smallest {min_batch}, largest {max_batch})")
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.max_batch = int(max_batch or 1)
-        self.profiles = ProfilePool(self._engine.num_optimization_profiles)
+        self.min_batch = min_batch  # shorter batches are padded up to it by the executor
+        self.profiles = ProfilePool(engine.num_optimization_profiles)
         self._warned_full = False
         self._contexts: dict[Any, Any] = {}  # slot index (or ("eager", index)) -> context
         self._batch: dict[Any, int] = {}  # the input batch each context is set to
         self._captured: dict[int, int] = {}  # slot index -> batch its graph was captured at
-        log.info("%s: loaded engine %s (%s), max batch %d", found.model, engine_path.name, self.precision, self.max_batch)
+        log.info("%s: loaded engine %s (%s), batch %d..%d", found.model, engine_path.name, self.precision,
+                 self.min_batch, self.max_batch)
+
+    def _resolve_output_shapes(self, inputs, outputs, batch: int, engine_path: Path) -> list[TensorDecl]:
+        """Output shapes with their non-batch dimensions filled in: an engine built from
+        an ONNX with dynamic height/width reports -1 there even though every profile pins
+        the input. A context (on profile 0) at ``batch``, the smallest batch every profile
+        admits, tells; it is dropped again."""
+        context = self._engine.create_execution_context()
+        if context is None:
+            raise ModelError("TensorRT could not create an execution context (out of GPU memory?)")
+        try:
+            for decl in inputs:
+                dims = tuple(batch if d is None else d for d in decl.shape)
+                if not context.set_input_shape(decl.name, dims):
+                    raise ModelError(f"TensorRT refused input shape {dims} for {decl.name!r}")
+            resolved = []
+            for decl in outputs:
+                dims = tuple(int(d) for d in context.get_tensor_shape(decl.name))
+                if any(d < 0 for d in dims[1:]):
+                    raise ModelError(f"{engine_path}: output {decl.name!r} has shape {dims} even with every input "
+                                     f"shape set; only the batch dimension may vary")
+                resolved.append(TensorDecl(decl.name, (decl.shape[0], *dims[1:]), decl.dtype, decl.device))
+            return resolved
+        finally:
+            del context
 
     def __enter__(self) -> "TensorRTBackend":
         return self
@@ -136,8 +193,14 @@ class TensorRTBackend:
             context = self._engine.create_execution_context()
             if context is None:
                 raise ModelError("TensorRT could not create an execution context (out of GPU memory?)")
-            # Before any shape is set: a context other than the engine's first has no profile yet.
-            if not context.set_optimization_profile_async(profile, stream_handle(slot.stream)):
+            # Before any shape is set (a new context starts on profile 0, which another
+            # context may hold). The binding raises on failure rather than returning False.
+            try:
+                ok = context.set_optimization_profile_async(profile, stream_handle(slot.stream))
+            except RuntimeError as exc:
+                raise ModelError(f"TensorRT refused optimisation profile {profile} for a new execution context: "
+                                 f"{exc}") from None
+            if ok is False:
                 raise ModelError(f"TensorRT refused optimisation profile {profile} for a new execution context")
             for decl in self.inputs:
                 if context.set_tensor_address(decl.name, slot.device_inputs[decl.name].ptr) is False:

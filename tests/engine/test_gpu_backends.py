@@ -223,3 +223,40 @@ def test_tensorrt_executor_matches_onnxruntime(trt_engine, graphs, pad_partial):
         assert trt_backend.profiles.held == {}  # handed back as the slots were released
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)  # TF32 tactics may be chosen
+
+
+def test_tensorrt_profile_above_one_and_dynamic_image_size(random_models, tmp_path):
+    """An engine whose profile starts at 4, built from an ONNX whose height and width are
+    dynamic (as a user's file may be): the backend reads the image size from the
+    profiles, and short batches are padded up to 4 (TensorRT refuses smaller shapes)."""
+    trt = pytest.importorskip("tensorrt")
+    import onnx
+
+    from builders.precision import prepare
+    from builders.trt_build import BatchProfile, build_engine, detect_target, plan_manifest
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.backends.tensorrt import TensorRTBackend
+
+    model = random_models["gender/alpha"]
+    graph = onnx.load(str(model.onnx_path))
+    for dim, name in zip(graph.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    dynamic = tmp_path / "dynamic-hw.onnx"
+    onnx.save(graph, str(dynamic))
+    prepared = prepare(dynamic, model.spec, "fp32", None, tmp_path / "prepared", output_kind=model.output_kind)
+    profile = BatchProfile(4, 8, 8)
+    artifact = build_engine(prepared, model.spec, tmp_path / "engines", profile)
+    wanted = plan_manifest(prepared, model.spec, profile, detect_target(trt))
+    x = [np.random.default_rng(k).standard_normal((n, 3, 224, 224)).astype(np.float32) for k, n in enumerate([8, 3, 8, 1])]
+    with OrtBackend(model.onnx_path, model.info.input, model.info.output) as ort_backend:
+        ref = [ort_backend.run(b) for b in x]
+    with TensorRTBackend(artifact.path, wanted) as trt_backend:
+        assert trt_backend.inputs[0].shape == (None, 3, 224, 224)
+        assert (trt_backend.min_batch, trt_backend.max_batch) == (4, 8)
+        with StreamedExecutor({"m": trt_backend}, "cuda", ExecutorConfig(8, graphs=False)) as ex:
+            got = [c.output("m") for c in ex.run({"m": b} for b in x)]
+            assert ex.stats["m"].padded_batches == 2
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)

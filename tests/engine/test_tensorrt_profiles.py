@@ -1,13 +1,14 @@
-"""engine.backends.tensorrt.ProfilePool: the bookkeeping of which optimisation profile
-each execution context holds (pure Python; the TensorRT calls around it run only in the
-``gpu`` tests of tests/engine/test_gpu_backends.py)."""
+"""engine.backends.tensorrt's pure Python parts: ProfilePool, the bookkeeping of which
+optimisation profile each execution context holds, and how an input's shape is read
+from its profiles (the TensorRT calls around them run only in the ``gpu`` tests of
+tests/engine/test_gpu_backends.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from builders.trt_build import DEFAULT_CONTEXTS
-from engine.backends.tensorrt import ProfilePool
+from engine.backends.tensorrt import ProfilePool, _pinned_by_profiles
 from engine.errors import ModelError
 from engine.executor import MIN_DEPTH
 
@@ -30,3 +31,26 @@ def test_each_context_gets_its_own_profile_lowest_first_and_gives_it_back():
 
 def test_engines_are_built_with_a_profile_per_slot_of_the_executor_ring():
     assert DEFAULT_CONTEXTS == MIN_DEPTH
+
+
+def _ranges(*profiles):
+    """Per profile, [min, opt, max] as TensorRT's get_tensor_profile_shape returns them."""
+    return [[tuple(lo), tuple(lo), tuple(hi)] for lo, hi in profiles]
+
+
+def test_an_input_with_dynamic_height_and_width_takes_them_from_its_profiles():
+    # an ONNX with dynamic H/W: the engine reports -1 there, `engine build` pinned them
+    ranges = _ranges(((1, 3, 384, 384), (64, 3, 384, 384)), ((1, 3, 384, 384), (64, 3, 384, 384)))
+    assert _pinned_by_profiles("input", (None, 3, None, None), ranges, "q.plan") == (None, 3, 384, 384)
+    fixed = (None, 3, 224, 224)
+    assert _pinned_by_profiles("input", fixed, [], "g.plan") == fixed  # nothing to read
+    assert _pinned_by_profiles("input", (), [], "g.plan") == ()
+
+
+@pytest.mark.parametrize("ranges", [
+    _ranges(((1, 3, 224, 224), (8, 3, 448, 448))),  # a range of image sizes
+    _ranges(((1, 3, 224, 224), (8, 3, 224, 224)), ((1, 3, 256, 256), (8, 3, 256, 256))),  # profiles disagree
+])
+def test_an_input_whose_profiles_do_not_fix_the_image_size_is_refused(ranges):
+    with pytest.raises(ModelError, match="do not fix the dimensions after the batch"):
+        _pinned_by_profiles("input", (None, 3, None, None), ranges, "x.plan")
