@@ -16,6 +16,7 @@ verified safe; otherwise it stays fixed and ``info.input.fixed_batch`` tells the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -208,6 +209,20 @@ def _check_matches_spec(spec: ModelSpec, info: OnnxInfo) -> None:
         )
 
 
+def _pinned_to_spec(spec: ModelSpec, info: OnnxInfo) -> OnnxInfo:
+    """``info`` with the dimensions a graph leaves dynamic besides the batch (a user's
+    ONNX with dynamic height/width, or classes) filled in from the spec: what the model
+    is fed and gives here. The executors allocate their buffers from these shapes."""
+    size = spec.preprocess.size
+    inp, out = info.input, info.output
+    pinned_in = (inp.shape[0], 3, size, size)
+    pinned_out = (out.shape[0], spec.num_classes)
+    if inp.shape == pinned_in and out.shape == pinned_out:
+        return info
+    return dataclasses.replace(info, input=dataclasses.replace(inp, shape=pinned_in),
+                               output=dataclasses.replace(out, shape=pinned_out))
+
+
 def _output_kind(spec: ModelSpec, info: OnnxInfo) -> OutputKind:
     declared = info.metadata.get(META_OUTPUT_KIND)
     if declared is None:
@@ -281,6 +296,7 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
     _check_matches_spec(spec, info)
     if info.input.fixed_batch is not None:
         info = _with_dynamic_batch(spec, info, cache_dir)
+    info = _pinned_to_spec(spec, info)
 
     resolved = ResolvedModel(
         spec=spec,

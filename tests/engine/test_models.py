@@ -92,6 +92,35 @@ def test_metadata_output_kind_wins_over_the_spec(tmp_path):
     assert resolved.output_kind is OutputKind.LOGITS
 
 
+def test_dims_left_dynamic_besides_the_batch_are_pinned_to_the_spec(tmp_path):
+    """A user's ONNX with dynamic height, width and classes: the streamed executor
+    allocates its buffers from these shapes (and refused such a model before)."""
+    import numpy as np
+    import onnx
+
+    from engine.frames import FrameClassifier
+
+    path = make_tiny_classifier(tmp_path / "dyn.onnx", size=224, classes=2, metadata={"engine.output_kind": "logits"})
+    model = onnx.load(str(path))
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    out_dim = model.graph.output[0].type.tensor_type.shape.dim[1]
+    out_dim.ClearField("dim_value")
+    out_dim.dim_param = "classes"
+    onnx.save(model, str(path))
+    assert inspect_onnx(path).input.shape == (None, 3, None, None)
+
+    resolved = resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    assert resolved.info.input.shape == (None, 3, 224, 224) and resolved.info.output.shape == (None, 2)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 90, 70, 3), dtype=np.uint8)
+    with FrameClassifier([resolved], batch_size=2, streamed=True) as classifier:
+        streamed = classifier.classify(frames)[GENDER.key]
+    with FrameClassifier([resolved], batch_size=2) as classifier:
+        plain = classifier.classify(frames)[GENDER.key]
+    np.testing.assert_allclose(streamed.probabilities, plain.probabilities, rtol=1e-6, atol=1e-7)
+
+
 def test_missing_user_onnx_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match=r"gender/alpha: ONNX file .*nope\.onnx does not exist"):
         resolve_model(GENDER, ModelSource(onnx=tmp_path / "nope.onnx"), tmp_path)
