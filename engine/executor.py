@@ -986,6 +986,7 @@ class _Pending:
     tag: Any
     waiting: set[str]
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    failed: bool = False  # queuing failed part-way: collected, then dropped
 
 
 # --------------------------------------------------------------------------- executor
@@ -1140,13 +1141,30 @@ class StreamedExecutor:
         for lane in lanes:  # every model's batch is checked before any work is queued
             lane.validate_host(inputs[lane.key])
         done = self._make_room(lanes)
-        seq = self._seq
-        entry = _Pending(seq, tag, set(inputs))
-        for lane in lanes:
-            lane.submit_host(seq, inputs[lane.key])
-        self._seq += 1
-        self._pending.append(entry)
+        self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_host(seq, value))
         return done
+
+    def _queue(self, lanes: Sequence[_Lane], inputs: Mapping[str, Any], tag: Any,
+               submit_one: Callable[[_Lane, int, Any], Any]) -> list[Any]:
+        """Queue one submission on every lane under a new sequence number. If a lane
+        fails after others have queued theirs, that work is still collected when it
+        finishes (its slots come back) and then dropped, never matched to a later
+        submission; the error propagates."""
+        seq = self._seq
+        self._seq += 1
+        entry = _Pending(seq, tag, set())
+        results = []
+        try:
+            for lane in lanes:
+                results.append(submit_one(lane, seq, inputs[lane.key]))
+                entry.waiting.add(lane.key)
+        except BaseException:
+            if entry.waiting:
+                entry.failed = True
+                self._pending.append(entry)
+            raise
+        self._pending.append(entry)
+        return results
 
     def submit_device(self, inputs: Mapping[str, Any], producer: Any = None, tag: Any = None) -> tuple[list[Completed], Consumed]:
         """Queue one batch per model from device memory: ``inputs[model]`` is a
@@ -1163,15 +1181,8 @@ class StreamedExecutor:
         for lane in lanes:
             lane.validate_device(inputs[lane.key])
         done = self._make_room(lanes)
-        seq = self._seq
-        entry = _Pending(seq, tag, set(inputs))
-        events = []
-        for lane in lanes:
-            _, event = lane.submit_device(seq, inputs[lane.key], producer)
-            events.append(event)
-        self._seq += 1
-        self._pending.append(entry)
-        return done, Consumed(self.device, events)
+        queued = self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_device(seq, value, producer))
+        return done, Consumed(self.device, [event for _, event in queued])
 
     def _collect(self, lane: _Lane) -> None:
         ticket, outputs = lane.harvest()
@@ -1186,7 +1197,8 @@ class StreamedExecutor:
         out = []
         while self._pending and not self._pending[0].waiting:
             e = self._pending.popleft()
-            out.append(Completed(e.seq, e.tag, e.outputs))
+            if not e.failed:
+                out.append(Completed(e.seq, e.tag, e.outputs))
         return out
 
     def drain(self) -> list[Completed]:

@@ -352,6 +352,35 @@ def test_two_models_concurrently_each_equal_alone():
         np.testing.assert_array_equal(c.output("quality"), run_alone(rb, y))
 
 
+def test_a_submission_that_fails_part_way_is_dropped_and_later_ones_stay_right():
+    """Model b fails to queue after model a has queued its part: a's orphaned work is
+    collected and dropped, never handed to the next submission as its result."""
+
+    class FailOnce(HostBackend):
+        fail = False
+
+        def enqueue(self, slot, batch_size, stream):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("enqueue failed")
+            super().enqueue(slot, batch_size, stream)
+
+    a, b = NumpyModel(seed=0, delay_s=0.01), NumpyModel(seed=3)
+    flaky = FailOnce(b)
+    data = batches(3, 4, seed=7)
+    with StreamedExecutor({"a": HostBackend(a), "b": flaky}, "host", ExecutorConfig(4, graphs=False)) as ex:
+        first = ex.submit({"a": data[0], "b": data[0]}, tag="first")
+        flaky.fail = True
+        with pytest.raises(RuntimeError, match="enqueue failed"):
+            ex.submit({"a": data[1], "b": data[1]}, tag="lost")
+        later = ex.submit({"a": data[2], "b": data[2]}, tag="later")
+        got = first + later + ex.drain()
+    assert [c.tag for c in got] == ["first", "later"] and [c.seq for c in got] == [0, 2]
+    for c, x in zip(got, (data[0], data[2])):
+        np.testing.assert_array_equal(c.output("a"), run_alone(NumpyModel(seed=0), x))
+        np.testing.assert_array_equal(c.output("b"), run_alone(NumpyModel(seed=3), x))
+
+
 def test_a_submission_may_name_a_subset_of_models():
     a, b = NumpyModel(seed=0), NumpyModel(seed=1)
     data = batches(5, 4)
