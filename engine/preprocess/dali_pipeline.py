@@ -125,24 +125,29 @@ class DeviceView:
     shape: tuple[int, int, int, int]
     dtype: np.dtype
     tensors: Any
+    stream: int | None = None  # the cudaStream_t the data is ordered on (None: complete)
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
     def copy_to(self, dst_ptr: int, cuda_stream: int | None = None) -> None:
-        """Copy the whole view to ``dst_ptr`` (``nbytes`` bytes of GPU memory). With
-        ``cuda_stream`` (a ``cudaStream_t`` as an int) the copy is queued on it and the
-        call does not wait: the data is in place once the stream gets there. Without
-        one the call returns when the copy is done (DALI would otherwise run it on a
-        stream of its own pool, which no caller can wait on)."""
+        """Copy the whole view to ``dst_ptr`` (``nbytes`` bytes of GPU memory).
+
+        With ``cuda_stream`` (a ``cudaStream_t`` as an int) the copy is queued on it and
+        the call does not wait: the data is in place once the stream gets there. That
+        stream must be the view's own (``stream``) or one already ordered after it: DALI
+        does not make the copy wait for the stream its outputs were produced on. Without
+        one the copy runs on the view's own stream and the call returns when it is done."""
         if self.tensors is None:
             return
         dst = ctypes.c_void_p(int(dst_ptr))
-        if cuda_stream is None:
-            self.tensors.copy_to_external(dst, None, non_blocking=False)
-        else:
+        if cuda_stream is not None:
             self.tensors.copy_to_external(dst, ctypes.c_void_p(int(cuda_stream)), non_blocking=True)
+        elif self.stream is not None:
+            self.tensors.copy_to_external(dst, ctypes.c_void_p(self.stream), non_blocking=False)
+        else:  # host-synchronous outputs
+            self.tensors.copy_to_external(dst, None, non_blocking=False)
 
     def to_numpy(self) -> np.ndarray:
         """A host copy (synchronous), shape ``shape``, dtype ``dtype``."""
@@ -158,11 +163,15 @@ class DeviceBatch:
     Row ``j`` of every view and ``sizes[j]`` belong to input ``ok[j]``; every other
     input index has a one-line cause in ``errors``, as in :class:`PreprocessResult`.
 
-    Validity: the buffers are valid until the next call to ``process`` or
-    ``process_device`` on the same preprocessor, or its ``close()``, whichever comes
-    first. Consume them (or ``copy_to`` your own buffer) before that. (DALI 2.x's
-    default execution model in fact keeps an output alive as long as its
-    ``TensorListGPU`` is referenced; the engine does not promise more than the above.)
+    Validity: the buffers stay valid through the next ``process``/``process_device``
+    call (and while referenced, until ``close()``, unless a later call had to rebuild
+    the pipeline after a failed batch): the GPU pipeline runs DALI's dynamic executor
+    (``exec_dynamic=True``), which does not recycle an output that is still
+    referenced (``Pipeline.release_outputs``: "the buffers are not invalidated"), and
+    a rebuild keeps the pipeline of the last returned batch until the call after. The
+    streamed loop relies on this to run DALI on batch k+1 while the executor still
+    copies out of batch k; drop the batch once your copies are done. (Not yet checked
+    on a GPU; `benchmarks/gpu_check` runs the GPU tests that would show it.)
 
     Ordering: when ``cuda_stream`` is not None the outputs are ready in that stream's
     order (``Pipeline.run(cuda_stream)``): work enqueued on that stream after the call
@@ -259,6 +268,11 @@ class DaliPreprocessor:
         self._hw_decoder_load = float(hw_decoder_load)
         self._fancy_upsampling = bool(jpeg_fancy_upsampling)
         self._pipe: Any = None
+        # A rebuild (after a failed batch) must not tear down the pipeline whose outputs
+        # the caller may still be copying (the last batch process_device returned): it is
+        # retired instead, and shut down when the next call starts.
+        self._returned_from: Any = None
+        self._retired: list[Any] = []
         self._closed = False
         # Host decodes (PIL releases the GIL while decoding) run num_threads at a time.
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="host-decode")
@@ -279,7 +293,9 @@ class DaliPreprocessor:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._returned_from = None
         self._drop_pipeline()
+        self._flush_retired()
 
     @property
     def closed(self) -> bool:
@@ -347,8 +363,17 @@ class DaliPreprocessor:
             pipe._shutdown()
 
     def _rebuild(self) -> None:
+        if self._pipe is not None and self._pipe is self._returned_from:
+            self._retired.append(self._pipe)  # its last outputs may still be read
+            self._pipe = None
         self._drop_pipeline()
         self._build()
+
+    def _flush_retired(self) -> None:
+        """Shut down pipelines retired by earlier calls: by the time a new call starts,
+        the caller is done with the batches they produced (see :class:`DeviceBatch`)."""
+        while self._retired:
+            self._retired.pop()._shutdown()
 
     # -- processing ----------------------------------------------------------------
 
@@ -358,6 +383,7 @@ class DaliPreprocessor:
         The views come back as host arrays on either device (the GPU pipeline copies
         them back); see :meth:`process_device` to keep them on the GPU."""
         self._check_open()
+        self._flush_retired()
         errors: dict[int, str] = {}
         entries = self._entries(items, errors)
         rows: dict[int, _Row] = {}
@@ -383,8 +409,8 @@ class DaliPreprocessor:
     ) -> DeviceBatch:
         """Preprocess at most ``max_batch`` files and leave the views on the GPU.
 
-        The result holds the outputs of ONE DALI run, valid until the next call to
-        ``process``/``process_device`` or ``close()`` (see :class:`DeviceBatch`). With
+        The result holds the outputs of ONE DALI run, valid through the next call to
+        ``process``/``process_device`` (see :class:`DeviceBatch`). With
         ``cuda_stream`` (a ``cudaStream_t`` as an int, or an object DALI converts, such
         as a ``torch.cuda.Stream``) the outputs are ordered on that stream and the call
         does not wait for the GPU; without it they are host-synchronous. Failing files
@@ -396,6 +422,7 @@ class DaliPreprocessor:
             raise EngineError("process_device needs a DaliPreprocessor built with device='gpu'")
         if len(items) > self._max_batch:
             raise InputError(f"process_device takes at most max_batch={self._max_batch} items, got {len(items)}")
+        self._flush_retired()
         errors: dict[int, str] = {}
         entries = self._entries(items, errors)
         batch = self._host_decode([e for e in entries if e.route is Route.HOST], errors)
@@ -416,6 +443,7 @@ class DaliPreprocessor:
                 raise EngineError(
                     f"DALI failed on a batch whose files each succeeded alone: {_first_line(exc2)}"
                 ) from None
+        self._returned_from = self._pipe
         return self._device_batch(batch, outputs, errors, cuda_stream)
 
     def _check_open(self) -> None:
@@ -530,7 +558,8 @@ class DaliPreprocessor:
                 views[key] = DeviceView(key, 0, shape, self._dtype, None)
                 continue
             tensors = outputs[1 + v]
-            views[key] = DeviceView(key, _dense_pointer(tensors, shape, self._dtype, key), shape, self._dtype, tensors)
+            views[key] = DeviceView(key, _dense_pointer(tensors, shape, self._dtype, key), shape, self._dtype, tensors,
+                                    _stream_handle(cuda_stream))
         sizes = tuple(_original_size(e, outputs[0], j) for j, e in enumerate(batch)) if batch else ()
         return DeviceBatch(
             ok=tuple(e.index for e in batch),
@@ -540,6 +569,17 @@ class DaliPreprocessor:
             device_id=int(self._device_id or 0),
             cuda_stream=cuda_stream,
         )
+
+
+def _stream_handle(stream: Any) -> int | None:
+    """A ``cudaStream_t`` as an int from what ``process_device`` accepts: an int, a
+    ``torch.cuda.Stream`` (``cuda_stream``), a pycuda ``Stream`` (``handle``), or None."""
+    if stream is None:
+        return None
+    for attr in ("cuda_stream", "handle"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    return int(stream)
 
 
 def _original_size(entry: _Entry, decoded_shapes: Any, j: int) -> tuple[int, int]:
@@ -795,7 +835,9 @@ def _view(image, pre: Preprocess, antialias: bool, fused_crop: bool, out_type=No
             antialias=antialias,
         )
         anchor = fn.cast(fn.stack(top, left), dtype=types.INT32)
-        crop = fn.slice(resized, anchor, np.array([pre.size, pre.size], np.int32), axes=[0, 1])
+        # start and shape as CPU argument inputs: a shape given as a positional input would
+        # become a GPU constant on the GPU graph, costing a device-to-host sync per batch
+        crop = fn.slice(resized, start=anchor, shape=[pre.size, pre.size], axes=[0, 1])
     if pre.channel_order is ChannelOrder.BGR:
         crop = fn.color_space_conversion(crop, image_type=types.RGB, output_type=types.BGR)
     return fn.crop_mirror_normalize(

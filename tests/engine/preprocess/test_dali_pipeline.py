@@ -384,6 +384,28 @@ def test_a_failure_does_not_poison_the_next_call(both):
     assert np.array_equal(first.views[QUALITY.key], again.views[QUALITY.key])
 
 
+def test_a_rebuild_keeps_the_pipeline_of_the_last_returned_batch_until_the_next_call():
+    """process_device's outputs may still be copied from while the next call runs (the
+    streamed loop does so); a failed batch in that call rebuilds the pipeline, and the
+    old one, which owns those outputs' work, is shut down only when the call after
+    starts. (process_device needs a GPU; the bookkeeping is the same for process.)"""
+    bad = encode(photo("chelsea"), "JPEG")[:3000]
+    good = encode(photo("chelsea"), "JPEG")
+    with DaliPreprocessor(BOTH[:1], max_batch=2, num_threads=1) as pre:
+        pre._returned_from = returned = pre._pipe  # as process_device leaves it
+        shut = []
+        real = returned._shutdown
+        returned._shutdown = lambda: (shut.append(True), real())
+        assert pre.process([good, bad]).errors == {1: "truncated or corrupt JPEG"}
+        assert pre._pipe is not returned and pre._retired == [returned] and not shut
+        assert pre.process([good]).ok == [0]
+        assert shut == [True] and pre._retired == []
+        pre._returned_from = pre._pipe
+        pre.process([bad])
+        assert len(pre._retired) == 1
+    assert pre._retired == []  # close shut it down
+
+
 def _jpeg_claiming(data: bytes, width: int, height: int) -> bytes:
     """A real JPEG whose frame header claims another size (a decompression bomb)."""
     out = bytearray(data)
