@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
@@ -259,12 +259,13 @@ class StreamedEnginePipeline(EnginePipeline):
         ok_indices: list[int] = []
         reader.start()
         try:
-            for batch, outputs in inference.batches(reader.items()):
-                images += len(batch.paths)
-                for k in keys:
-                    probs[k].append(outputs[k].probabilities)
-                ok_indices.extend(offset + i for i in batch.result.ok)
-                offset += len(batch.paths)
+            with closing(inference.batches(reader.items())) as results:  # before DALI and the device close
+                for batch, outputs in results:
+                    images += len(batch.paths)
+                    for k in keys:
+                        probs[k].append(outputs[k].probabilities)
+                    ok_indices.extend(offset + i for i in batch.result.ok)
+                    offset += len(batch.paths)
         finally:
             reader.stop()
             reader.join()

@@ -63,7 +63,7 @@ import logging
 import os
 import time
 import weakref
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
@@ -852,8 +852,9 @@ class FrameClassifier:
 
         inference = StreamedInference(self._models, self._executor, self._producer, backend=self.backend)
         try:
-            for batch, outputs in inference.batches(_FrameBatch(c, list(c.frames)) for c in chunks):
-                yield FrameResults.of_chunk(self._models, batch.chunk, outputs)
+            with closing(inference.batches(_FrameBatch(c, list(c.frames)) for c in chunks)) as results:
+                for batch, outputs in results:
+                    yield FrameResults.of_chunk(self._models, batch.chunk, outputs)
         except BaseException:
             # A failure mid-run, or the caller dropping the iterator: wait for what is
             # queued, so the producer's buffers and the executor's slots are free for the

@@ -24,7 +24,7 @@ import stat
 import sys
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Protocol, Sequence
@@ -494,7 +494,8 @@ def execute(
         start = time.perf_counter()
         reader.start()
         try:
-            for item, outputs in inference.batches(reader.items()):
+            # closed before the stack closes what it runs on (DALI, the device)
+            for item, outputs in stack.enter_context(closing(inference.batches(reader.items()))):
                 df = _rows(item, models, outputs, schema)
                 writer.add(df)
                 summary.images += df.height

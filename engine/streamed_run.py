@@ -7,9 +7,11 @@ Per batch of files, in order:
    device can copy from (on the GPU: DALI's output buffers, ordered on DALI's stream);
 3. :meth:`StreamedExecutor.submit_device` queues, per model, a device-to-device copy
    into the slot's own buffer (after DALI's stream), inference and copy-out, and
-   returns at once; before the producer runs again (which releases its buffers) the
-   host waits for those copies only (:class:`~engine.executor.Consumed`), never for
-   inference;
+   returns at once. The host waits for those copies only
+   (:class:`~engine.executor.Consumed`), never for inference: after the producer's next
+   run where its outputs outlive that run (DALI's dynamic executor keeps an output
+   while it is referenced, so the host part of batch k+1's decoding overlaps the GPU
+   part of batch k's), before it otherwise (a producer that reuses its buffers);
 4. results come back in submission order and become rows.
 
 The loop knows nothing of CUDA: with :class:`engine.gpu.CudaDevice`, TensorRT or
@@ -21,6 +23,7 @@ a machine without a GPU, which is how it is tested.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -35,7 +38,11 @@ if TYPE_CHECKING:
     from engine.models import ResolvedModel
     from engine.preprocess.dali_pipeline import DaliPreprocessor, DeviceBatch
 
-# payload (file bytes, b"" where unreadable) -> one DeviceBatch
+log = logging.getLogger(__name__)
+
+# payload (file bytes, b"" where unreadable) -> one DeviceBatch. A producer whose
+# outputs stay valid through its next call, for as long as the DeviceBatch is
+# referenced, says so with a true ``outputs_outlive_next_call`` attribute.
 Producer = Callable[[Sequence[bytes]], "DeviceBatch"]
 
 
@@ -44,6 +51,8 @@ class HostProducer:
     :class:`~engine.preprocess.dali_pipeline.DeviceView` over host memory (what
     :class:`~engine.executor.HostDevice` copies from). The arrays are kept alive until
     the next call, as DALI keeps its GPU buffers."""
+
+    outputs_outlive_next_call = True  # each call makes new arrays
 
     def __init__(self, preprocessor: "DaliPreprocessor") -> None:
         if preprocessor.device != "cpu":
@@ -63,11 +72,25 @@ class HostProducer:
         )
 
 
-def dali_gpu_producer(preprocessor: "DaliPreprocessor", stream: Any) -> Producer:
+class DaliGpuProducer:
     """DALI on the GPU, its outputs ordered on ``stream`` (a stream of the executor's
-    device, e.g. a pycuda ``Stream``); the executor's slots wait on that stream."""
-    handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
-    return lambda payload: preprocessor.process_device(payload, cuda_stream=handle)
+    device, e.g. a pycuda ``Stream``, kept referenced here for as long as the producer
+    and its outputs are); the executor's slots wait on that stream. The GPU pipeline
+    runs DALI's dynamic executor, whose outputs stay valid while referenced."""
+
+    outputs_outlive_next_call = True
+
+    def __init__(self, preprocessor: "DaliPreprocessor", stream: Any) -> None:
+        self._pre = preprocessor
+        self.stream = stream
+        self._handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
+
+    def __call__(self, payload: Sequence[bytes]) -> "DeviceBatch":
+        return self._pre.process_device(payload, cuda_stream=self._handle)
+
+
+def dali_gpu_producer(preprocessor: "DaliPreprocessor", stream: Any) -> Producer:
+    return DaliGpuProducer(preprocessor, stream)
 
 
 @dataclass
@@ -115,29 +138,52 @@ class StreamedInference:
             yield entry.batch, entry.outputs
 
     def batches(self, read: Iterator[Any]) -> Iterator[tuple[Any, dict[str, Classified]]]:
-        consumed = None
-        for batch in read:
-            if consumed is not None:  # the producer's buffers are reused by its next run
+        """See the class docstring. Close the generator (``contextlib.closing``) before
+        closing the producer or the device: that waits for the copies still reading the
+        producer's buffers and lets go of them."""
+        outlive = bool(getattr(self._producer, "outputs_outlive_next_call", False))
+        consumed = None  # the executor's copies out of ``held``
+        held: list[Any] = []  # the last batch's outputs, referenced until ``consumed`` is done
+        try:
+            for batch in read:
+                if consumed is not None and not outlive:  # its next run reuses the buffers
+                    consumed.synchronize()
+                    consumed = None
+                    held.clear()
+                produced = self._producer(batch.payload)
+                if consumed is not None:  # the copies of the batch before ran meanwhile
+                    consumed.synchronize()
+                    consumed = None
+                held.clear()
+                batch.payload = None
+                batch.result = PreprocessResult(
+                    ok=list(produced.ok), views={}, sizes=list(produced.sizes), errors=dict(produced.errors)
+                )
+                entry = _Entry(batch)
+                self._order.append(entry)
+                if produced.ok:
+                    inputs = {m.spec.key: produced.views[m.spec.key] for m in self._models}
+                    held.append(produced)
+                    done, consumed = self._executor.submit_device(inputs, producer=produced.cuda_stream, tag=entry)
+                    self._complete(done)
+                else:  # nothing decoded: error rows only, kept in order behind earlier batches
+                    entry.outputs = self._classify(
+                        {m.spec.key: np.zeros((0, m.spec.num_classes), np.float32) for m in self._models})
+                produced = None
+                yield from self._ready()
+            if consumed is not None:
                 consumed.synchronize()
                 consumed = None
-            produced = self._producer(batch.payload)
-            batch.payload = None
-            batch.result = PreprocessResult(
-                ok=list(produced.ok), views={}, sizes=list(produced.sizes), errors=dict(produced.errors)
-            )
-            entry = _Entry(batch)
-            self._order.append(entry)
-            if produced.ok:
-                inputs = {m.spec.key: produced.views[m.spec.key] for m in self._models}
-                done, consumed = self._executor.submit_device(inputs, producer=produced.cuda_stream, tag=entry)
-                self._complete(done)
-            else:  # nothing decoded: error rows only, kept in order behind earlier batches
-                entry.outputs = self._classify({m.spec.key: np.zeros((0, m.spec.num_classes), np.float32) for m in self._models})
+                held.clear()
+            self._complete(self._executor.drain())
             yield from self._ready()
-        if consumed is not None:
-            consumed.synchronize()
-        self._complete(self._executor.drain())
-        yield from self._ready()
+        finally:
+            if consumed is not None:  # ended early (an error, the caller stopped)
+                try:
+                    consumed.synchronize()
+                except Exception as exc:  # the first error is the one to report
+                    log.error("while waiting for the executor's copies: %s", exc)
+            held.clear()
 
 
 def stats_lines(stats: Mapping[str, LaneStats]) -> list[str]:

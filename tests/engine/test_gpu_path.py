@@ -251,3 +251,42 @@ def test_streamed_loop_gives_the_cpu_path_rows(mixed_folder, tmp_path, random_mo
     np.testing.assert_allclose(b.select(probs).to_numpy(), a.select(probs).to_numpy(), atol=1e-5, equal_nan=True)
     assert a["gender_label"].to_list() == b["gender_label"].to_list()
     assert a["quality_label"].to_list() == b["quality_label"].to_list()
+
+
+@pytest.mark.parametrize("outlive", [True, False])
+def test_streamed_loop_waits_for_the_copies_after_the_next_run_only_where_outputs_outlive_it(outlive, monkeypatch):
+    """With DALI's dynamic executor (outputs valid while referenced) the producer runs on
+    batch k+1 before the host waits for the copies out of batch k, so DALI's host work
+    overlaps the GPU's; a producer that reuses its buffers is waited for first."""
+    import engine.executor as executor_module
+    from types import SimpleNamespace
+
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+    from engine.specs import OutputKind
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    log: list[str] = []
+    real_sync = executor_module.Consumed.synchronize
+    monkeypatch.setattr(executor_module.Consumed, "synchronize", lambda self: (log.append("wait"), real_sync(self)))
+
+    class Producer:
+        outputs_outlive_next_call = outlive
+
+        def __call__(self, payload):
+            log.append(f"produce {len(log)}")
+            array = np.random.default_rng(len(log)).standard_normal((len(payload), 3, 8, 8)).astype(np.float32)
+            view = DeviceView("gender/alpha", int(array.ctypes.data), array.shape, array.dtype, array)
+            return DeviceBatch(ok=tuple(range(len(payload))), sizes=((8, 8),) * len(payload), errors={},
+                               views={"gender/alpha": view}, device_id=0, cuda_stream=None)
+
+    model = SimpleNamespace(spec=SpecRegistry.builtin().get(Task.GENDER), output_kind=OutputKind.LOGITS)
+    read = [SimpleNamespace(payload=[b"x"] * 2) for _ in range(3)]
+    with StreamedExecutor({"gender/alpha": HostBackend(NumpyModel(size=8, classes=2))}, "host",
+                          ExecutorConfig(2)) as executor:
+        got = list(StreamedInference([model], executor, Producer()).batches(iter(read)))
+    assert len(got) == 3 and all(len(outputs["gender/alpha"].labels) == 2 for _, outputs in got)
+    steps = [s.split()[0] for s in log]
+    if outlive:
+        assert steps == ["produce", "produce", "wait", "produce", "wait", "wait"]
+    else:
+        assert steps == ["produce", "wait", "produce", "wait", "produce", "wait"]
