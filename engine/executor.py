@@ -1028,6 +1028,7 @@ class StreamedExecutor:
         self.device: Device | None = None if self._owns_device else device
         self._lanes: dict[str, _Lane] = {}
         self._pending: deque[_Pending] = deque()
+        self._carried: list[Completed] = []  # completed, not yet handed out (a submit failed)
         self._seq = 0
         self._open = False
         self._closed = False
@@ -1141,19 +1142,23 @@ class StreamedExecutor:
         for lane in lanes:  # every model's batch is checked before any work is queued
             lane.validate_host(inputs[lane.key])
         done = self._make_room(lanes)
-        self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_host(seq, value))
+        try:
+            self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_host(seq, value), [])
+        except BaseException:
+            self._carried[:0] = done  # handed out by the next call instead
+            raise
         return done
 
     def _queue(self, lanes: Sequence[_Lane], inputs: Mapping[str, Any], tag: Any,
-               submit_one: Callable[[_Lane, int, Any], Any]) -> list[Any]:
-        """Queue one submission on every lane under a new sequence number. If a lane
-        fails after others have queued theirs, that work is still collected when it
-        finishes (its slots come back) and then dropped, never matched to a later
-        submission; the error propagates."""
+               submit_one: Callable[[_Lane, int, Any], Any], results: list[Any]) -> None:
+        """Queue one submission on every lane under a new sequence number, appending
+        each lane's result to ``results``. If a lane fails after others have queued
+        theirs, that work is still collected when it finishes (its slots come back) and
+        then dropped, never matched to a later submission; the error propagates, and
+        ``results`` holds what was queued."""
         seq = self._seq
         self._seq += 1
         entry = _Pending(seq, tag, set())
-        results = []
         try:
             for lane in lanes:
                 results.append(submit_one(lane, seq, inputs[lane.key]))
@@ -1164,7 +1169,6 @@ class StreamedExecutor:
                 self._pending.append(entry)
             raise
         self._pending.append(entry)
-        return results
 
     def submit_device(self, inputs: Mapping[str, Any], producer: Any = None, tag: Any = None) -> tuple[list[Completed], Consumed]:
         """Queue one batch per model from device memory: ``inputs[model]`` is a
@@ -1175,13 +1179,24 @@ class StreamedExecutor:
         DALI's ``Pipeline.outputs(cuda_stream=...)``; None when the data is already
         complete), then copies device-to-device into the slot's own input buffer. The
         producer's buffers must stay valid until the returned :class:`Consumed` is
-        synchronised (call it before DALI's ``release_outputs()``/next ``run()``); after
-        that, inference proceeds from the executor's own copy."""
+        synchronised (before the producer reuses them: with DALI's dynamic executor,
+        as long as the outputs are referenced); after that, inference proceeds from the
+        executor's own copy. If queuing fails part-way, the copies already queued are
+        waited for before the error propagates, so the buffers may go at once."""
         lanes = self._lanes_for(inputs)
         for lane in lanes:
             lane.validate_device(inputs[lane.key])
         done = self._make_room(lanes)
-        queued = self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_device(seq, value, producer))
+        queued: list[tuple[Ticket, Any]] = []
+        try:
+            self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_device(seq, value, producer), queued)
+        except BaseException:
+            self._carried[:0] = done
+            try:
+                Consumed(self.device, [event for _, event in queued]).synchronize()
+            except Exception as exc:  # the first error is the one to report
+                log.error("while waiting for the copies of a failed submission: %s", exc)
+            raise
         return done, Consumed(self.device, [event for _, event in queued])
 
     def _collect(self, lane: _Lane) -> None:
@@ -1194,7 +1209,7 @@ class StreamedExecutor:
         raise RuntimeError(f"{lane.key}: result for unknown submission {ticket.seq}")
 
     def _ready(self) -> list[Completed]:
-        out = []
+        out, self._carried = self._carried, []
         while self._pending and not self._pending[0].waiting:
             e = self._pending.popleft()
             if not e.failed:
@@ -1211,6 +1226,7 @@ class StreamedExecutor:
                 while key in head.waiting:  # the lane's oldest is this submission or earlier
                     self._collect(lane)
             out.extend(self._ready())
+        out.extend(self._ready())  # results carried over from a failed submit, if nothing was pending
         return out
 
     def run(self, batches: Iterable[Mapping[str, Any]], tags: Iterable[Any] | None = None) -> Iterator[Completed]:

@@ -290,3 +290,58 @@ def test_streamed_loop_waits_for_the_copies_after_the_next_run_only_where_output
         assert steps == ["produce", "produce", "wait", "produce", "wait", "wait"]
     else:
         assert steps == ["produce", "wait", "produce", "wait", "produce", "wait"]
+
+
+def test_a_submission_failing_part_way_waits_for_the_copies_it_queued(monkeypatch):
+    """Model a's copy out of the producer's buffer is queued behind the producer's
+    stream (DALI still working) when model b fails to queue: the error reaches the
+    loop only once that copy is done, so the buffers the loop then drops are no longer
+    read."""
+    import threading
+    from types import SimpleNamespace
+
+    from engine.executor import HostStream
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+    from engine.specs import OutputKind
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    registry = SpecRegistry.builtin()
+    g, q = registry.get(Task.GENDER), registry.get(Task.QUALITY)
+
+    class Refuses(HostBackend):
+        armed = False
+
+        def enqueue(self, slot, batch_size, stream):
+            if self.armed:
+                raise RuntimeError("enqueue failed")
+            super().enqueue(slot, batch_size, stream)
+
+    gate = threading.Event()
+    producer_stream = HostStream("producer")
+
+    def produce(payload):
+        producer_stream.submit(gate.wait)  # the producer's device work, still running
+        views = {}
+        for key in (g.key, q.key):
+            array = np.full((2, 3, 8, 8), 7.0, np.float32)
+            views[key] = DeviceView(key, int(array.ctypes.data), array.shape, array.dtype, array)
+        return DeviceBatch(ok=(0, 1), sizes=((8, 8),) * 2, errors={}, views=views, device_id=0,
+                           cuda_stream=producer_stream)
+
+    b = Refuses(NumpyModel(size=8, classes=q.num_classes, seed=1))
+    models = [SimpleNamespace(spec=g, output_kind=OutputKind.LOGITS), SimpleNamespace(spec=q, output_kind=OutputKind.LOGITS)]
+    opener = threading.Timer(0.3, gate.set)
+    try:
+        with StreamedExecutor({g.key: HostBackend(NumpyModel(size=8, classes=g.num_classes)), q.key: b}, "host",
+                              ExecutorConfig(2, graphs=False)) as executor:
+            b.armed = True
+            loop = StreamedInference(models, executor, produce).batches(iter([SimpleNamespace(payload=[b"x"] * 2)]))
+            opener.start()
+            with pytest.raises(RuntimeError, match="enqueue failed"):
+                next(loop)
+            copied = executor._lanes[g.key].slots[0].device_inputs["input"].array
+            assert gate.is_set() and (copied[:2] == 7.0).all()
+    finally:
+        gate.set()
+        opener.cancel()
+        producer_stream.close()
