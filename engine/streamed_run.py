@@ -49,8 +49,8 @@ Producer = Callable[[Sequence[bytes]], "DeviceBatch"]
 class HostProducer:
     """A producer without a GPU: the CPU DALI pipeline, its views exposed as
     :class:`~engine.preprocess.dali_pipeline.DeviceView` over host memory (what
-    :class:`~engine.executor.HostDevice` copies from). The arrays are kept alive until
-    the next call, as DALI keeps its GPU buffers."""
+    :class:`~engine.executor.HostDevice` copies from). Each call makes new arrays, kept
+    alive by its DeviceBatch, as DALI's dynamic executor keeps its GPU buffers."""
 
     outputs_outlive_next_call = True  # each call makes new arrays
 
@@ -147,13 +147,13 @@ class StreamedInference:
         try:
             for batch in read:
                 if consumed is not None and not outlive:  # its next run reuses the buffers
-                    consumed.synchronize()
-                    consumed = None
+                    waiting, consumed = consumed, None
+                    waiting.synchronize()
                     held.clear()
                 produced = self._producer(batch.payload)
                 if consumed is not None:  # the copies of the batch before ran meanwhile
-                    consumed.synchronize()
-                    consumed = None
+                    waiting, consumed = consumed, None
+                    waiting.synchronize()
                 held.clear()
                 batch.payload = None
                 batch.result = PreprocessResult(
@@ -165,6 +165,7 @@ class StreamedInference:
                     inputs = {m.spec.key: produced.views[m.spec.key] for m in self._models}
                     held.append(produced)
                     done, consumed = self._executor.submit_device(inputs, producer=produced.cuda_stream, tag=entry)
+                    inputs = None  # only ``held`` keeps the batch alive
                     self._complete(done)
                 else:  # nothing decoded: error rows only, kept in order behind earlier batches
                     entry.outputs = self._classify(
@@ -172,8 +173,8 @@ class StreamedInference:
                 produced = None
                 yield from self._ready()
             if consumed is not None:
-                consumed.synchronize()
-                consumed = None
+                waiting, consumed = consumed, None
+                waiting.synchronize()
                 held.clear()
             self._complete(self._executor.drain())
             yield from self._ready()
