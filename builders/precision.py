@@ -671,6 +671,11 @@ def prepare(
     else:
         logger.info("%s %s: no calibration images given, agreement with FP32 not checked", spec.key, precision.value)
 
+    # The cache key names the source by the hash read before (possibly long before, by
+    # the caller): a file replaced since must not be cached under its predecessor's key.
+    if onnx_sha256(model_onnx) != source_sha:
+        out_path.unlink(missing_ok=True)
+        raise ModelError(f"{model_onnx} changed while it was being prepared; run again once it is complete")
     sha = sha256_file(out_path)
     record = {
         "key": key,

@@ -114,8 +114,9 @@ class ResolvedModel:
     def source_sha256(self) -> str:
         """:func:`builders.manifest.onnx_sha256` of ``onnx_path`` (external data
         included), read once: the run record, the prepared graph's cache key and the
-        engine lookup all name the model by this one reading, so they cannot disagree
-        about a file replaced mid-run, and a large graph is not parsed three times."""
+        engine lookup all name the model by this one reading, and a large graph is not
+        parsed three times. (A file replaced after this reading: ``prepare`` refuses to
+        cache a graph made from other content than the hash says.)"""
         from builders.manifest import onnx_sha256
 
         return onnx_sha256(self.onnx_path)

@@ -198,6 +198,32 @@ def gender_int8(gender, gender_calib, prepared_dir):
     return prepare(gender.onnx_path, gender.spec, Precision.INT8, None, prepared_dir, calib=gender_calib)
 
 
+def test_a_source_replaced_after_its_hash_was_read_is_not_cached_under_that_hash(tmp_path):
+    """The run reads the model's hash once (ResolvedModel.source_sha256) and prepares
+    later; if the file was replaced in between, the graph made from the new content
+    must not be cached under the old hash, where a later run of the old file finds it."""
+    from builders.manifest import onnx_sha256
+    from tests.model_fixtures import make_tiny_classifier
+
+    spec = SpecRegistry.builtin().get("gender")
+    a = make_tiny_classifier(tmp_path / "a.onnx", size=224, classes=2, seed=0)
+    b = make_tiny_classifier(tmp_path / "b.onnx", size=224, classes=2, seed=1)
+    user = tmp_path / "user.onnx"
+    shutil.copy(a, user)
+    read_before = onnx_sha256(user)
+    shutil.copy(b, user)  # replaced mid-run
+    with pytest.raises(ModelError, match="changed while it was being prepared"):
+        prepare(user, spec, "fp16", None, tmp_path / "prepared", output_kind=OutputKind.LOGITS,
+                source_sha256=read_before)
+    assert list((tmp_path / "prepared").glob("*.onnx")) == []
+    shutil.copy(a, user)
+    prepared = prepare(user, spec, "fp16", None, tmp_path / "prepared", output_kind=OutputKind.LOGITS)
+    assert not prepared.from_cache and prepared.source_sha256 == read_before
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(prepared.path)).graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(a)).graph.initializer}
+    np.testing.assert_allclose(weights["fc_w"].astype(np.float32), original["fc_w"], rtol=1e-3)
+
+
 def test_fp32_is_the_model_as_is(gender, prepared_dir):
     prepared = prepare(gender.onnx_path, gender.spec, "fp32", None, prepared_dir)
     assert prepared.path == gender.onnx_path and prepared.agreement is None

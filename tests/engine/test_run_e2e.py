@@ -278,7 +278,8 @@ def test_more_user_errors_are_one_line(extra, message, folder, tmp_path, capsys)
 
 def test_a_run_reads_each_models_onnx_hash_once(folder, tmp_path, capsys, monkeypatch):
     """The run record, the prepared fp16 graph's cache key and (on a GPU) the engine
-    lookup name the model by one reading of its hash: a large graph is parsed once."""
+    lookup name the model by one reading of its hash; preparing the graph reads it once
+    more, after, to refuse a file replaced meanwhile. A reused graph needs no second."""
     import builders.manifest
     import builders.precision
     from builders.export import META_OUTPUT_KIND
@@ -297,7 +298,7 @@ def test_a_run_reads_each_models_onnx_hash_once(folder, tmp_path, capsys, monkey
     out = tmp_path / "h.parquet"
     args = _gender_args(folder / "heads", out, tmp_path / "cache", "--gender-onnx", str(user), "--precision", "fp16")
     assert main(args) == 0
-    assert calls == ["user.onnx"]
+    assert calls == ["user.onnx", "user.onnx"]
     capsys.readouterr()
     calls.clear()
     assert main(args) == 0  # resumed: the record is compared, the prepared graph reused
