@@ -134,11 +134,11 @@ class TensorRTBackend:
                 outputs.append(TensorDecl(name, shape, dtype, "cuda"))
         if not inputs or not outputs:
             raise ModelError(f"{engine_path}: engine has {len(inputs)} inputs and {len(outputs)} outputs")
-        if any(None in d.shape[1:] for d in outputs):
-            outputs = self._resolve_output_shapes(inputs, outputs, min_batch, engine_path)
         if max_batch is not None and min_batch > max_batch:
             raise ModelError(f"{engine_path}: no batch size fits every optimisation profile "
                              f"(smallest {min_batch}, largest {max_batch})")
+        if any(None in d.shape[1:] for d in outputs):
+            outputs = self._resolve_output_shapes(inputs, outputs, min_batch, engine_path)
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         self.max_batch = int(max_batch or 1)
         self.min_batch = min_batch  # shorter batches are padded up to it by the executor
