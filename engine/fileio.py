@@ -2,11 +2,15 @@
 
 Every file the project writes for keeps (results, their parts, prepared ONNX graphs,
 engines, manifests, timing caches) goes through :func:`replacing`: the bytes are
-written under a temporary name of the writer's own beside the destination, flushed to
-disk, and renamed over it. Two writers of one file each rename a whole file of their
-own; a writer that fails or is interrupted leaves the old file and no temporary one.
-The new file gets the mode the umask allows (0644 under umask 022), as a plain
-``open()`` would, not the 0600 of a private temporary file.
+written under a temporary name of the writer's own beside the destination, synced,
+renamed over it, and the folder synced (where the file system allows). Two writers of
+one file each rename a whole file of their own; a writer that fails or is interrupted
+leaves the old file and no temporary one. The new file gets the mode the umask allows
+(0644 under umask 022), as a plain ``open()`` would, not the 0600 of a private
+temporary file.
+
+Not covered: the ``.data`` file beside an ONNX graph past protobuf's 2 GiB limit
+(:func:`builders.onnx_io.write_model_atomic`), which ONNX writes under its final name.
 """
 
 from __future__ import annotations
@@ -50,6 +54,21 @@ def replacing(dest: Path | str) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(dest.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:

@@ -11,12 +11,18 @@ import pytest
 from engine.fileio import replacing, umask, write_bytes_atomic
 
 
-def test_umask_is_read_without_changing_it():
+def test_umask_is_read_without_changing_it(monkeypatch):
+    import engine.fileio
+
     old = os.umask(0o027)
     try:
-        assert umask() == 0o027
+        def refuse(mask):
+            raise AssertionError("umask() changed the process umask")
+
+        monkeypatch.setattr(engine.fileio.os, "umask", refuse)  # Linux: read from /proc
         assert umask() == 0o027
     finally:
+        monkeypatch.undo()
         os.umask(old)
 
 
