@@ -181,8 +181,10 @@ def load_calibration_set(
     )
 
 
-def ort_data_reader(calib: CalibrationSet, input_name: str, batch_size: int):
-    """An ``onnxruntime.quantization.CalibrationDataReader`` over the calibration tensors."""
+def ort_data_reader(calib: CalibrationSet, input_name: str, batch_size: int, *, dtype=np.float32, pad: bool = False):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over the calibration tensors,
+    as ``dtype``; with ``pad`` a short last batch is zero-padded to ``batch_size`` (a
+    graph pinned to that batch)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
@@ -191,7 +193,12 @@ def ort_data_reader(calib: CalibrationSet, input_name: str, batch_size: int):
 
         def get_next(self):
             batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
+            if batch is None:
+                return None
+            batch = np.ascontiguousarray(batch, dtype=dtype)
+            if pad and len(batch) < batch_size:
+                batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
+            return {input_name: batch}
 
         def __len__(self) -> int:
             return (len(calib) + batch_size - 1) // batch_size

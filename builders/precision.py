@@ -323,11 +323,29 @@ def graph_input_name(model: onnx.ModelProto, where: Path) -> str:
     return names[0]
 
 
+def input_feed(dims: Sequence[Any], onnx_type: str) -> tuple[int | None, np.dtype]:
+    """(fixed batch or None, NumPy dtype) of a model input, from its dims and its ONNX
+    Runtime type string: a graph pinned to a batch is fed exactly that many rows, and a
+    float16 input gets float16 tensors."""
+    first = dims[0] if len(dims) else None
+    fixed = int(first) if isinstance(first, (int, np.integer)) and int(first) > 0 else None
+    return fixed, np.dtype(np.float16 if onnx_type == "tensor(float16)" else np.float32)
+
+
 def run_cpu(path: Path, tensors: np.ndarray, batch_size: int = DEFAULT_CALIBRATION_BATCH) -> np.ndarray:
-    """The first output of ``path`` on ``tensors``, batch by batch, with ONNX Runtime on the CPU."""
+    """The first output of ``path`` on ``tensors``, batch by batch, with ONNX Runtime on
+    the CPU (at the graph's own batch where it is pinned to one, the last batch padded)."""
     session = cpu_session(path)
     name = single_input_name(session)
-    outs = [session.run(None, {name: tensors[i : i + batch_size]})[0] for i in range(0, len(tensors), batch_size)]
+    fixed, dtype = input_feed(session.get_inputs()[0].shape, session.get_inputs()[0].type)
+    step = fixed or batch_size
+    outs = []
+    for i in range(0, len(tensors), step):
+        chunk = np.ascontiguousarray(tensors[i : i + step], dtype=dtype)
+        n = len(chunk)
+        if fixed is not None and n < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype)])
+        outs.append(session.run(None, {name: chunk})[0][:n])
     return np.concatenate(outs, axis=0).astype(np.float32)
 
 
@@ -430,6 +448,12 @@ def quantize_int8(
     notes: list[str] = []
     started = time.perf_counter()
     logger.info("INT8 calibration (MinMax) on %d images: start", len(calib))
+    decl = next(i for i in source.graph.input if i.name == input_name)
+    tensor_type = decl.type.tensor_type
+    fixed, feed_dtype = input_feed(
+        [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim],
+        "tensor(float16)" if tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "tensor(float)",
+    )
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         qdq_path = Path(tmp) / "qdq.onnx"
@@ -440,7 +464,8 @@ def quantize_int8(
                 str(qdq_path),
                 # one image per calibration run: ONNX Runtime keeps every calibrated tensor of
                 # a run alive (CAFormer-S36 at 384: ~2.5 GB per image in the batch)
-                ort_data_reader(calib, input_name, CALIBRATION_RUN_BATCH),
+                ort_data_reader(calib, input_name, fixed or CALIBRATION_RUN_BATCH, dtype=feed_dtype,
+                                pad=fixed is not None),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(INT8_OPS),
                 per_channel=True,

@@ -238,7 +238,9 @@ def _output_kind(spec: ModelSpec, info: OnnxInfo) -> OutputKind:
 def _with_dynamic_batch(spec: ModelSpec, info: OnnxInfo, cache_dir: Path) -> OnnxInfo:
     src = info.path
     folder = cache_dir / "dynamic"
-    stem = f"{src.stem}-{file_sha256(src)[:16]}"
+    from builders.manifest import onnx_sha256
+
+    stem = f"{src.stem}-{onnx_sha256(src)[:16]}"  # external data included: new weights, new copy
     dst, marker = folder / f"{stem}.onnx", folder / f"{stem}.fixed"
     if not dst.is_file() and not marker.is_file():
         try:
@@ -266,6 +268,8 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     if source.onnx is not None:
+        if source.onnx.is_dir():
+            raise ModelError(f"{spec.key}: {source.onnx} is a folder; name the .onnx file in it")
         if not source.onnx.is_file():
             raise ModelError(f"{spec.key}: ONNX file {source.onnx} does not exist")
         path, weights, detail = source.onnx, WeightsKind.USER_ONNX, f"user ONNX {source.onnx}"

@@ -1,12 +1,13 @@
-"""Raw model outputs -> probabilities and labels (the CPU postprocess).
+"""Raw model outputs -> probabilities and labels, on the host for every path.
 
-The GPU path has a fused softmax/argmax kernel (kernels/) with this module as its
-NumPy reference.
+kernels/postprocess.cu holds a fused softmax/argmax kernel with this module as its NumPy
+reference; neither path uses it (for 2-4 classes the logits are as small as its output).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -35,6 +36,21 @@ class Classified:
         return len(self.index)
 
 
+class NonFiniteOutput(ModelError):
+    """A model gave NaN or infinity; ``rows`` are the batch rows it did so for."""
+
+    def __init__(self, model: str, rows: Sequence[int], total: int) -> None:
+        self.rows = tuple(int(r) for r in rows)
+        super().__init__(f"{model}: output contains NaN or infinity for {len(self.rows)} of {total} image(s) of a "
+                         f"batch (broken model or wrong precision)")
+
+
+def naming_files(exc: NonFiniteOutput, files: Sequence[str]) -> ModelError:
+    """``exc`` with the files of its rows named, so that the user can find them."""
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return ModelError(f"{exc}: {shown}; remove them (or try fp32) and run again: finished rows are kept")
+
+
 def classify(raw: np.ndarray, output: OutputKind, labels: tuple[str, ...], model: str) -> Classified:
     """Turn one model's raw output into probabilities and labels.
 
@@ -46,18 +62,22 @@ def classify(raw: np.ndarray, output: OutputKind, labels: tuple[str, ...], model
         raise ModelError(
             f"{model}: output shape {tuple(raw.shape)} does not match {len(labels)} labels {list(labels)}"
         )
-    if not np.isfinite(raw).all():
-        raise ModelError(f"{model}: output contains NaN or infinity (broken model or wrong precision)")
+    finite = np.isfinite(raw).all(axis=1)
+    if not finite.all():
+        raise NonFiniteOutput(model, np.flatnonzero(~finite), len(raw))
     if output is OutputKind.LOGITS:
         probs = softmax(raw)
     else:
         probs = raw.astype(np.float32, copy=False)
         sums = probs.sum(axis=1)
-        if (probs < -1e-6).any() or (np.abs(sums - 1.0) > PROBABILITY_SUM_TOLERANCE).any():
+        negative = (probs < -1e-6).any()
+        if negative or (np.abs(sums - 1.0) > PROBABILITY_SUM_TOLERANCE).any():
+            what = (f"it gives negative values (down to {float(probs.min()):.3g})" if negative else
+                    f"its rows sum to {float(sums.min()):.3g}..{float(sums.max()):.3g}")
             raise ModelError(
-                f"{model}: the spec says the model outputs probabilities, but its rows sum to "
-                f"{float(sums.min()):.3g}..{float(sums.max()):.3g}; if this ONNX outputs logits, "
-                f"set output = \"logits\" for it in a spec file (--spec-file)"
+                f"{model}: the model is declared to output probabilities, but {what}; if this ONNX outputs "
+                f"logits, say so: output = \"logits\" for it in a spec file (--spec-file), or "
+                f"engine.output_kind = \"logits\" in the ONNX's metadata, which wins over the spec"
             )
     index = probs.argmax(axis=1)
     return Classified(probs, index, tuple(labels[i] for i in index))

@@ -35,7 +35,7 @@ import polars as pl
 from engine.discovery import iter_images
 from engine.errors import EngineError, InputError
 from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model  # ModelChoice: re-exported
-from engine.postprocess import Classified, classify
+from engine.postprocess import Classified, NonFiniteOutput, classify, naming_files
 from engine.specs import SpecRegistry, spec_as_dict
 from engine.writer import ResultWriter, check_output_name
 
@@ -417,7 +417,10 @@ class CpuInference:
             for m in self._models:
                 view = item.result.views[m.spec.key]
                 raw = self._backends[m.spec.key].run(view) if len(view) else np.zeros((0, m.spec.num_classes))
-                outputs[m.spec.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
+                try:
+                    outputs[m.spec.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
+                except NonFiniteOutput as exc:
+                    raise naming_files(exc, [item.paths[item.result.ok[r]] for r in exc.rows]) from None
             yield item, outputs
 
     def details(self) -> list[str]:
@@ -440,8 +443,9 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
     plan = plan_path(config, models)
     if announce is not None:
         announce(plan.describe())
-    if config.calib_dir is not None and plan.precision != "int8":
-        log.warning("--calib is only used at int8; this %s run ignores it", plan.precision)
+    if config.calib_dir is not None and plan.precision == "fp32":
+        log.warning("--calib is only used at fp16 (to check agreement with fp32) and int8 (to calibrate); "
+                    "this fp32 run ignores it")
     threads = config.threads or os.cpu_count() or 1
 
     def open_inference(stack: ExitStack) -> Inference:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from engine.executor import LaneStats, StreamedExecutor
-from engine.postprocess import Classified, classify
+from engine.postprocess import Classified, NonFiniteOutput, classify, naming_files
 from engine.preprocess.result import PreprocessResult
 
 if TYPE_CHECKING:
@@ -130,7 +130,14 @@ class StreamedInference:
 
     def _complete(self, done) -> None:
         for c in done:
-            c.tag.outputs = self._classify({m.spec.key: c.output(m.spec.key) for m in self._models})
+            try:
+                c.tag.outputs = self._classify({m.spec.key: c.output(m.spec.key) for m in self._models})
+            except NonFiniteOutput as exc:
+                batch = c.tag.batch
+                paths = getattr(batch, "paths", None)
+                if paths is None:
+                    raise
+                raise naming_files(exc, [paths[batch.result.ok[r]] for r in exc.rows]) from None
 
     def _ready(self) -> Iterator[tuple[Any, dict[str, Classified]]]:
         while self._order and self._order[0].outputs is not None:

@@ -92,15 +92,18 @@ class OrtBackend:
         self._out_name = output_decl.name
         self._in_dtype = np.dtype(input_decl.dtype)
         self._fixed = input_decl.fixed_batch
+        self._path = Path(onnx_path)
         self.providers = tuple(self._session.get_providers())
         log.debug("loaded %s with %s (fixed batch: %s)", onnx_path, self.providers, self._fixed)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        """The model's output for ``batch``: one row per input row, checked (a graph that
+        drops, adds or pools rows would otherwise hand rows to the wrong files)."""
         if self._session is None:
             raise RuntimeError("backend is closed")
         x = np.ascontiguousarray(batch, dtype=self._in_dtype)
         if self._fixed is None or self._fixed == len(x):
-            return self._session.run([self._out_name], {self._in_name: x})[0]
+            return self._checked(self._run(x), len(x))
         out = []
         for start in range(0, len(x), self._fixed):
             chunk = x[start : start + self._fixed]
@@ -108,8 +111,26 @@ class OrtBackend:
             if n < self._fixed:
                 pad = np.zeros((self._fixed - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            out.append(self._session.run([self._out_name], {self._in_name: chunk})[0][:n])
+            out.append(self._checked(self._run(chunk), self._fixed)[:n])
         return np.concatenate(out)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        from builders.onnx_io import ort_errors
+
+        try:
+            return self._session.run([self._out_name], {self._in_name: x})[0]
+        except ort_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError(f"{self._path}: ONNX Runtime failed on a batch of {len(x)}: {first}") from None
+
+    def _checked(self, out: np.ndarray, rows: int) -> np.ndarray:
+        want = self.outputs[0].shape[1:]
+        if out.ndim != 1 + len(want) or out.shape[0] != rows or any(
+                w is not None and w != d for w, d in zip(want, out.shape[1:])):
+            raise ModelError(f"{self._path}: output {self._out_name!r} has shape {tuple(out.shape)} for a batch of "
+                             f"{rows}; expected ({rows}, {', '.join('?' if w is None else str(w) for w in want)}): "
+                             f"the graph must give one row per image")
+        return out
 
     def close(self) -> None:
         self._session = None

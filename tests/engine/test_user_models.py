@@ -1,0 +1,165 @@
+"""`engine run` on users' own ONNX files of unusual make: tiny hand-built graphs, each
+with one trait a published or home-made export can have (a pinned batch, external
+weights, float16 input, a graph that mixes or drops rows, outputs that are not what
+they are declared to be). Each must either run right or stop with one line that says
+what is wrong (and, where it matters, which files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import polars as pl
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from engine.cli import main
+
+LOGITS = {"engine.output_kind": "logits"}
+
+
+def tiny(path: Path, *, in_shape=("batch", 3, 224, 224), out_shape=("batch", 2), reshape_batch=None,
+         in_dtype=TensorProto.FLOAT, post=None, meta=None, ext=False, seed=0, w=None, b=None) -> Path:
+    """GlobalAveragePool -> flatten -> Gemm (-> ``post`` nodes) classifier of 224 px."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "input"
+    if in_dtype == TensorProto.FLOAT16:
+        nodes.append(helper.make_node("Cast", [x], ["x32"], to=TensorProto.FLOAT))
+        x = "x32"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"]))
+    if reshape_batch is not None:  # the batch baked into the graph
+        inits.append(numpy_helper.from_array(np.array([reshape_batch, -1], np.int64), "flat_shape"))
+        nodes.append(helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"]))
+    else:
+        nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"], axis=1))
+    weights = w if w is not None else rng.standard_normal((2, 3)).astype(np.float32) * 5
+    bias = b if b is not None else rng.standard_normal(2).astype(np.float32)
+    inits += [numpy_helper.from_array(np.asarray(weights, np.float32), "fc_w"),
+              numpy_helper.from_array(np.asarray(bias, np.float32), "fc_b")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1))
+    y = "logits"
+    if post is not None:
+        extra, extra_inits, y = post(y)
+        nodes += extra
+        inits += extra_inits
+    nodes.append(helper.make_node("Identity", [y], ["output"]))
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", in_dtype, list(in_shape))],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if meta:
+        helper.set_model_props(model, dict(meta))
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ext:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, value in (("black.png", 0), ("grey.png", 128), ("white.png", 255)):
+        Image.new("RGB", (60, 40), (value, value, value)).save(root / name)
+    return root
+
+
+def _run(images, out, onnx_path, *extra):
+    return main(["run", str(images), "--out", str(out), "--only", "gender", "--gender-onnx", str(onnx_path),
+                 "--cache-dir", str(out.parent / "cache"), "--no-progress", *extra])
+
+
+def _probs(out) -> np.ndarray:
+    return pl.read_parquet(out).sort("path")["gender_p_female"].to_numpy()
+
+
+def test_new_external_weights_of_a_pinned_batch_model_are_not_served_from_the_old_copy(images, tmp_path):
+    """A batch-1 model is run through a dynamic-batch copy in the cache; replacing only
+    its weights file must make a new copy (and a resume into the old output is refused)."""
+    model = tiny(tmp_path / "m" / "fixed.onnx", in_shape=(1, 3, 224, 224), out_shape=(1, 2), meta=LOGITS, ext=True)
+    assert _run(images, tmp_path / "a.parquet", model) == 0
+    other = tiny(tmp_path / "other" / "fixed.onnx", in_shape=(1, 3, 224, 224), out_shape=(1, 2), meta=LOGITS,
+                 ext=True, seed=1)
+    data = model.with_name("fixed.onnx.data")
+    assert data.stat().st_size == other.with_name("fixed.onnx.data").stat().st_size
+    data.write_bytes(other.with_name("fixed.onnx.data").read_bytes())  # the same .onnx, other weights beside it
+    assert _run(images, tmp_path / "b.parquet", model) == 0
+    assert not np.allclose(_probs(tmp_path / "a.parquet"), _probs(tmp_path / "b.parquet"))
+    assert _run(images, tmp_path / "a.parquet", model) == 2  # another model: not resumed into a
+
+
+def test_a_graph_that_does_not_give_one_row_per_image_is_refused(images, tmp_path, capsys):
+    def pooled_over_the_batch(y):
+        return [helper.make_node("ReduceMean", [y], ["pooled_rows"], axes=[0], keepdims=1)], [], "pooled_rows"
+
+    model = tiny(tmp_path / "pools.onnx", post=pooled_over_the_batch, meta=LOGITS)
+    assert _run(images, tmp_path / "p.parquet", model, "--batch-size", "3") == 2
+    err = capsys.readouterr().err
+    assert "has shape (1, 2) for a batch of 3" in err and "one row per image" in err and "Traceback" not in err
+
+
+def test_an_onnx_runtime_failure_mid_run_is_one_line_and_keeps_the_finished_rows(images, tmp_path, capsys):
+    # declared dynamic, but the batch is baked into a Reshape: fails on the short last batch
+    model = tiny(tmp_path / "baked.onnx", reshape_batch=2, meta=LOGITS)
+    out = tmp_path / "baked.parquet"
+    assert _run(images, out, model, "--batch-size", "2", "--flush-every", "1") == 2
+    err = capsys.readouterr().err
+    assert "ONNX Runtime failed on a batch of 1" in err and "Traceback" not in err
+    parts = list(out.with_name(out.name + ".parts").glob("part-*.parquet"))
+    assert sum(pl.read_parquet(p).height for p in parts) == 2  # the first batch, for a resume
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_model_pinned_to_a_batch_it_cannot_leave_prepares_with_calibration(images, tmp_path, precision):
+    """fp16's agreement check and int8's calibration feed the graph at its own batch."""
+    model = tiny(tmp_path / "pinned.onnx", in_shape=(4, 3, 224, 224), out_shape=(4, 2), reshape_batch=4, meta=LOGITS)
+    out = tmp_path / f"{precision}.parquet"
+    assert _run(images, out, model, "--precision", precision, "--calib", str(images)) == 0
+    assert _run(images, tmp_path / "fp32.parquet", model) == 0
+    np.testing.assert_allclose(_probs(out), _probs(tmp_path / "fp32.parquet"), atol=0.05)
+
+
+def test_a_float16_input_model_prepares_at_fp16_with_calibration(images, tmp_path):
+    model = tiny(tmp_path / "half.onnx", in_dtype=TensorProto.FLOAT16, meta=LOGITS)
+    assert _run(images, tmp_path / "h.parquet", model, "--precision", "fp16", "--calib", str(images)) == 0
+    assert pl.read_parquet(tmp_path / "h.parquet")["error"].null_count() == 3
+
+
+def test_nan_for_some_images_names_them(images, tmp_path, capsys):
+    """sqrt of (brightness - 2): NaN for the black and grey images only."""
+    def root(y):
+        return [helper.make_node("Sqrt", [y], ["rooted"])], [], "rooted"
+
+    model = tiny(tmp_path / "nan.onnx", post=root, meta=LOGITS, w=np.ones((2, 3)), b=[-2.0, -2.0])
+    assert _run(images, tmp_path / "n.parquet", model, "--batch-size", "3") == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinity for 2 of 3 image(s)" in err
+    assert "black.png" in err and "grey.png" in err and "white.png" not in err
+
+
+def test_negative_probabilities_are_named_as_such(images, tmp_path, capsys):
+    def stretched(y):  # 3 * softmax - 1: rows still sum to 1
+        three = numpy_helper.from_array(np.array(3.0, np.float32), "three")
+        one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+        nodes = [helper.make_node("Softmax", [y], ["sm"], axis=1), helper.make_node("Mul", ["sm", "three"], ["sm3"]),
+                 helper.make_node("Sub", ["sm3", "one"], ["stretched"])]
+        return nodes, [three, one], "stretched"
+
+    model = tiny(tmp_path / "neg.onnx", post=stretched, w=np.array([[5, 5, 5], [-5, -5, -5]]), b=[0, 0])
+    assert _run(images, tmp_path / "g.parquet", model) == 2
+    err = capsys.readouterr().err
+    assert "declared to output probabilities, but it gives negative values" in err
+    assert "engine.output_kind" in err  # the metadata, which wins over a spec file, is named too
+
+
+def test_a_folder_given_as_the_onnx_says_so(images, tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    assert _run(images, tmp_path / "x.parquet", tmp_path / "models") == 2
+    assert "is a folder; name the .onnx file in it" in capsys.readouterr().err
