@@ -445,7 +445,7 @@ class HostStream:
             try:
                 op.fn()
             except BaseException as exc:  # kept and raised by synchronize() on the host
-                log.error("work on %s failed: %s", self.name, exc)
+                log.debug("work on %s failed: %s", self.name, exc)
                 self.error = exc
 
     def close(self) -> None:
@@ -561,6 +561,8 @@ class HostDevice:
 
     def synchronize(self, event: HostEvent) -> None:
         event._wait(event.recorded)
+        if isinstance(event.error, EngineError):  # the model's own error (a wrong output shape): as is
+            raise event.error
         if event.error is not None:
             raise RuntimeError(f"device work failed: {event.error}") from event.error
 

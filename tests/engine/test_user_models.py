@@ -163,3 +163,23 @@ def test_a_folder_given_as_the_onnx_says_so(images, tmp_path, capsys):
     (tmp_path / "models").mkdir()
     assert _run(images, tmp_path / "x.parquet", tmp_path / "models") == 2
     assert "is a folder; name the .onnx file in it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_frames_api_reports_a_row_dropping_graph_as_a_model_error(tmp_path, streamed):
+    """The same one-line ModelError on the plain and the streamed path (the streamed
+    one runs the model on a stream thread of the executor's host device)."""
+    from engine.errors import ModelError
+    from engine.frames import FrameClassifier
+    from engine.models import ModelSource, resolve_model
+    from engine.specs import SpecRegistry
+
+    def pooled_over_the_batch(y):
+        return [helper.make_node("ReduceMean", [y], ["pooled_rows"], axes=[0], keepdims=1)], [], "pooled_rows"
+
+    path = tiny(tmp_path / "pools.onnx", post=pooled_over_the_batch, meta=LOGITS)
+    model = resolve_model(SpecRegistry.builtin().get("gender"), ModelSource(onnx=path), tmp_path / "cache")
+    frames = np.zeros((3, 40, 30, 3), np.uint8)
+    with pytest.raises(ModelError, match="one row per image"):  # streamed: already at the executor's warm-up
+        with FrameClassifier([model], batch_size=3, streamed=streamed) as classifier:
+            classifier.classify(frames)
