@@ -186,6 +186,14 @@ def _runs_batched(original: bytes, dynamic: bytes, decl: TensorDecl, fixed: int,
     return True
 
 
+def batches_cleanly(path: Path, decl: TensorDecl, *, probe: int = 2) -> bool:
+    """Whether the model at ``path``, declared with a dynamic batch, gives at batch
+    ``probe`` what it gives image by image (on random input): False for a graph with the
+    batch baked in (a Reshape to [1, -1]) or one that mixes the rows of a batch."""
+    model = _load_model(Path(path), external_data=True).SerializeToString()
+    return _runs_batched(model, model, decl, 1, probe, Path(path))
+
+
 # protobuf's 2 GiB limit, less room for the graph: a larger model keeps its weights beside it
 EXTERNAL_DATA_BYTES = 2**31 - 2**20
 

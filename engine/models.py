@@ -261,6 +261,33 @@ def _with_dynamic_batch(spec: ModelSpec, info: OnnxInfo, cache_dir: Path) -> Onn
     return info
 
 
+def _checked_batching(spec: ModelSpec, info: OnnxInfo, cache_dir: Path, sha256: str) -> OnnxInfo:
+    """``info``, or, for a graph declared with a dynamic batch that does not give at
+    batch 2 what it gives image by image (the batch baked in, or rows mixed), ``info``
+    pinned to a batch of 1, so that it runs one image at a time and every row is its
+    own. Checked once per file content (``sha256``; a marker under ``cache_dir/batching``)."""
+    from builders.onnx_io import batches_cleanly
+
+    folder = cache_dir / "batching"
+    good, bad = folder / f"{sha256[:32]}.batches", folder / f"{sha256[:32]}.one-at-a-time"
+    if good.is_file():
+        return info
+    clean = False
+    if not bad.is_file():
+        clean = batches_cleanly(info.path, info.input)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (good if clean else bad).write_text(f"{info.path}\n", encoding="utf-8")
+        except OSError as exc:
+            logger.debug("cannot record the batching check in %s: %s", folder, exc)
+    if clean:
+        return info
+    logger.warning("%s: %s does not give at batch 2 what it gives image by image (its batch is baked in, or "
+                   "rows are mixed): it runs one image at a time", spec.key, info.path)
+    return dataclasses.replace(info, input=dataclasses.replace(info.input, shape=(1, *info.input.shape[1:])),
+                               output=dataclasses.replace(info.output, shape=(1, *info.output.shape[1:])))
+
+
 def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir: Path | None = None) -> ResolvedModel:
     """Find, export or download the ONNX file for ``spec`` as ``source`` asks, check it
     against the spec, and say where its weights come from."""
@@ -302,6 +329,12 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
     if info.input.fixed_batch is not None:
         info = _with_dynamic_batch(spec, info, cache_dir)
     info = _pinned_to_spec(spec, info)
+    sha256 = None
+    if info.input.fixed_batch is None and weights in (WeightsKind.USER_ONNX, WeightsKind.PUBLISHED):
+        from builders.manifest import onnx_sha256
+
+        sha256 = onnx_sha256(info.path)  # this engine's own exports batch by construction
+        info = _checked_batching(spec, info, cache_dir, sha256)
 
     resolved = ResolvedModel(
         spec=spec,
@@ -311,6 +344,8 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
         output_kind=_output_kind(spec, info),
         info=info,
     )
+    if sha256 is not None:
+        resolved.__dict__["source_sha256"] = sha256  # read once: the cached_property's value
     if resolved.is_random:
         logger.warning("%s runs with RANDOM weights (%s): its predictions mean nothing", spec.key, detail)
     else:

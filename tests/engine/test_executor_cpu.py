@@ -384,6 +384,19 @@ def test_a_submission_that_fails_part_way_is_dropped_and_later_ones_stay_right()
         np.testing.assert_array_equal(c.output("b"), run_alone(NumpyModel(seed=3), data[c.tag]))
 
 
+def test_a_models_own_error_on_a_stream_thread_reaches_the_caller_as_is():
+    """HostBackend runs the model on the slot's stream thread; its ModelError (an
+    output of the wrong shape, say) is what the caller gets, not a wrapped RuntimeError."""
+
+    class WrongRows(NumpyModel):
+        def run(self, batch):
+            return super().run(batch)[:1]
+
+    with pytest.raises(ModelError, match=r"output shape \(1, 4\), declared \(4, 4\)"):  # at the warm-up run
+        with StreamedExecutor({"m": HostBackend(WrongRows())}, "host", ExecutorConfig(4, graphs=False)) as ex:
+            list(ex.run({"m": b} for b in batches(2, 4)))
+
+
 def test_a_submission_may_name_a_subset_of_models():
     a, b = NumpyModel(seed=0), NumpyModel(seed=1)
     data = batches(5, 4)

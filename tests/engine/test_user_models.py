@@ -95,25 +95,54 @@ def test_new_external_weights_of_a_pinned_batch_model_are_not_served_from_the_ol
     assert _run(images, tmp_path / "a.parquet", model) == 2  # another model: not resumed into a
 
 
-def test_a_graph_that_does_not_give_one_row_per_image_is_refused(images, tmp_path, capsys):
-    def pooled_over_the_batch(y):
-        return [helper.make_node("ReduceMean", [y], ["pooled_rows"], axes=[0], keepdims=1)], [], "pooled_rows"
-
-    model = tiny(tmp_path / "pools.onnx", post=pooled_over_the_batch, meta=LOGITS)
-    assert _run(images, tmp_path / "p.parquet", model, "--batch-size", "3") == 2
-    err = capsys.readouterr().err
-    assert "has shape (1, 2) for a batch of 3" in err and "one row per image" in err and "Traceback" not in err
+def _pooled_over_the_batch(y):
+    return [helper.make_node("ReduceMean", [y], ["pooled_rows"], axes=[0], keepdims=1)], [], "pooled_rows"
 
 
-def test_an_onnx_runtime_failure_mid_run_is_one_line_and_keeps_the_finished_rows(images, tmp_path, capsys):
-    # declared dynamic, but the batch is baked into a Reshape: fails on the short last batch
-    model = tiny(tmp_path / "baked.onnx", reshape_batch=2, meta=LOGITS)
-    out = tmp_path / "baked.parquet"
-    assert _run(images, out, model, "--batch-size", "2", "--flush-every", "1") == 2
+def test_onnx_runtime_refuses_an_output_without_one_row_per_image(tmp_path):
+    """The safety net behind the batching check of resolve_model: a graph that pools,
+    drops or adds rows is refused at run time instead of handing rows to wrong files."""
+    from engine.backends.base import TensorDecl
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.errors import ModelError
+
+    model = tiny(tmp_path / "pools.onnx", post=_pooled_over_the_batch)
+    decls = TensorDecl("input", (None, 3, 224, 224), np.dtype(np.float32)), TensorDecl("output", (None, 2), np.dtype(np.float32))
+    with OrtBackend(model, *decls) as backend:
+        assert backend.run(np.zeros((1, 3, 224, 224), np.float32)).shape == (1, 2)
+        with pytest.raises(ModelError, match=r"has shape \(1, 2\) for a batch of 3; expected \(3, 2\).*one row per image"):
+            backend.run(np.zeros((3, 3, 224, 224), np.float32))
+
+
+def test_an_onnx_runtime_failure_is_one_line(images, tmp_path, capsys):
+    # declared dynamic, the batch baked in at 2: runs at no batch the engine can give it
+    model = tiny(tmp_path / "baked2.onnx", reshape_batch=2, meta=LOGITS)
+    assert _run(images, tmp_path / "baked.parquet", model, "--batch-size", "2") == 2
     err = capsys.readouterr().err
     assert "ONNX Runtime failed on a batch of 1" in err and "Traceback" not in err
-    parts = list(out.with_name(out.name + ".parts").glob("part-*.parquet"))
-    assert sum(pl.read_parquet(p).height for p in parts) == 2  # the first batch, for a resume
+
+
+def _reverse_rows(y):
+    starts, ends, axes, steps = (numpy_helper.from_array(np.array([v], np.int64), n) for v, n in
+                                 ((-1, "starts"), (-(2**62), "ends"), (0, "axes"), (-1, "steps")))
+    return [helper.make_node("Slice", [y, "starts", "ends", "axes", "steps"], ["reversed"])], \
+        [starts, ends, axes, steps], "reversed"
+
+
+@pytest.mark.parametrize("trait", ["batch baked in at 1", "rows reversed", "rows pooled"])
+def test_a_graph_declared_dynamic_that_does_not_batch_cleanly_runs_one_image_at_a_time(images, tmp_path, caplog,
+                                                                                      trait):
+    kw = {"batch baked in at 1": {"reshape_batch": 1}, "rows reversed": {"post": _reverse_rows},
+          "rows pooled": {"post": _pooled_over_the_batch}}[trait]
+    model = tiny(tmp_path / "odd.onnx", meta=LOGITS, **kw)
+    plain = tiny(tmp_path / "plain.onnx", meta=LOGITS)  # the same weights, batching cleanly
+    assert _run(images, tmp_path / "odd.parquet", model, "--batch-size", "3") == 0
+    assert "it runs one image at a time" in caplog.text
+    caplog.clear()
+    assert _run(images, tmp_path / "plain.parquet", plain, "--batch-size", "3") == 0
+    assert "one image at a time" not in caplog.text
+    np.testing.assert_allclose(_probs(tmp_path / "odd.parquet"), _probs(tmp_path / "plain.parquet"), rtol=1e-5)
+    assert len(list((tmp_path / "cache" / "batching").glob("*.one-at-a-time"))) == 1  # checked once per file
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
@@ -163,23 +192,3 @@ def test_a_folder_given_as_the_onnx_says_so(images, tmp_path, capsys):
     (tmp_path / "models").mkdir()
     assert _run(images, tmp_path / "x.parquet", tmp_path / "models") == 2
     assert "is a folder; name the .onnx file in it" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("streamed", [False, True])
-def test_the_frames_api_reports_a_row_dropping_graph_as_a_model_error(tmp_path, streamed):
-    """The same one-line ModelError on the plain and the streamed path (the streamed
-    one runs the model on a stream thread of the executor's host device)."""
-    from engine.errors import ModelError
-    from engine.frames import FrameClassifier
-    from engine.models import ModelSource, resolve_model
-    from engine.specs import SpecRegistry
-
-    def pooled_over_the_batch(y):
-        return [helper.make_node("ReduceMean", [y], ["pooled_rows"], axes=[0], keepdims=1)], [], "pooled_rows"
-
-    path = tiny(tmp_path / "pools.onnx", post=pooled_over_the_batch, meta=LOGITS)
-    model = resolve_model(SpecRegistry.builtin().get("gender"), ModelSource(onnx=path), tmp_path / "cache")
-    frames = np.zeros((3, 40, 30, 3), np.uint8)
-    with pytest.raises(ModelError, match="one row per image"):  # streamed: already at the executor's warm-up
-        with FrameClassifier([model], batch_size=3, streamed=streamed) as classifier:
-            classifier.classify(frames)
