@@ -6,6 +6,7 @@ reference; neither path uses it (for 2-4 classes the logits are as small as its 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,6 +14,8 @@ import numpy as np
 
 from engine.errors import ModelError
 from engine.specs import OutputKind
+
+log = logging.getLogger(__name__)
 
 # How far a row of "probabilities" may be from summing to one before we refuse it.
 PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -34,6 +37,22 @@ class Classified:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+_warned_softmaxed: set[str] = set()
+
+
+def _warn_if_already_probabilities(raw: np.ndarray, model: str) -> None:
+    """A model declared to output logits whose rows are all probability vectors most
+    likely ends in a softmax already: a second one flattens its probabilities. Said once
+    per model and process; the output is still treated as declared."""
+    if model in _warned_softmaxed or len(raw) < 2:
+        return
+    if (raw >= 0).all() and (raw <= 1).all() and np.allclose(raw.sum(axis=1), 1.0, atol=PROBABILITY_SUM_TOLERANCE):
+        _warned_softmaxed.add(model)
+        log.warning("%s: declared to output logits, but every row is already a probability vector: if the ONNX "
+                    "ends in a softmax, declare output = \"probabilities\" (spec file, or the ONNX's "
+                    "engine.output_kind metadata), or its probabilities are softmaxed twice", model)
 
 
 class NonFiniteOutput(ModelError):
@@ -66,6 +85,7 @@ def classify(raw: np.ndarray, output: OutputKind, labels: tuple[str, ...], model
     if not finite.all():
         raise NonFiniteOutput(model, np.flatnonzero(~finite), len(raw))
     if output is OutputKind.LOGITS:
+        _warn_if_already_probabilities(raw, model)
         probs = softmax(raw)
     else:
         probs = raw.astype(np.float32, copy=False)

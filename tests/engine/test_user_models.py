@@ -192,3 +192,19 @@ def test_a_folder_given_as_the_onnx_says_so(images, tmp_path, capsys):
     (tmp_path / "models").mkdir()
     assert _run(images, tmp_path / "x.parquet", tmp_path / "models") == 2
     assert "is a folder; name the .onnx file in it" in capsys.readouterr().err
+
+
+def test_a_softmaxed_output_declared_as_logits_is_warned_about(images, tmp_path, caplog, monkeypatch):
+    import engine.postprocess
+
+    monkeypatch.setattr(engine.postprocess, "_warned_softmaxed", set())  # once per process: start afresh
+
+    def softmaxed(y):
+        return [helper.make_node("Softmax", [y], ["sm"], axis=1)], [], "sm"
+
+    model = tiny(tmp_path / "sm.onnx", post=softmaxed, meta=LOGITS)
+    assert _run(images, tmp_path / "s.parquet", model, "--batch-size", "3") == 0
+    assert "every row is already a probability vector" in caplog.text
+    caplog.clear()
+    assert _run(images, tmp_path / "l.parquet", tiny(tmp_path / "l.onnx", meta=LOGITS), "--batch-size", "3") == 0
+    assert "already a probability vector" not in caplog.text
