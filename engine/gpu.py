@@ -91,9 +91,9 @@ def driver() -> _Driver:
 
 
 def stream_handle(stream: Any) -> int:
-    """The CUstream of a pycuda stream, a torch stream (``cuda_stream``) or an int."""
-    if isinstance(stream, int):
-        return stream
+    """The CUstream of a pycuda stream, a torch stream (``cuda_stream``) or an integer."""
+    if isinstance(stream, (int, np.integer)):
+        return int(stream)
     for attr in ("handle", "cuda_stream"):
         value = getattr(stream, attr, None)
         if value is not None:

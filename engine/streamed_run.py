@@ -81,9 +81,11 @@ class DaliGpuProducer:
     outputs_outlive_next_call = True
 
     def __init__(self, preprocessor: "DaliPreprocessor", stream: Any) -> None:
+        from engine.gpu import stream_handle
+
         self._pre = preprocessor
         self.stream = stream
-        self._handle = int(stream.handle) if hasattr(stream, "handle") else int(stream)
+        self._handle = stream_handle(stream)
 
     def __call__(self, payload: Sequence[bytes]) -> "DeviceBatch":
         return self._pre.process_device(payload, cuda_stream=self._handle)

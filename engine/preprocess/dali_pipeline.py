@@ -77,7 +77,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from engine.errors import EngineError, InputError
-from engine.gpu import cuda_absent_reason
+from engine.gpu import cuda_absent_reason, stream_handle
 from engine.preprocess.decode import ImageDecodeError, decode_rgba, probe, undecodable_cause
 from engine.preprocess.result import PreprocessResult, ViewDecl
 from engine.specs import AlphaMode, ChannelOrder, CropPosition, Interpolation, Preprocess, ResizeRule
@@ -559,7 +559,7 @@ class DaliPreprocessor:
                 continue
             tensors = outputs[1 + v]
             views[key] = DeviceView(key, _dense_pointer(tensors, shape, self._dtype, key), shape, self._dtype, tensors,
-                                    _stream_handle(cuda_stream))
+                                    None if cuda_stream is None else stream_handle(cuda_stream))
         sizes = tuple(_original_size(e, outputs[0], j) for j, e in enumerate(batch)) if batch else ()
         return DeviceBatch(
             ok=tuple(e.index for e in batch),
@@ -569,17 +569,6 @@ class DaliPreprocessor:
             device_id=int(self._device_id or 0),
             cuda_stream=cuda_stream,
         )
-
-
-def _stream_handle(stream: Any) -> int | None:
-    """A ``cudaStream_t`` as an int from what ``process_device`` accepts: an int, a
-    ``torch.cuda.Stream`` (``cuda_stream``), a pycuda ``Stream`` (``handle``), or None."""
-    if stream is None:
-        return None
-    for attr in ("cuda_stream", "handle"):
-        if hasattr(stream, attr):
-            return int(getattr(stream, attr))
-    return int(stream)
 
 
 def _original_size(entry: _Entry, decoded_shapes: Any, j: int) -> tuple[int, int]:

@@ -115,8 +115,9 @@ def probe(data: bytes | memoryview) -> Probe:
     has_alpha = animated = False
     if container is Container.PNG:
         has_alpha = _png_has_alpha(data)
-    elif container is Container.WEBP:
-        _, has_alpha, animated = _webp_header(data)
+    elif container is Container.WEBP:  # one read of its first chunk gives the size too
+        size, has_alpha, animated = _webp_header(data)
+        return Probe(container, has_alpha, animated, size)
     elif container is Container.BMP:
         has_alpha = _bmp_has_alpha(data)
     return Probe(container, has_alpha, animated, header_size(data, container))
