@@ -254,7 +254,7 @@ class Manifest:
         return cls.from_json(text, where=str(path))
 
     def write(self, path: Path) -> None:
-        atomic_write(Path(path), self.to_json().encode())
+        write_bytes_atomic(Path(path), self.to_json().encode())
 
 
 def mismatches(found: Manifest, wanted: Manifest) -> list[str]:
@@ -459,7 +459,7 @@ class EngineCache:
         leaves a manifest pointing at a partial engine). Fills in engine hash and file name."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         engine_path, manifest_path = self.paths_for(manifest)
-        atomic_write(engine_path, engine_bytes)
+        write_bytes_atomic(engine_path, engine_bytes)
         manifest = dataclasses.replace(
             manifest,
             engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
@@ -467,7 +467,3 @@ class EngineCache:
         )
         manifest.write(manifest_path)
         return CacheEntry(engine_path, manifest)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    write_bytes_atomic(path, data)

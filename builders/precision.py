@@ -46,9 +46,10 @@ from builders.calibration import (
     load_calibration_set,
     ort_data_reader,
 )
-from builders.manifest import atomic_write, onnx_sha256, sha256_file
+from builders.manifest import onnx_sha256, sha256_file
 from builders.onnx_io import ort_errors, write_model_atomic
 from engine.errors import InputError, ModelError
+from engine.fileio import write_bytes_atomic
 from engine.specs import ModelSpec, OutputKind, spec_as_dict
 
 logger = logging.getLogger(__name__)
@@ -710,7 +711,7 @@ def prepare(
         "fp16_in_int8": fp16_done,
         "notes": list(notes),
     }
-    atomic_write(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     logger.info("preparing %s at %s: finished in %.1f s", spec.key, precision.value, time.perf_counter() - started)
     return PreparedModel(
         path=out_path,

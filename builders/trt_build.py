@@ -29,10 +29,11 @@ from typing import Sequence
 
 import onnx
 
-from builders.manifest import BuildTarget, EngineCache, Manifest, ShapeRange, atomic_write
+from builders.manifest import BuildTarget, EngineCache, Manifest, ShapeRange
 from builders.precision import PreparedModel
 from engine.errors import DependencyError, EngineError, ModelError
 from engine.executor import MIN_DEPTH
+from engine.fileio import write_bytes_atomic
 from engine.specs import Architecture, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -326,7 +327,7 @@ def build_engine(
         )
     engine_bytes = bytes(memoryview(serialized))
     if options.timing_cache:
-        atomic_write(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+        write_bytes_atomic(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
 
     seconds = time.perf_counter() - started
     manifest = dataclasses.replace(
