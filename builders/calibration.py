@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from engine.backends.base import zero_padded
 from engine.discovery import IMAGE_SUFFIXES  # what `engine run` reads (GIF, TIFF: host decoder)
 from engine.errors import DependencyError, InputError
 from engine.specs import ModelSpec
@@ -196,9 +197,7 @@ def ort_data_reader(calib: CalibrationSet, input_name: str, batch_size: int, *, 
             if batch is None:
                 return None
             batch = np.ascontiguousarray(batch, dtype=dtype)
-            if pad and len(batch) < batch_size:
-                batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-            return {input_name: batch}
+            return {input_name: zero_padded(batch, batch_size) if pad else batch}
 
         def __len__(self) -> int:
             return (len(calib) + batch_size - 1) // batch_size

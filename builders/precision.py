@@ -48,6 +48,7 @@ from builders.calibration import (
 )
 from builders.manifest import onnx_sha256, sha256_file
 from builders.onnx_io import ort_errors, write_model_atomic
+from engine.backends.base import zero_padded
 from engine.errors import InputError, ModelError
 from engine.fileio import write_bytes_atomic
 from engine.specs import ModelSpec, OutputKind, spec_as_dict
@@ -324,13 +325,13 @@ def graph_input_name(model: onnx.ModelProto, where: Path) -> str:
     return names[0]
 
 
-def input_feed(dims: Sequence[Any], onnx_type: str) -> tuple[int | None, np.dtype]:
-    """(fixed batch or None, NumPy dtype) of a model input, from its dims and its ONNX
-    Runtime type string: a graph pinned to a batch is fed exactly that many rows, and a
-    float16 input gets float16 tensors."""
+def input_feed(dims: Sequence[Any], float16: bool) -> tuple[int | None, np.dtype]:
+    """(fixed batch or None, NumPy dtype) of a model input, from its dims and whether it
+    is float16: a graph pinned to a batch is fed exactly that many rows, and a float16
+    input gets float16 tensors."""
     first = dims[0] if len(dims) else None
     fixed = int(first) if isinstance(first, (int, np.integer)) and int(first) > 0 else None
-    return fixed, np.dtype(np.float16 if onnx_type == "tensor(float16)" else np.float32)
+    return fixed, np.dtype(np.float16 if float16 else np.float32)
 
 
 def run_cpu(path: Path, tensors: np.ndarray, batch_size: int = DEFAULT_CALIBRATION_BATCH) -> np.ndarray:
@@ -338,15 +339,14 @@ def run_cpu(path: Path, tensors: np.ndarray, batch_size: int = DEFAULT_CALIBRATI
     the CPU (at the graph's own batch where it is pinned to one, the last batch padded)."""
     session = cpu_session(path)
     name = single_input_name(session)
-    fixed, dtype = input_feed(session.get_inputs()[0].shape, session.get_inputs()[0].type)
+    feed = session.get_inputs()[0]
+    fixed, dtype = input_feed(feed.shape, feed.type == "tensor(float16)")
     step = fixed or batch_size
     outs = []
     for i in range(0, len(tensors), step):
         chunk = np.ascontiguousarray(tensors[i : i + step], dtype=dtype)
-        n = len(chunk)
-        if fixed is not None and n < fixed:
-            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype)])
-        outs.append(session.run(None, {name: chunk})[0][:n])
+        feed_rows = zero_padded(chunk, fixed) if fixed else chunk
+        outs.append(session.run(None, {name: feed_rows})[0][: len(chunk)])
     return np.concatenate(outs, axis=0).astype(np.float32)
 
 
@@ -451,10 +451,8 @@ def quantize_int8(
     logger.info("INT8 calibration (MinMax) on %d images: start", len(calib))
     decl = next(i for i in source.graph.input if i.name == input_name)
     tensor_type = decl.type.tensor_type
-    fixed, feed_dtype = input_feed(
-        [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim],
-        "tensor(float16)" if tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "tensor(float)",
-    )
+    fixed, feed_dtype = input_feed([d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim],
+                                   tensor_type.elem_type == onnx.TensorProto.FLOAT16)
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         qdq_path = Path(tmp) / "qdq.onnx"

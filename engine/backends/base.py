@@ -46,3 +46,11 @@ class Backend(Protocol):
     def __enter__(self) -> "Backend": ...
 
     def __exit__(self, *exc) -> None: ...
+
+
+def zero_padded(batch: np.ndarray, rows: int) -> np.ndarray:
+    """``batch`` with zero rows appended up to ``rows``, for a graph pinned to a batch of
+    that size (its output rows past ``len(batch)`` are then dropped); as is when full."""
+    if len(batch) >= rows:
+        return batch
+    return np.concatenate([batch, np.zeros((rows - len(batch), *batch.shape[1:]), batch.dtype)])

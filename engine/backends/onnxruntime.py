@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
-from engine.backends.base import TensorDecl
+from engine.backends.base import TensorDecl, zero_padded
 from engine.errors import EngineError, ModelError
 
 if TYPE_CHECKING:
@@ -93,6 +93,9 @@ class OrtBackend:
         self._in_dtype = np.dtype(input_decl.dtype)
         self._fixed = input_decl.fixed_batch
         self._path = Path(onnx_path)
+        from builders.onnx_io import ort_errors
+
+        self._errors = ort_errors()  # looked up once, not per batch
         self.providers = tuple(self._session.get_providers())
         log.debug("loaded %s with %s (fixed batch: %s)", onnx_path, self.providers, self._fixed)
 
@@ -107,19 +110,13 @@ class OrtBackend:
         out = []
         for start in range(0, len(x), self._fixed):
             chunk = x[start : start + self._fixed]
-            n = len(chunk)
-            if n < self._fixed:
-                pad = np.zeros((self._fixed - n, *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            out.append(self._checked(self._run(chunk), self._fixed)[:n])
+            out.append(self._checked(self._run(zero_padded(chunk, self._fixed)), self._fixed)[: len(chunk)])
         return np.concatenate(out)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        from builders.onnx_io import ort_errors
-
         try:
             return self._session.run([self._out_name], {self._in_name: x})[0]
-        except ort_errors() as exc:
+        except self._errors as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ModelError(f"{self._path}: ONNX Runtime failed on a batch of {len(x)}: {first}") from None
 
