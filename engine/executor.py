@@ -1143,21 +1143,17 @@ class StreamedExecutor:
         lanes = self._lanes_for(inputs)
         for lane in lanes:  # every model's batch is checked before any work is queued
             lane.validate_host(inputs[lane.key])
-        done = self._make_room(lanes)
-        try:
-            self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_host(seq, value), [])
-        except BaseException:
-            self._carried[:0] = done  # handed out by the next call instead
-            raise
-        return done
+        return self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_host(seq, value), [])
 
     def _queue(self, lanes: Sequence[_Lane], inputs: Mapping[str, Any], tag: Any,
-               submit_one: Callable[[_Lane, int, Any], Any], results: list[Any]) -> None:
-        """Queue one submission on every lane under a new sequence number, appending
-        each lane's result to ``results``. If a lane fails after others have queued
-        theirs, that work is still collected when it finishes (its slots come back) and
-        then dropped, never matched to a later submission; the error propagates, and
-        ``results`` holds what was queued."""
+               submit_one: Callable[[_Lane, int, Any], Any], results: list[Any]) -> list[Completed]:
+        """Make room, then queue one submission on every lane under a new sequence
+        number, appending each lane's result to ``results``; returns the submissions
+        completed meanwhile. If a lane fails after others have queued theirs, that work
+        is still collected when it finishes (its slots come back) and then dropped, never
+        matched to a later submission; the error propagates, ``results`` holds what was
+        queued, and the completed submissions are handed out by the next call instead."""
+        done = self._make_room(lanes)
         seq = self._seq
         self._seq += 1
         entry = _Pending(seq, tag, set())
@@ -1166,11 +1162,13 @@ class StreamedExecutor:
                 results.append(submit_one(lane, seq, inputs[lane.key]))
                 entry.waiting.add(lane.key)
         except BaseException:
+            self._carried[:0] = done
             if entry.waiting:
                 entry.failed = True
                 self._pending.append(entry)
             raise
         self._pending.append(entry)
+        return done
 
     def submit_device(self, inputs: Mapping[str, Any], producer: Any = None, tag: Any = None) -> tuple[list[Completed], Consumed]:
         """Queue one batch per model from device memory: ``inputs[model]`` is a
@@ -1188,12 +1186,11 @@ class StreamedExecutor:
         lanes = self._lanes_for(inputs)
         for lane in lanes:
             lane.validate_device(inputs[lane.key])
-        done = self._make_room(lanes)
         queued: list[tuple[Ticket, Any]] = []
         try:
-            self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_device(seq, value, producer), queued)
+            done = self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_device(seq, value, producer),
+                               queued)
         except BaseException:
-            self._carried[:0] = done
             try:
                 Consumed(self.device, [event for _, event in queued]).synchronize()
             except Exception as exc:  # the first error is the one to report
