@@ -210,6 +210,11 @@ def _check_matches_spec(spec: ModelSpec, info: OnnxInfo) -> None:
         )
 
 
+def _with_shapes(info: OnnxInfo, input_shape: tuple, output_shape: tuple) -> OnnxInfo:
+    return dataclasses.replace(info, input=dataclasses.replace(info.input, shape=input_shape),
+                               output=dataclasses.replace(info.output, shape=output_shape))
+
+
 def _pinned_to_spec(spec: ModelSpec, info: OnnxInfo) -> OnnxInfo:
     """``info`` with the dimensions a graph leaves dynamic besides the batch (a user's
     ONNX with dynamic height/width, or classes) filled in from the spec: what the model
@@ -220,8 +225,7 @@ def _pinned_to_spec(spec: ModelSpec, info: OnnxInfo) -> OnnxInfo:
     pinned_out = (out.shape[0], spec.num_classes)
     if inp.shape == pinned_in and out.shape == pinned_out:
         return info
-    return dataclasses.replace(info, input=dataclasses.replace(inp, shape=pinned_in),
-                               output=dataclasses.replace(out, shape=pinned_out))
+    return _with_shapes(info, pinned_in, pinned_out)
 
 
 def _output_kind(spec: ModelSpec, info: OnnxInfo) -> OutputKind:
@@ -284,8 +288,7 @@ def _checked_batching(spec: ModelSpec, info: OnnxInfo, cache_dir: Path, sha256: 
         return info
     logger.warning("%s: %s does not give at batch 2 what it gives image by image (its batch is baked in, or "
                    "rows are mixed): it runs one image at a time", spec.key, info.path)
-    return dataclasses.replace(info, input=dataclasses.replace(info.input, shape=(1, *info.input.shape[1:])),
-                               output=dataclasses.replace(info.output, shape=(1, *info.output.shape[1:])))
+    return _with_shapes(info, (1, *info.input.shape[1:]), (1, *info.output.shape[1:]))
 
 
 def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir: Path | None = None) -> ResolvedModel:

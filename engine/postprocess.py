@@ -64,8 +64,10 @@ class NonFiniteOutput(ModelError):
                          f"batch (broken model or wrong precision)")
 
 
-def naming_files(exc: NonFiniteOutput, files: Sequence[str]) -> ModelError:
-    """``exc`` with the files of its rows named, so that the user can find them."""
+def naming_files(exc: NonFiniteOutput, paths: Sequence[str], ok: Sequence[int]) -> ModelError:
+    """``exc`` with the files of its rows named, so that the user can find them: row
+    ``r`` of the batch is ``paths[ok[r]]`` (a batch's files, and the ones that decoded)."""
+    files = [paths[ok[r]] for r in exc.rows]
     shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
     return ModelError(f"{exc}: {shown}; remove them (or try fp32) and run again: finished rows are kept")
 

@@ -420,7 +420,7 @@ class CpuInference:
                 try:
                     outputs[m.spec.key] = classify(raw, m.output_kind, m.spec.labels, m.spec.key)
                 except NonFiniteOutput as exc:
-                    raise naming_files(exc, [item.paths[item.result.ok[r]] for r in exc.rows]) from None
+                    raise naming_files(exc, item.paths, item.result.ok) from None
             yield item, outputs
 
     def details(self) -> list[str]:

@@ -139,7 +139,7 @@ class StreamedInference:
                 paths = getattr(batch, "paths", None)
                 if paths is None:
                     raise
-                raise naming_files(exc, [paths[batch.result.ok[r]] for r in exc.rows]) from None
+                raise naming_files(exc, paths, batch.result.ok) from None
 
     def _ready(self) -> Iterator[tuple[Any, dict[str, Classified]]]:
         while self._order and self._order[0].outputs is not None:
