@@ -735,15 +735,16 @@ class _Lane:
         self.fixed_batch = fixed.pop() if len(fixed) == 1 else None
         if len(fixed) > 0:
             raise ModelError(f"{key}: inputs pinned to different batch sizes")
-        if self.fixed_batch is not None and config.batch_size > self.fixed_batch:
-            raise ModelError(f"{key}: the model runs a fixed batch of {self.fixed_batch}; batch size {config.batch_size} is larger")
-        if config.batch_size > backend.max_batch:
+        if self.fixed_batch is None and config.batch_size > backend.max_batch:
             raise ModelError(f"{key}: batch size {config.batch_size} exceeds the backend's maximum {backend.max_batch}")
         self.min_batch = int(getattr(backend, "min_batch", 1))
         if self.fixed_batch is None and config.batch_size < self.min_batch:
             raise ModelError(f"{key}: batch size {config.batch_size} is below the smallest batch the backend runs "
                              f"({self.min_batch}, its engine's optimisation profile); use --batch-size "
                              f"{self.min_batch} or more, or rebuild the engine with a profile that starts at 1")
+        # A model pinned to a batch below the executor's runs each submission in pieces
+        # of its own batch, one slot (one ticket) a piece: the ring keeps ``depth`` slots,
+        # as many as a TensorRT engine has optimisation profiles for.
         self.capacity = self.fixed_batch or config.batch_size
         self.rows = {d.name: _row_shape(d) for d in (*backend.inputs, *backend.outputs)}
         self.ring = Ring(config.depth)
@@ -828,26 +829,42 @@ class _Lane:
             raise ValueError(f"{self.key}: the model has several inputs; pass a mapping name -> batch")
         return {self.backend.inputs[0].name: value}
 
-    def validate_host(self, value: Any) -> tuple[dict[str, np.ndarray], BatchPlan]:
+    def _spans(self, rows: set[int], names: set[str]) -> list[tuple[int, int, BatchPlan]]:
+        """(start, stop, plan) of each piece of a batch: one piece, or pieces of the
+        model's fixed batch where that is below the executor's batch size."""
+        if len(rows) != 1 or names != set(self.slots[0].host_inputs):
+            raise ValueError(f"{self.key}: give every input {list(self.slots[0].host_inputs)} with the same rows")
+        total = rows.pop()
+        if total > self.config.batch_size:
+            raise ValueError(f"{self.key}: batch of {total} rows exceeds the executor batch size {self.config.batch_size}")
+        return [(start, min(start + self.capacity, total), self.plan(min(self.capacity, total - start)))
+                for start in range(0, max(total, 1), self.capacity)]
+
+    def host_pieces(self, value: Any) -> list[tuple[dict[str, np.ndarray], BatchPlan]]:
+        """A host batch checked and cut into the pieces :meth:`submit_host` takes."""
         arrays = {n: np.asarray(a) for n, a in self._named(value).items()}
         rows = {self._check(n, a.shape, a.dtype, "batch") for n, a in arrays.items()}
-        if len(rows) != 1 or set(arrays) != set(self.slots[0].host_inputs):
-            raise ValueError(f"{self.key}: give every input {list(self.slots[0].host_inputs)} with the same rows")
-        return arrays, self.plan(rows.pop())
+        return [({n: a[start:stop] for n, a in arrays.items()}, plan)
+                for start, stop, plan in self._spans(rows, set(arrays))]
 
-    def validate_device(self, value: Any) -> tuple[Mapping[str, DeviceView], BatchPlan]:
+    def device_pieces(self, value: Any) -> list[tuple[dict[str, DeviceView], BatchPlan]]:
+        """A device batch checked and cut into the pieces :meth:`submit_device` takes
+        (views into the producer's buffer, by row offset)."""
         views: Mapping[str, DeviceView] = self._named(value)
         rows = {self._check(n, v.shape, v.dtype, "device batch") for n, v in views.items()}
-        if len(rows) != 1 or set(views) != set(self.slots[0].host_inputs):
-            raise ValueError(f"{self.key}: give every input {list(self.slots[0].host_inputs)} with the same rows")
         for n, v in views.items():
             decl_dtype = self.slots[0].device_inputs[n].dtype
             if np.dtype(v.dtype) != decl_dtype:
                 raise ValueError(f"{self.key}: device batch {n!r} is {np.dtype(v.dtype)}, the model takes {decl_dtype}")
-        return views, self.plan(rows.pop())
+        spans = self._spans(rows, set(views))
+        if len(spans) == 1:
+            return [(dict(views), spans[0][2])]
+        row_bytes = {n: int(np.prod(v.shape[1:], dtype=np.int64)) * np.dtype(v.dtype).itemsize for n, v in views.items()}
+        return [({n: DeviceView(v.ptr + start * row_bytes[n], (stop - start, *v.shape[1:]), v.dtype)
+                  for n, v in views.items()}, plan) for start, stop, plan in spans]
 
-    def submit_host(self, seq: int, value: Any) -> Ticket:
-        arrays, plan = self.validate_host(value)
+    def submit_host(self, seq: int, arrays: Mapping[str, np.ndarray], plan: BatchPlan) -> Ticket:
+        """Queue one piece (from :meth:`host_pieces`) on the next slot."""
         index = self.ring.acquire()
         slot = self.slots[index]
         try:
@@ -871,8 +888,8 @@ class _Lane:
         self.ring.launched(ticket)
         return ticket
 
-    def submit_device(self, seq: int, value: Any, producer: Any) -> tuple[Ticket, Any]:
-        views, plan = self.validate_device(value)
+    def submit_device(self, seq: int, views: Mapping[str, DeviceView], plan: BatchPlan, producer: Any) -> tuple[Ticket, Any]:
+        """Queue one piece (from :meth:`device_pieces`) on the next slot."""
         index = self.ring.acquire()
         slot = self.slots[index]
         try:
@@ -944,12 +961,12 @@ class _Lane:
         if self.ring.in_flight:
             raise RuntimeError(f"{self.key}: drain the executor before timing stages")
         dev = self.device
-        plans = [self.plan(len(next(iter(self._named(b).values())))) for b in batches]
+        pieces = [piece for b in batches for piece in self.host_pieces(b)]
         start = time.perf_counter()
-        for k, (batch, plan) in enumerate(zip(batches, plans)):
+        for k, (arrays, plan) in enumerate(pieces):
             slot = self.slots[k % len(self.slots)]
             if stage == "host":
-                for name, array in self._named(batch).items():
+                for name, array in arrays.items():
                     np.copyto(slot.host_inputs[name][: plan.rows], array, casting="same_kind")
                 continue
             dev.synchronize(slot.done)  # the slot's previous stage work
@@ -984,11 +1001,19 @@ class _Lane:
 
 @dataclass
 class _Pending:
+    """One submission: per model, the pieces still in flight and those collected (in
+    order; one piece unless the model's fixed batch is below the batch size)."""
+
     seq: int
     tag: Any
-    waiting: set[str]
-    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
     failed: bool = False  # queuing failed part-way: collected, then dropped
+
+    def completed(self) -> "Completed":
+        outputs = {key: parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+                   for key, parts in self.parts.items()}
+        return Completed(self.seq, self.tag, outputs)
 
 
 # --------------------------------------------------------------------------- executor
@@ -1030,7 +1055,6 @@ class StreamedExecutor:
         self.device: Device | None = None if self._owns_device else device
         self._lanes: dict[str, _Lane] = {}
         self._pending: deque[_Pending] = deque()
-        self._carried: list[Completed] = []  # completed, not yet handed out (a submit failed)
         self._seq = 0
         self._open = False
         self._closed = False
@@ -1129,46 +1153,44 @@ class StreamedExecutor:
             raise ValueError(f"inputs for unknown models {sorted(unknown)} (models: {list(self._lanes)})")
         return [self._lanes[k] for k in inputs]
 
-    def _make_room(self, lanes: Sequence[_Lane]) -> list[Completed]:
-        for lane in lanes:
-            if lane.ring.full:
-                self._collect(lane)
-        return self._ready()
-
     def submit(self, inputs: Mapping[str, Any], tag: Any = None) -> list[Completed]:
         """Queue one batch per model: ``inputs[model]`` is an NCHW numpy batch (float32 or
         float16; converted to the model's dtype while copying into pinned memory), or a
         mapping input name -> batch. Returns the submissions completed meanwhile, in
         order (waiting, if a ring is full, for that ring's oldest batch only)."""
         lanes = self._lanes_for(inputs)
-        for lane in lanes:  # every model's batch is checked before any work is queued
-            lane.validate_host(inputs[lane.key])
-        return self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_host(seq, value), [])
+        # every model's batch is checked (and cut into pieces) before any work is queued
+        pieces = {lane.key: lane.host_pieces(inputs[lane.key]) for lane in lanes}
+        return self._queue(lanes, pieces, tag, lambda lane, seq, piece: lane.submit_host(seq, *piece), [])
 
-    def _queue(self, lanes: Sequence[_Lane], inputs: Mapping[str, Any], tag: Any,
+    def _queue(self, lanes: Sequence[_Lane], pieces: Mapping[str, Sequence[Any]], tag: Any,
                submit_one: Callable[[_Lane, int, Any], Any], results: list[Any]) -> list[Completed]:
-        """Make room, then queue one submission on every lane under a new sequence
-        number, appending each lane's result to ``results``; returns the submissions
-        completed meanwhile. If a lane fails after others have queued theirs, that work
-        is still collected when it finishes (its slots come back) and then dropped, never
-        matched to a later submission; the error propagates, ``results`` holds what was
-        queued, and the completed submissions are handed out by the next call instead."""
-        done = self._make_room(lanes)
+        """Queue one submission, every lane's pieces, under a new sequence number,
+        appending each piece's result to ``results``; a full ring first gives up its
+        oldest batch (an earlier submission's, or an earlier piece of this one). Returns
+        the submissions completed meanwhile. If a piece fails after others were queued,
+        they are still collected when they finish (their slots come back) and then
+        dropped, never matched to a later submission; the error propagates, ``results``
+        holds what was queued, and the submissions completed meanwhile are handed out by
+        the next call."""
         seq = self._seq
         self._seq += 1
-        entry = _Pending(seq, tag, set())
+        entry = _Pending(seq, tag)
+        self._pending.append(entry)  # before queueing: a full ring may hand back this one's own pieces
         try:
             for lane in lanes:
-                results.append(submit_one(lane, seq, inputs[lane.key]))
-                entry.waiting.add(lane.key)
+                for piece in pieces[lane.key]:
+                    if lane.ring.full:
+                        self._collect(lane)
+                    results.append(submit_one(lane, seq, piece))
+                    entry.waiting[lane.key] = entry.waiting.get(lane.key, 0) + 1
         except BaseException:
-            self._carried[:0] = done
-            if entry.waiting:
+            if entry.waiting or entry.parts:
                 entry.failed = True
-                self._pending.append(entry)
+            else:
+                self._pending.pop()  # nothing queued: it is the newest
             raise
-        self._pending.append(entry)
-        return done
+        return self._ready()
 
     def submit_device(self, inputs: Mapping[str, Any], producer: Any = None, tag: Any = None) -> tuple[list[Completed], Consumed]:
         """Queue one batch per model from device memory: ``inputs[model]`` is a
@@ -1184,11 +1206,10 @@ class StreamedExecutor:
         executor's own copy. If queuing fails part-way, the copies already queued are
         waited for before the error propagates, so the buffers may go at once."""
         lanes = self._lanes_for(inputs)
-        for lane in lanes:
-            lane.validate_device(inputs[lane.key])
+        pieces = {lane.key: lane.device_pieces(inputs[lane.key]) for lane in lanes}
         queued: list[tuple[Ticket, Any]] = []
         try:
-            done = self._queue(lanes, inputs, tag, lambda lane, seq, value: lane.submit_device(seq, value, producer),
+            done = self._queue(lanes, pieces, tag, lambda lane, seq, piece: lane.submit_device(seq, *piece, producer),
                                queued)
         except BaseException:
             try:
@@ -1202,17 +1223,19 @@ class StreamedExecutor:
         ticket, outputs = lane.harvest()
         for entry in self._pending:
             if entry.seq == ticket.seq:
-                entry.outputs[lane.key] = outputs
-                entry.waiting.discard(lane.key)
+                entry.parts.setdefault(lane.key, []).append(outputs)
+                entry.waiting[lane.key] -= 1
+                if not entry.waiting[lane.key]:
+                    del entry.waiting[lane.key]
                 return
         raise RuntimeError(f"{lane.key}: result for unknown submission {ticket.seq}")
 
     def _ready(self) -> list[Completed]:
-        out, self._carried = self._carried, []
+        out: list[Completed] = []
         while self._pending and not self._pending[0].waiting:
             e = self._pending.popleft()
             if not e.failed:
-                out.append(Completed(e.seq, e.tag, e.outputs))
+                out.append(e.completed())
         return out
 
     def drain(self) -> list[Completed]:
@@ -1225,7 +1248,6 @@ class StreamedExecutor:
                 while key in head.waiting:  # the lane's oldest is this submission or earlier
                     self._collect(lane)
             out.extend(self._ready())
-        out.extend(self._ready())  # results carried over from a failed submit, if nothing was pending
         return out
 
     def run(self, batches: Iterable[Mapping[str, Any]], tags: Iterable[Any] | None = None) -> Iterator[Completed]:

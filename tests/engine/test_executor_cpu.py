@@ -334,10 +334,73 @@ def test_batch_size_below_the_backends_smallest_batch_is_refused():
             pass
 
 
-def test_batch_larger_than_fixed_model_batch_is_refused():
-    with pytest.raises(ModelError):
-        with make_executor({"m": NumpyModel(fixed_batch=2)}, batch_size=4):
-            pass
+@pytest.mark.parametrize("fixed,batch_size,last", [(2, 5, 3), (1, 7, 7), (3, 4, 1)])
+def test_a_model_pinned_below_the_batch_size_runs_each_batch_in_pieces(fixed, batch_size, last):
+    """Fixed batch 1 under batch size 7: seven pieces a submission on a ring of three,
+    so a submission hands back its own first pieces to make room. Results stay in
+    order, whole, and equal to the batch run alone; the model only sees its batch."""
+    model = NumpyModel(fixed_batch=fixed)
+    data = batches(5, batch_size, last=last, seed=11)
+    with make_executor({"m": model}, batch_size=batch_size, graphs=False) as ex:
+        got = list(ex.run(({"m": b} for b in data), tags=range(5)))
+        stats = ex.stats["m"]
+    assert set(model.calls) == {fixed}
+    assert [c.tag for c in got] == list(range(5))
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+    pieces = 4 * -(-batch_size // fixed) + -(-last // fixed)
+    assert stats.batches == pieces and stats.images == 4 * batch_size + last
+
+
+def test_a_pinned_model_and_a_dynamic_one_share_submissions_from_device_memory():
+    """submit_device cuts the producer's buffer into row-offset views for the pinned
+    model; both models' results match their batches alone."""
+    pinned, dynamic = NumpyModel(seed=0, fixed_batch=2), NumpyModel(seed=4)
+    data = batches(4, 5, last=3, seed=12)
+    with HostDevice() as dev:
+        staging = dev.device_empty((5, 3, 8, 8), np.float32)
+        backends = {"pinned": HostBackend(pinned), "dynamic": HostBackend(dynamic)}
+        with StreamedExecutor(backends, dev, ExecutorConfig(5, graphs=False)) as ex:
+            got = []
+            for b in data:
+                staging.array[: len(b)] = b
+                view = DeviceView(staging.ptr, b.shape, np.dtype(np.float32))
+                done, consumed = ex.submit_device({"pinned": view, "dynamic": view})
+                got += done
+                assert len(consumed.events) == -(-len(b) // 2) + 1  # every piece's copy
+                consumed.synchronize()
+                staging.array[:] = np.nan  # the executor holds its own copies now
+            got += ex.drain()
+    assert set(pinned.calls) == {2}
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("pinned"), run_alone(NumpyModel(seed=0), b))
+        np.testing.assert_array_equal(c.output("dynamic"), run_alone(NumpyModel(seed=4), b))
+
+
+def test_a_piece_that_fails_drops_its_submission_and_later_ones_stay_right():
+    class FailOnce(HostBackend):
+        calls = 0
+        fail_at = None
+
+        def enqueue(self, slot, batch_size, stream):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError("enqueue failed")
+            super().enqueue(slot, batch_size, stream)
+
+    flaky = FailOnce(NumpyModel(fixed_batch=1))
+    data = batches(4, 5, seed=13)
+    with StreamedExecutor({"m": flaky}, "host", ExecutorConfig(5, graphs=False)) as ex:
+        got = list(ex.submit({"m": data[0]}, tag=0))
+        flaky.fail_at = flaky.calls + 4  # the 4th piece of the second submission (5 pieces each)
+        with pytest.raises(RuntimeError, match="enqueue failed"):
+            got += ex.submit({"m": data[1]}, tag="lost")
+        for k in (2, 3):
+            got += ex.submit({"m": data[k]}, tag=k)
+        got += ex.drain()
+    assert [c.tag for c in got] == [0, 2, 3]
+    for c in got:
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), data[c.tag]))
 
 
 def test_two_models_concurrently_each_equal_alone():

@@ -208,3 +208,26 @@ def test_a_softmaxed_output_declared_as_logits_is_warned_about(images, tmp_path,
     caplog.clear()
     assert _run(images, tmp_path / "l.parquet", tiny(tmp_path / "l.onnx", meta=LOGITS), "--batch-size", "3") == 0
     assert "already a probability vector" not in caplog.text
+
+
+@pytest.mark.parametrize("trait", ["declared batch of 1", "batch baked in at 1"])
+def test_a_model_that_runs_one_image_at_a_time_streams_frames_in_pieces(tmp_path, trait):
+    """The streamed loop (here on the host device) takes a --batch-size batch and runs a
+    model pinned to batch 1 a row at a time, as the plain path does; it used to refuse."""
+    from engine.frames import FrameClassifier
+    from engine.models import ModelSource, resolve_model
+    from engine.specs import SpecRegistry
+
+    kw = {"declared batch of 1": {"in_shape": (1, 3, 224, 224), "out_shape": (1, 2), "reshape_batch": 1},
+          "batch baked in at 1": {"reshape_batch": 1}}[trait]
+    onnx_path = tiny(tmp_path / "one.onnx", meta=LOGITS, **kw)
+    model = resolve_model(SpecRegistry.builtin().get("gender"), ModelSource(onnx=onnx_path), tmp_path / "cache")
+    assert model.info.input.fixed_batch == 1
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (40 + 7 * k, 60, 3), np.uint8) for k in range(7)]
+    results = {}
+    for streamed in (False, True):
+        with FrameClassifier([model], batch_size=4, streamed=streamed, threads=1, cache_dir=tmp_path / "cache") as fc:
+            results[streamed] = fc.classify(frames)[model.spec.key]
+    np.testing.assert_allclose(results[True].probabilities, results[False].probabilities, rtol=1e-6, atol=1e-7)
+    assert results[True].labels == results[False].labels
