@@ -340,6 +340,7 @@ class EngineQuery:
     target: BuildTarget
     batch_size: int
     contexts: int = 1  # execution contexts the run keeps in concurrent use (the executor's ring depth)
+    fixed_batch: int | None = None  # the model runs only this batch (the run feeds it in pieces)
 
     def rejects(self, m: Manifest) -> str | None:
         """Why an engine with manifest ``m`` (same model and precision) cannot serve
@@ -353,7 +354,13 @@ class EngineQuery:
         if diffs:
             return "; ".join(diffs)
         for r in m.profile:
-            if not r.min[0] <= self.batch_size <= r.max[0]:
+            if self.fixed_batch is not None:
+                if r.min[0] != self.fixed_batch or r.max[0] != self.fixed_batch:
+                    return (f"its batch profile {r.min[0]}..{r.max[0]} is not the fixed batch {self.fixed_batch} "
+                            f"the model runs (its rows are not independent at other batch sizes)")
+            elif r.min[0] == r.max[0]:
+                pass  # an engine of one batch size serves any run, in pieces of it
+            elif not r.min[0] <= self.batch_size <= r.max[0]:
                 return f"its batch profile {r.min[0]}..{r.max[0]} does not include batch size {self.batch_size}"
         if m.contexts < self.contexts:
             return (f"built for {m.contexts} concurrent execution context(s) (one optimisation profile each), "

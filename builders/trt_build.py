@@ -101,6 +101,22 @@ def default_profile(spec: ModelSpec) -> BatchProfile:
     return _DEFAULT_PROFILES.get(spec.architecture, BatchProfile(1, 32, 64))
 
 
+def engine_profile(spec: ModelSpec, fixed_batch: int | None, given: BatchProfile | None = None) -> BatchProfile:
+    """The batch profile to build ``spec``'s engine with: ``given`` (``--<task>-profile``)
+    or the architecture's default; for a model that runs a fixed batch (its graph pins
+    it, or the batching check of :func:`engine.models.resolve_model` found that its
+    rows are not independent) only that batch, whatever the graph declares: a run
+    feeds such an engine batches in pieces of it."""
+    if fixed_batch is None:
+        return given or default_profile(spec)
+    pinned = BatchProfile(fixed_batch, fixed_batch, fixed_batch)
+    if given is not None and given != pinned:
+        raise ModelError(f"{spec.key}: the model runs a fixed batch of {fixed_batch}, so its engine's batch profile "
+                         f"is {fixed_batch},{fixed_batch},{fixed_batch}, not {given.min},{given.opt},{given.max}; "
+                         f"drop --{spec.task.value}-profile")
+    return pinned
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """How to build. Engines are built on CUDA device 0, the device TensorRT uses when

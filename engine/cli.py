@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             f"--{task.value}-profile",
             metavar="MIN,OPT,MAX",
-            help=f"batch sizes of the {task.value} engine's optimisation profile (default per architecture)",
+            help=f"batch sizes of the {task.value} engine's optimisation profile (default per architecture; "
+            "a model that runs a fixed batch f gets f,f,f)",
         )
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace limit in GiB (default 4)")
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level 0-5")
@@ -323,7 +324,7 @@ def _resolve_all(args):
 def cmd_build(args) -> int:
     from builders.calibration import find_calibration_images
     from builders.precision import Precision, prepare
-    from builders.trt_build import BatchProfile, BuildOptions, build_all
+    from builders.trt_build import BatchProfile, BuildOptions, build_all, engine_profile
 
     precision = Precision(args.precision)
     # Every option is checked before any work: preparing (int8 calibration) takes minutes.
@@ -342,8 +343,11 @@ def cmd_build(args) -> int:
     elif precision is Precision.INT8:
         raise EngineError("int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
     cache = _cache_dir(args)
+    models = _resolve_all(args)
+    profiles = {m.spec.key: engine_profile(m.spec, m.info.input.fixed_batch, profiles_by_task.get(m.spec.task))
+                for m in models}
     prepared = []
-    for model in _resolve_all(args):
+    for model in models:
         p = prepare(
             model.onnx_path, model.spec, precision, calib, cache / "prepared",
             strict=args.strict, force=args.force, output_kind=model.output_kind,
@@ -358,7 +362,6 @@ def cmd_build(args) -> int:
         for note in p.notes:
             print(f"  note: {note}")
         prepared.append((p, model.spec))
-    profiles = {spec.key: profiles_by_task[spec.task] for _, spec in prepared if spec.task in profiles_by_task}
     for artifact in build_all(prepared, cache / "engines", profiles, options):
         print(f"engine: {artifact.path}" + (" (cached)" if artifact.from_cache else ""))
     return 0

@@ -111,11 +111,13 @@ def torch_backend_problem(models: Sequence["ResolvedModel"], choices: Sequence["
 # --------------------------------------------------------------------------- engines
 
 
-def build_command(config: "RunConfig", missing: Sequence[tuple["ModelChoice", "ModelSpec"]], precision: str) -> str:
+def build_command(config: "RunConfig", missing: Sequence[tuple["ModelChoice", "ModelSpec"]], precision: str,
+                  fixed: Mapping[str, int] | None = None) -> str:
     """The `engine build` command that makes the engines this run looks for (``missing``:
     each model's choice and spec): the same models, sources, spec file and cache, at
     ``precision``, with a batch profile that admits the run's batch size where the
-    default would not."""
+    default would not (not for the models in ``fixed``, by spec key: `engine build`
+    gives those their fixed batch)."""
     from builders.trt_build import default_profile
 
     choices = [c for c, _ in missing]
@@ -135,7 +137,7 @@ def build_command(config: "RunConfig", missing: Sequence[tuple["ModelChoice", "M
         if c.source.checkpoint is not None:
             args += [f"--{t}-checkpoint", str(c.source.checkpoint)]
         profile = default_profile(spec)
-        if not profile.min <= config.batch_size <= profile.max:
+        if spec.key not in (fixed or {}) and not profile.min <= config.batch_size <= profile.max:
             b = config.batch_size
             args += [f"--{t}-profile", f"1,{b},{b}"]
     if precision == "int8":
@@ -162,7 +164,8 @@ def lookup_engines(
     missing: list[str] = []
     notes: list[str] = []
     for m in models:
-        query = EngineQuery(m.spec.key, m.source_sha256, precision, target, batch_size, contexts=MIN_DEPTH)
+        query = EngineQuery(m.spec.key, m.source_sha256, precision, target, batch_size, contexts=MIN_DEPTH,
+                            fixed_batch=m.info.input.fixed_batch)
         search = cache.find_for_run(query)
         if search.entry is None:
             missing.append(m.spec.key)
@@ -191,7 +194,8 @@ def find_engines(
     if problem is None:
         return found, None
     missing = [(c, m.spec) for m, c in zip(models, choices) if m.spec.key not in found]
-    return found, f"{problem}; build it with: {build_command(config, missing, precision)}"
+    fixed = {m.spec.key: m.info.input.fixed_batch for m in models if m.info.input.fixed_batch is not None}
+    return found, f"{problem}; build it with: {build_command(config, missing, precision, fixed)}"
 
 
 # --------------------------------------------------------------------------- choice

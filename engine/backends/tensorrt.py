@@ -30,18 +30,25 @@ log = logging.getLogger(__name__)
 
 
 def _pinned_by_profiles(name: str, shape: tuple, ranges, engine_path: Path) -> tuple:
-    """``shape`` (None where dynamic) with its non-batch dimensions taken from the
-    optimisation profiles where the engine leaves them dynamic, as it does for an ONNX
-    with dynamic height/width (`engine build` pins them to the spec's size). ``ranges``
-    holds each profile's ``[min, opt, max]`` shapes of this input."""
-    if not shape or all(d is not None for d in shape[1:]):
+    """``shape`` (None where dynamic) with the dimensions every optimisation profile
+    fixes filled in where the engine leaves them dynamic: height/width, as for an ONNX
+    with dynamic height/width (`engine build` pins them to the spec's size), and the
+    batch where every profile admits one batch only (`engine build` does that for a
+    model that runs a fixed batch; the executor then feeds it pieces of that batch).
+    ``ranges`` holds each profile's ``[min, opt, max]`` shapes of this input."""
+    if not shape or None not in shape:
         return shape
-    pinned = {tuple(int(x) for x in dims[1:]) for r in ranges for dims in (r[0], r[2])}
-    if len(pinned) != 1:
-        raise ModelError(f"{engine_path}: input {name!r} is {shape} and its optimisation profiles do not fix the "
-                         f"dimensions after the batch; the executor needs a fixed image size (build the engine "
-                         f"with `engine build`, which pins them to the spec's size)")
-    return (shape[0], *pinned.pop())
+    if None in shape[1:]:
+        pinned = {tuple(int(x) for x in dims[1:]) for r in ranges for dims in (r[0], r[2])}
+        if len(pinned) != 1:
+            raise ModelError(f"{engine_path}: input {name!r} is {shape} and its optimisation profiles do not fix the "
+                             f"dimensions after the batch; the executor needs a fixed image size (build the engine "
+                             f"with `engine build`, which pins them to the spec's size)")
+        shape = (shape[0], *pinned.pop())
+    batches = {int(dims[0]) for r in ranges for dims in (r[0], r[2])}
+    if shape[0] is None and len(batches) == 1:
+        shape = (batches.pop(), *shape[1:])
+    return shape
 
 
 class ProfilePool:
@@ -111,6 +118,7 @@ class TensorRTBackend:
         inputs, outputs = [], []
         max_batch: int | None = None
         min_batch = 1
+        dynamic: set[str] = set()  # inputs whose shape each context must be given (-1 in the engine)
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             shape = tuple(None if d < 0 else int(d) for d in engine.get_tensor_shape(name))
@@ -121,6 +129,7 @@ class TensorRTBackend:
                                  f"NumPy type; the engine's inputs and outputs must be FP32, FP16 or integers") from None
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 if None in shape:  # profile shapes exist for dynamic inputs only
+                    dynamic.add(name)
                     ranges = [engine.get_tensor_profile_shape(name, k) for k in profiles]  # [min, opt, max] each
                     shape = _pinned_by_profiles(name, shape, ranges, engine_path)
                 if shape and shape[0] is None:  # the batch range every profile admits
@@ -140,6 +149,7 @@ class TensorRTBackend:
         if any(None in d.shape[1:] for d in outputs):
             outputs = self._resolve_output_shapes(inputs, outputs, min_batch, engine_path)
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+        self._dynamic = frozenset(dynamic)
         self.max_batch = int(max_batch or 1)
         self.min_batch = min_batch  # shorter batches are padded up to it by the executor
         self.profiles = ProfilePool(engine.num_optimization_profiles)
@@ -220,8 +230,8 @@ class TensorRTBackend:
 
     def _set_batch(self, context, key, batch_size: int) -> Any:
         if self._batch[key] != batch_size:
-            for decl in self.inputs:
-                if decl.shape and decl.shape[0] is None:
+            for decl in self.inputs:  # a batch pinned by the profiles still has to be set
+                if decl.name in self._dynamic:
                     dims = (batch_size, *decl.shape[1:])
                     if not context.set_input_shape(decl.name, dims):
                         raise ModelError(f"TensorRT refused input shape {dims} for {decl.name!r}")

@@ -251,3 +251,18 @@ def test_run_lookup_prefers_the_profile_tuned_nearest_the_batch_then_the_newest(
     found = cache.find_for_run(_query(batch_size=16))
     assert found.entry.engine_path == near_old.engine_path
     assert any("modified after it was built" in r for r in found.rejected)
+
+
+def test_run_lookup_of_a_model_that_runs_a_fixed_batch(tmp_path):
+    """An engine of one batch size serves a run of any batch size (the executor feeds it
+    pieces); a model that runs a fixed batch takes only an engine of that batch, never
+    one built for a range (its rows are not independent at other sizes)."""
+    cache = EngineCache(tmp_path)
+    ranged = cache.store(b"ranged", _manifest())  # 1..64
+    one = cache.store(b"one", _manifest(profile=_profile(1, 1, 1)))
+    assert cache.find_for_run(_query(batch_size=32)).entry.engine_path == ranged.engine_path
+    assert cache.find_for_run(_query(batch_size=128)).entry.engine_path == one.engine_path  # in pieces of 1
+    pinned = cache.find_for_run(_query(batch_size=32, fixed_batch=1))
+    assert pinned.entry.engine_path == one.engine_path
+    assert any("is not the fixed batch 1 the model runs" in r for r in pinned.rejected)
+    assert cache.find_for_run(_query(batch_size=32, fixed_batch=4)).entry is None

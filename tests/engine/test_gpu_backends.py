@@ -260,3 +260,33 @@ def test_tensorrt_profile_above_one_and_dynamic_image_size(random_models, tmp_pa
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)
+
+
+def test_tensorrt_engine_of_one_batch_size_runs_larger_batches_in_pieces(random_models, tmp_path):
+    """A model that runs a fixed batch (here: a dynamic-batch ONNX built with the profile
+    1,1,1 `engine build` gives a model the batching check pinned): the backend declares
+    the batch fixed, still sets it on each context, and the executor feeds it batch-8
+    submissions one row at a time, graphs included."""
+    trt = pytest.importorskip("tensorrt")
+
+    from builders.precision import prepare
+    from builders.trt_build import BatchProfile, build_engine, detect_target, plan_manifest
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.backends.tensorrt import TensorRTBackend
+
+    model = random_models["gender/alpha"]
+    prepared = prepare(model.onnx_path, model.spec, "fp32", None, tmp_path / "prepared", output_kind=model.output_kind)
+    profile = BatchProfile(1, 1, 1)
+    artifact = build_engine(prepared, model.spec, tmp_path / "engines", profile)
+    wanted = plan_manifest(prepared, model.spec, profile, detect_target(trt))
+    x = [np.random.default_rng(k).standard_normal((n, 3, 224, 224)).astype(np.float32) for k, n in enumerate([8, 3, 8])]
+    with OrtBackend(model.onnx_path, model.info.input, model.info.output) as ort_backend:
+        ref = [ort_backend.run(b) for b in x]
+    with TensorRTBackend(artifact.path, wanted) as trt_backend:
+        assert trt_backend.inputs[0].shape == (1, 3, 224, 224) and trt_backend.max_batch == 1
+        with StreamedExecutor({"m": trt_backend}, "cuda", ExecutorConfig(8)) as ex:
+            got = [c.output("m") for c in ex.run({"m": b} for b in x)]
+            assert ex.stats["m"].batches == 19
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)

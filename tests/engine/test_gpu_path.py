@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from builders.manifest import BuildTarget, EngineCache, Manifest, ShapeRange, onnx_sha256
+from builders.onnx_io import inspect_onnx
 from builders.trt_build import DEFAULT_CONTEXTS
 from engine.cli import main
 from engine.errors import EngineError
@@ -171,6 +172,7 @@ def test_find_engines_for_a_run_or_the_command_that_builds_them(tmp_path):
     class _Resolved:  # what find_engines reads of a ResolvedModel
         def __init__(self, spec, path):
             self.spec, self.onnx_path, self.source_sha256 = spec, path, onnx_sha256(path)
+            self.info = inspect_onnx(path)
 
     models = [_Resolved(registry.get(Task.GENDER), g_onnx), _Resolved(registry.get(Task.QUALITY), q_onnx)]
     g_key, q_key = models[0].spec.key, models[1].spec.key

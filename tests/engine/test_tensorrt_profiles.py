@@ -54,3 +54,30 @@ def test_an_input_with_dynamic_height_and_width_takes_them_from_its_profiles():
 def test_an_input_whose_profiles_do_not_fix_the_image_size_is_refused(ranges):
     with pytest.raises(ModelError, match="do not fix the dimensions after the batch"):
         _pinned_by_profiles("input", (None, 3, None, None), ranges, "x.plan")
+
+
+def test_a_batch_every_profile_fixes_is_read_as_the_models_fixed_batch():
+    """`engine build` gives a model that runs a fixed batch the profile f,f,f on a graph
+    that may still declare the batch dynamic; the backend must declare it fixed (the
+    executor then feeds it pieces of f rows) and not as a range 1..1."""
+    one = _ranges(((1, 3, 224, 224), (1, 3, 224, 224)), ((1, 3, 224, 224), (1, 3, 224, 224)))
+    assert _pinned_by_profiles("input", (None, 3, 224, 224), one, "g.plan") == (1, 3, 224, 224)
+    assert _pinned_by_profiles("input", (None, 3, None, None), one, "g.plan") == (1, 3, 224, 224)
+    ranged = _ranges(((1, 3, 224, 224), (8, 3, 224, 224)))
+    assert _pinned_by_profiles("input", (None, 3, 224, 224), ranged, "g.plan") == (None, 3, 224, 224)
+    disagree = _ranges(((2, 3, 224, 224), (2, 3, 224, 224)), ((4, 3, 224, 224), (4, 3, 224, 224)))
+    assert _pinned_by_profiles("input", (None, 3, 224, 224), disagree, "g.plan") == (None, 3, 224, 224)
+
+
+def test_a_model_that_runs_a_fixed_batch_gets_an_engine_of_that_batch_only():
+    from builders.trt_build import BatchProfile, default_profile, engine_profile
+    from engine.specs import SpecRegistry
+
+    spec = SpecRegistry.builtin().get("gender")
+    assert engine_profile(spec, None) == default_profile(spec)
+    assert engine_profile(spec, None, BatchProfile(1, 8, 16)) == BatchProfile(1, 8, 16)
+    assert engine_profile(spec, 1) == BatchProfile(1, 1, 1)
+    assert engine_profile(spec, 4, BatchProfile(4, 4, 4)) == BatchProfile(4, 4, 4)
+    with pytest.raises(ModelError, match=r"runs a fixed batch of 1, so its engine's batch profile is 1,1,1, "
+                                         r"not 1,8,16; drop --gender-profile"):
+        engine_profile(spec, 1, BatchProfile(1, 8, 16))

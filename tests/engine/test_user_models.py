@@ -231,3 +231,39 @@ def test_a_model_that_runs_one_image_at_a_time_streams_frames_in_pieces(tmp_path
             results[streamed] = fc.classify(frames)[model.spec.key]
     np.testing.assert_allclose(results[True].probabilities, results[False].probabilities, rtol=1e-6, atol=1e-7)
     assert results[True].labels == results[False].labels
+
+
+def test_engine_build_refuses_a_batch_profile_a_fixed_batch_model_cannot_run(tmp_path, capsys):
+    """Checked before any preparation; without --gender-profile the build takes 1,1,1."""
+    model = tiny(tmp_path / "odd.onnx", meta=LOGITS, reshape_batch=1)  # declared dynamic, batch baked in at 1
+    code = main(["build", "--precision", "fp16", "--only", "gender", "--gender-onnx", str(model),
+                 "--gender-profile", "1,8,16", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "runs a fixed batch of 1, so its engine's batch profile is 1,1,1, not 1,8,16" in err
+    assert not (tmp_path / "cache" / "prepared").exists()
+
+
+def test_the_suggested_build_command_leaves_a_fixed_batch_models_profile_to_engine_build(tmp_path):
+    """No engine cached: the run's message names the build command; at --batch-size 512
+    (outside the default profile) it asks for a profile for a model that batches, and
+    none for one that runs a batch of 1, which `engine build` gives 1,1,1."""
+    from builders.manifest import BuildTarget
+    from engine.gpu_path import find_engines
+    from engine.models import ModelChoice, ModelSource, resolve_model
+    from engine.runner import RunConfig
+    from engine.specs import SpecRegistry, Task
+
+    target = BuildTarget(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt_version="11.4.0.1")
+    spec = SpecRegistry.builtin().get("gender")
+    suggested = {}
+    for name, kw in (("plain", {}), ("odd", {"reshape_batch": 1})):
+        choice = ModelChoice(Task.GENDER, None, ModelSource(onnx=tiny(tmp_path / f"{name}.onnx", meta=LOGITS, **kw)))
+        config = RunConfig(input=tmp_path, out=tmp_path / "o.parquet", models=(choice,), batch_size=512,
+                           cache_dir=tmp_path / "cache", progress=False)
+        model = resolve_model(spec, choice.source, config.cache_dir)
+        found, problem = find_engines([model], [choice], config, "fp16", target)
+        assert found == {} and "build it with: engine build" in problem
+        suggested[name] = problem
+    assert "--gender-profile 1,512,512" in suggested["plain"]
+    assert "--gender-profile" not in suggested["odd"]
