@@ -151,19 +151,13 @@ class StreamedInference:
         closing the producer or the device: that waits for the copies still reading the
         producer's buffers and lets go of them."""
         outlive = bool(getattr(self._producer, "outputs_outlive_next_call", False))
-        consumed = None  # the executor's copies out of ``held``
-        held: list[Any] = []  # the last batch's outputs, referenced until ``consumed`` is done
+        copying = _Copying()
         try:
             for batch in read:
-                if consumed is not None and not outlive:  # its next run reuses the buffers
-                    waiting, consumed = consumed, None
-                    waiting.synchronize()
-                    held.clear()
+                if not outlive:  # the producer's next run reuses the buffers the copies read
+                    copying.wait()
                 produced = self._producer(batch.payload)
-                if consumed is not None:  # the copies of the batch before ran meanwhile
-                    waiting, consumed = consumed, None
-                    waiting.synchronize()
-                held.clear()
+                copying.wait()  # the copies of the batch before ran meanwhile
                 batch.payload = None
                 batch.result = PreprocessResult(
                     ok=list(produced.ok), views={}, sizes=list(produced.sizes), errors=dict(produced.errors)
@@ -172,28 +166,47 @@ class StreamedInference:
                 self._order.append(entry)
                 if produced.ok:
                     inputs = {m.spec.key: produced.views[m.spec.key] for m in self._models}
-                    held.append(produced)
                     done, consumed = self._executor.submit_device(inputs, producer=produced.cuda_stream, tag=entry)
-                    inputs = None  # only ``held`` keeps the batch alive
+                    copying.hold(produced, consumed)
+                    inputs = None  # only ``copying`` keeps the batch alive
                     self._complete(done)
                 else:  # nothing decoded: error rows only, kept in order behind earlier batches
                     entry.outputs = self._classify(
                         {m.spec.key: np.zeros((0, m.spec.num_classes), np.float32) for m in self._models})
                 produced = None
                 yield from self._ready()
-            if consumed is not None:
-                waiting, consumed = consumed, None
-                waiting.synchronize()
-                held.clear()
+            copying.wait()
             self._complete(self._executor.drain())
             yield from self._ready()
         finally:
-            if consumed is not None:  # ended early (an error, the caller stopped)
-                try:
-                    consumed.synchronize()
-                except Exception as exc:  # the first error is the one to report
-                    log.error("while waiting for the executor's copies: %s", exc)
-            held.clear()
+            copying.abandon()  # ended early (an error, the caller stopped)
+
+
+class _Copying:
+    """The producer's outputs of the last batch submitted, referenced until the
+    executor's copies out of them (its :class:`~engine.executor.Consumed`) are done."""
+
+    def __init__(self) -> None:
+        self._outputs: Any = None
+        self._consumed: Any = None
+
+    def hold(self, outputs: Any, consumed: Any) -> None:
+        self._outputs, self._consumed = outputs, consumed
+
+    def wait(self) -> None:
+        """Wait for the copies (if any), then let go of the outputs."""
+        consumed, self._consumed = self._consumed, None
+        if consumed is not None:
+            consumed.synchronize()
+        self._outputs = None
+
+    def abandon(self) -> None:
+        """:meth:`wait`, logging a failure: the first error is the one to report."""
+        try:
+            self.wait()
+        except Exception as exc:
+            log.error("while waiting for the executor's copies: %s", exc)
+        self._outputs = None
 
 
 def stats_lines(stats: Mapping[str, LaneStats]) -> list[str]:
