@@ -13,8 +13,9 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, overload
 
 import numpy as np
 
@@ -52,6 +53,40 @@ def find_calibration_images(folder: Path, limit: int = DEFAULT_CALIBRATION_IMAGE
         return found
     picks = np.linspace(0, len(found) - 1, num=limit).round().astype(int)
     return [found[i] for i in sorted(set(picks.tolist()))]
+
+
+class CalibrationImages(Sequence[Path]):
+    """The calibration images of one run or build: a sequence of paths whose content
+    hash (:func:`calibration_set_sha256`) is read once, on first use, and then shared
+    by everything that names the set by it (the run record, each model's prepared
+    graph), so that all of them name the same reading."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = tuple(Path(p) for p in paths)
+
+    @classmethod
+    def find(cls, folder: Path, limit: int | None = None) -> "CalibrationImages":
+        """:func:`find_calibration_images` (``limit`` None: its default)."""
+        return cls(find_calibration_images(folder) if limit is None else find_calibration_images(folder, limit))
+
+    @cached_property
+    def sha256(self) -> str:
+        return calibration_set_sha256(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, index: int) -> Path: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Path]: ...
+
+    def __getitem__(self, index):
+        return self.paths[index]
+
+    def __repr__(self) -> str:
+        return f"CalibrationImages({len(self.paths)} images)"
 
 
 def calibration_set_sha256(paths: Sequence[Path]) -> str:
@@ -177,9 +212,9 @@ def load_calibration_set(
         len(skipped),
         time.perf_counter() - started,
     )
-    return CalibrationSet(
-        tensors=tensors, paths=tuple(kept), skipped=tuple(skipped), sha256=calibration_set_sha256(kept)
-    )
+    whole = isinstance(paths, CalibrationImages) and len(kept) == len(paths)  # its hash is this set's
+    return CalibrationSet(tensors=tensors, paths=tuple(kept), skipped=tuple(skipped),
+                          sha256=paths.sha256 if whole else calibration_set_sha256(kept))
 
 
 def ort_data_reader(calib: CalibrationSet, input_name: str, batch_size: int, *, dtype=np.float32, pad: bool = False):

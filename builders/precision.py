@@ -621,8 +621,8 @@ def prepare(
 ) -> PreparedModel:
     """Prepare ``model_onnx`` for a strongly typed build at ``precision``.
 
-    ``calib_images`` (e.g. from :func:`builders.calibration.find_calibration_images`)
-    are required for INT8 and optional for FP16; when given, the prepared graph is
+    ``calib_images`` (a :class:`builders.calibration.CalibrationImages`, whose hash is
+    then not read again, or paths, e.g. from :func:`find_calibration_images`) are required for INT8 and optional for FP16; when given, the prepared graph is
     checked against FP32 on them and :attr:`PreparedModel.agreement` is filled in.
     Agreement outside ``bounds`` (default :meth:`AgreementBounds.default`) is logged as
     a warning, or raised as :class:`ModelError` when ``strict``. ``calib`` passes
@@ -644,9 +644,11 @@ def prepare(
 
     calib_sha = calib.sha256 if calib is not None else None
     if calib is None and calib_images:
-        from builders.calibration import calibration_set_sha256
+        from builders.calibration import CalibrationImages
 
-        calib_sha = calibration_set_sha256(list(calib_images))
+        if not isinstance(calib_images, CalibrationImages):
+            calib_images = CalibrationImages(calib_images)
+        calib_sha = calib_images.sha256  # read once by the caller that made the set, shared
     out_path = prepared_path(out_dir, spec, precision, source_sha, calib_sha)
     sidecar = out_path.with_suffix(".prep.json")
     key = _recipe_key(source_sha, spec, precision, calib_sha, fp16_in_int8)
@@ -664,7 +666,7 @@ def prepare(
     started = time.perf_counter()
     logger.info("preparing %s at %s: start", spec.key, precision.value)
     if calib is None and calib_images:
-        calib = load_calibration_set(list(calib_images), spec, batch_size=batch_size, preprocess=preprocess)
+        calib = load_calibration_set(calib_images, spec, batch_size=batch_size, preprocess=preprocess)
     source = _load(model_onnx)
     input_name = graph_input_name(source, model_onnx)
     notes: tuple[str, ...] = ()

@@ -322,7 +322,7 @@ def _resolve_all(args):
 
 
 def cmd_build(args) -> int:
-    from builders.calibration import find_calibration_images
+    from builders.calibration import CalibrationImages
     from builders.precision import Precision, prepare
     from builders.trt_build import BatchProfile, BuildOptions, build_all, engine_profile
 
@@ -339,7 +339,7 @@ def cmd_build(args) -> int:
                            contexts=args.contexts)
     calib = None
     if args.calib is not None:
-        calib = find_calibration_images(args.calib, limit=args.calib_count)
+        calib = CalibrationImages.find(args.calib, args.calib_count)  # hashed once for every model
     elif precision is Precision.INT8:
         raise EngineError("int8 needs calibration images: pass --calib DIR (a folder of typical frames)")
     cache = _cache_dir(args)

@@ -670,6 +670,7 @@ class FrameClassifier:
         self._threads = threads or os.cpu_count() or 1
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._calib_dir = calib_dir
+        self._calibration: Any = None  # found (and hashed) once, for every model, on first need
         self._stack = ExitStack()
         self._backends: dict[str, Any] = {}  # the plain CPU path's OrtBackends
         self._executor: StreamedExecutor | None = None
@@ -697,10 +698,12 @@ class FrameClassifier:
     # set-up -------------------------------------------------------------------------
 
     def _cpu_backend(self, model: "ResolvedModel"):
-        from engine.runner import open_cpu_backend
+        from engine.runner import calibration_images, open_cpu_backend
 
+        if self._calibration is None and self.precision != "fp32":
+            self._calibration = calibration_images(self._calib_dir)
         return open_cpu_backend(model, self.precision, threads=self._threads, cache_dir=self._cache_dir,
-                                calib_dir=self._calib_dir)
+                                calibration=self._calibration)
 
     def _open_streamed(self, device: "Device", backends: Mapping[str, Any], launcher: Launcher) -> None:
         from engine.executor import ExecutorConfig, StreamedExecutor

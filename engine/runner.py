@@ -27,7 +27,7 @@ import time
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,9 @@ from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model
 from engine.postprocess import Classified, NonFiniteOutput, classify, naming_files
 from engine.specs import SpecRegistry, spec_as_dict
 from engine.writer import ResultWriter, check_output_name
+
+if TYPE_CHECKING:
+    from builders.calibration import CalibrationImages
 
 log = logging.getLogger(__name__)
 
@@ -139,21 +142,16 @@ def result_schema(models: Sequence[ResolvedModel]) -> dict[str, pl.DataType]:
     return schema
 
 
-def run_config_record(models: Sequence[ResolvedModel], precision: str, calib_dir: Path | None = None,
-                      calib_count: int | None = None) -> dict[str, object]:
+def run_config_record(models: Sequence[ResolvedModel], precision: str,
+                      calibration: "CalibrationImages | None" = None) -> dict[str, object]:
     """What produced the rows; an output is only resumed under the same record. Models
     are named by content (sha256 of the ONNX run), not by path: a file replaced in place
     is another model, the same file reached by another path is not. An int8 run also
     records its calibration set, which decides the int8 graph's scales."""
-    calibration = None
-    if precision == "int8" and calib_dir is not None:
-        from builders.calibration import calibration_set_sha256
-
-        calibration = calibration_set_sha256(_calibration_images(calib_dir, calib_count))
     return {
         "record": 2,
         "precision": precision,
-        "calibration_sha256": calibration,
+        "calibration_sha256": calibration.sha256 if precision == "int8" and calibration is not None else None,
         "models": [
             {
                 "spec": m.spec.key,
@@ -336,22 +334,27 @@ def _progress(enabled: bool):
     return tqdm(total=None, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
-def _calibration_images(calib_dir: Path, count: int | None) -> list[Path]:
-    from builders.calibration import find_calibration_images
+def calibration_images(calib_dir: Path | None, count: int | None = None) -> "CalibrationImages | None":
+    """A run's calibration images (found once; their hash read once, when first asked
+    for), or None without ``calib_dir``."""
+    if calib_dir is None:
+        return None
+    from builders.calibration import CalibrationImages
 
-    return find_calibration_images(calib_dir) if count is None else find_calibration_images(calib_dir, limit=count)
+    return CalibrationImages.find(calib_dir, count)
 
 
-def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib_dir: Path | None = None,
-                    calib_count: int | None = None) -> Path:
+def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path,
+                    calibration: "CalibrationImages | None" = None) -> Path:
     """The ONNX to run on the CPU: the model itself for fp32, else its prepared
     fp16/int8 graph (made once by builders.precision and cached under ``cache_dir``;
-    FP32 inputs and outputs are kept; int8 is calibrated on the images in ``calib_dir``)."""
+    FP32 inputs and outputs are kept; int8 is calibrated on ``calibration``, fp16 checked
+    on it)."""
     if precision == "fp32":
         return model.onnx_path
     from builders.precision import prepare
 
-    calib = _calibration_images(calib_dir, calib_count) if calib_dir else None
+    calib = calibration
     if precision == "int8" and not calib:
         raise EngineError("int8 needs calibration images: a folder of typical frames "
                           "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
@@ -363,12 +366,12 @@ def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path, calib
 
 
 def open_cpu_backend(model: ResolvedModel, precision: str, *, threads: int | None, cache_dir: Path,
-                     calib_dir: Path | None = None, calib_count: int | None = None):
+                     calibration: "CalibrationImages | None" = None):
     """ONNX Runtime on the CPU for ``model`` at ``precision`` (its :func:`precision_graph`):
     what the CPU path runs, also used by :mod:`engine.frames`."""
     from engine.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(precision_graph(model, precision, cache_dir, calib_dir, calib_count), model.info.input, model.info.output,
+    return OrtBackend(precision_graph(model, precision, cache_dir, calibration), model.info.input, model.info.output,
                       precision=precision, threads=threads)
 
 
@@ -389,14 +392,13 @@ class CpuInference:
     """DALI on the CPU in the reader thread, ONNX Runtime per model on the main thread."""
 
     def __init__(self, models: Sequence[ResolvedModel], config: RunConfig, precision: str, threads: int,
-                 stack: ExitStack) -> None:
+                 stack: ExitStack, calibration: "CalibrationImages | None" = None) -> None:
         from engine.preprocess.dali_pipeline import DaliPreprocessor
 
         self._models = list(models)
         self._backends = {
             m.spec.key: stack.enter_context(
-                open_cpu_backend(m, precision, threads=threads, cache_dir=config.cache_dir, calib_dir=config.calib_dir,
-                                 calib_count=config.calib_count)
+                open_cpu_backend(m, precision, threads=threads, cache_dir=config.cache_dir, calibration=calibration)
             )
             for m in models
         }
@@ -447,13 +449,16 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
         log.warning("--calib is only used at fp16 (to check agreement with fp32) and int8 (to calibrate); "
                     "this fp32 run ignores it")
     threads = config.threads or os.cpu_count() or 1
+    # Found once; its hash is read once and names the set in the run record and in each
+    # model's prepared graph alike.
+    calibration = calibration_images(config.calib_dir, config.calib_count) if plan.precision != "fp32" else None
 
     def open_inference(stack: ExitStack) -> Inference:
         if plan.device == "gpu":
             return open_gpu_inference(plan, models, config, threads, stack)
-        return CpuInference(models, config, plan.precision, threads, stack)
+        return CpuInference(models, config, plan.precision, threads, stack, calibration)
 
-    return execute(config, discovered, models, plan.precision, plan.describe(), open_inference)
+    return execute(config, discovered, models, plan.precision, plan.describe(), open_inference, calibration)
 
 
 def execute(
@@ -463,6 +468,7 @@ def execute(
     precision: str,
     path: str,
     open_inference: Callable[[ExitStack], Inference],
+    calibration: "CalibrationImages | None" = None,
 ) -> RunSummary:
     """The rows loop shared by every path: resume filter, reader thread, the given
     inference, rows, writer, progress and summary."""
@@ -473,7 +479,7 @@ def execute(
 
     with ExitStack() as stack:
         writer = stack.enter_context(
-            ResultWriter(config.out, schema, run_config_record(models, precision, config.calib_dir, config.calib_count),
+            ResultWriter(config.out, schema, run_config_record(models, precision, calibration),
                          overwrite=config.overwrite,
                          part_rows=config.flush_every)
         )

@@ -226,18 +226,45 @@ def test_random_weights_fill_in_only_models_given_no_file(folder, model_cache_di
 
 
 def test_int8_record_names_the_calibration_set(random_models, tmp_path):
-    from engine.runner import run_config_record
+    from engine.runner import calibration_images, run_config_record
 
     models = [random_models["gender/alpha"]]
     for name, seed in (("a", 1), ("b", 2)):
         (tmp_path / name).mkdir()
         _image((32, 32), "RGB", seed).save(tmp_path / name / "c.png")
-    a, b = (run_config_record(models, "int8", tmp_path / n) for n in ("a", "b"))
+
+    def record(precision, folder, count=None):
+        return run_config_record(models, precision, calibration_images(tmp_path / folder, count))
+
+    a, b = record("int8", "a"), record("int8", "b")
     assert a["calibration_sha256"] and a != b
-    assert run_config_record(models, "int8", tmp_path / "a") == a  # deterministic
+    assert record("int8", "a") == a  # deterministic
     _image((32, 32), "RGB", 3).save(tmp_path / "a" / "d.png")
-    assert run_config_record(models, "int8", tmp_path / "a", 1) != run_config_record(models, "int8", tmp_path / "a", 2)
-    assert run_config_record(models, "fp32", tmp_path / "a") == run_config_record(models, "fp32", tmp_path / "b")
+    assert record("int8", "a", 1) != record("int8", "a", 2)
+    assert record("fp32", "a") == record("fp32", "b")
+
+
+def test_an_int8_run_reads_its_calibration_set_once(tmp_path, monkeypatch, capsys):
+    """The run record and the model's int8 graph (its calibration and its cache name)
+    share one reading of the calibration images; a rerun resumes under that record."""
+    import builders.calibration as calibration
+    from tests.engine.test_user_models import LOGITS, tiny
+
+    reads = []
+    real = calibration.calibration_set_sha256
+    monkeypatch.setattr(calibration, "calibration_set_sha256", lambda paths: (reads.append(len(paths)), real(paths))[1])
+    root, calib = tmp_path / "in", tmp_path / "calib"
+    for folder, seeds in ((root, (1, 2)), (calib, (3, 4, 5))):
+        folder.mkdir()
+        for seed in seeds:
+            _image((40, 30), "RGB", seed).save(folder / f"{seed}.png")
+    onnx_path = tiny(tmp_path / "g.onnx", meta=LOGITS)
+    args = ["run", str(root), "--out", str(tmp_path / "o.parquet"), "--only", "gender", "--gender-onnx", str(onnx_path),
+            "--precision", "int8", "--calib", str(calib), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0
+    assert reads == [3]
+    assert main(args) == 0 and "2 already done" in capsys.readouterr().out
+    assert reads == [3, 3]  # the second run: once again, and the prepared graph came from the cache
 
 
 def test_resume_retries_failed_files_and_counts_only_files_still_there(model_cache_dir, tmp_path, capsys, random_models):
