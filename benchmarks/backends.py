@@ -186,16 +186,18 @@ def tensorrt_unavailable() -> str | None:
 
 def tensorrt_factory(model: "ResolvedModel", precision: Precision, context: BackendContext):
     """Prepare the graph at ``precision``, build (or reuse) its engine under
-    ``work_dir/engines`` with a profile that admits the batch size, and load it."""
+    ``work_dir/engines`` with a profile that admits the batch size (a model that runs a
+    fixed batch: that batch only, fed in pieces), and load it."""
     from builders.precision import prepare
-    from builders.trt_build import BatchProfile, build_engine, default_profile
+    from builders.trt_build import BatchProfile, build_engine, default_profile, engine_profile
     from engine.backends.tensorrt import TensorRTBackend
 
     calib = list(context.calibration_images) if precision is Precision.INT8 else None
     prepared = prepare(model.onnx_path, model.spec, precision.value, calib, context.work_dir / "prepared",
                        output_kind=model.output_kind, source_sha256=model.source_sha256)
-    default = default_profile(model.spec)
-    profile = BatchProfile(1, context.batch_size, max(default.max, context.batch_size))
+    fixed, b = model.info.input.fixed_batch, context.batch_size
+    profile = (engine_profile(model.spec, fixed) if fixed is not None
+               else BatchProfile(1, b, max(default_profile(model.spec).max, b)))
     artifact = build_engine(prepared, model.spec, context.work_dir / "engines", profile)
     return TensorRTBackend(artifact.path, artifact.manifest)
 

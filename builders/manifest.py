@@ -433,8 +433,10 @@ class EngineCache:
         engine computes this model here: the model, the ONNX the engine was prepared
         from (``source_onnx_sha256``), the precision, the GPU and TensorRT; and the
         profile must accept the run's batch size, and the engine must have a profile for each
-        execution context the run keeps (``contexts``). Among several usable engines the one
-        tuned closest to the batch size (profile ``opt``) wins, then the newest. Every
+        execution context the run keeps (``contexts``). Among several usable engines one
+        whose profile admits the batch size goes before one of another single batch size
+        (run in pieces or padded), then the one tuned closest to the batch size (profile
+        ``opt``), then the newest. Every
         candidate's bytes are checked against the hash in its manifest."""
         usable: list[CacheEntry] = []
         rejected: list[str] = []
@@ -455,9 +457,11 @@ class EngineCache:
         if not usable:
             return EngineSearch(None, tuple(rejected))
 
-        def rank(e: CacheEntry) -> tuple[int, str]:
-            opt = e.manifest.profile[0].opt[0] if e.manifest.profile else 0
-            return (-abs(opt - query.batch_size), e.manifest.built_at)
+        def rank(e: CacheEntry) -> tuple[bool, int, str]:
+            r = e.manifest.profile[0] if e.manifest.profile else None
+            admits = r is not None and r.min[0] <= query.batch_size <= r.max[0]  # else: one batch size, in pieces
+            opt = r.opt[0] if r is not None else 0
+            return (admits, -abs(opt - query.batch_size), e.manifest.built_at)
 
         return EngineSearch(max(usable, key=rank), tuple(rejected))
 

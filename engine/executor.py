@@ -135,7 +135,9 @@ class DeviceBackend(Protocol):
     ``inputs``/``outputs`` are declarations with ``None`` for the dynamic batch; the
     executor allocates every buffer from them, once, at ``batch_size`` rows (at most
     ``max_batch``; a backend may also declare ``min_batch``, the smallest batch it
-    runs, and shorter batches are padded up to it). ``bind`` is called once per slot
+    runs, and shorter batches are padded up to it). Inputs that declare a fixed batch
+    get buffers of that many rows, and a larger submission runs in pieces of it, one
+    slot each. ``bind`` is called once per slot
     (set tensor addresses there);
     ``enqueue`` queues the model on ``stream`` for ``batch_size`` rows of the slot's
     device buffers and returns without waiting. ``capture`` returns a graph of that
@@ -296,7 +298,9 @@ class Ring:
 @dataclass
 class LaneStats:
     """Per-model bookkeeping: device time per stage (from the slot's events) and host
-    time spent filling pinned buffers, queueing work and waiting for results."""
+    time spent filling pinned buffers, queueing work and waiting for results. A batch
+    here is one slot's run: a submission, or one piece of it for a model that runs a
+    fixed batch below the executor's batch size."""
 
     batches: int = 0
     images: int = 0
@@ -880,7 +884,7 @@ class _Lane:
                 self.device.h2d(slot.device_inputs[name], host[: plan.exec_rows], slot.stream)
             self._launch(slot, plan)
         except BaseException:
-            self.ring.abandon(index)
+            self._abandon(index)
             raise
         self.stats.host_fill_s += t1 - t0
         self.stats.host_enqueue_s += time.perf_counter() - t1
@@ -906,12 +910,22 @@ class _Lane:
                     self.device.zero(dst.ptr + plan.rows * row_bytes, (plan.exec_rows - plan.rows) * row_bytes, slot.stream)
             self._launch(slot, plan)
         except BaseException:
-            self.ring.abandon(index)
+            self._abandon(index)
             raise
         self.stats.host_enqueue_s += time.perf_counter() - t0
         ticket = Ticket(seq, index, plan)
         self.ring.launched(ticket)
         return ticket, slot.copied_in
+
+    def _abandon(self, index: int) -> None:
+        """Queueing into slot ``index`` failed part-way: wait for what it did queue (a copy
+        out of the producer's buffer or into the slot's own, which close() would not wait
+        for and the next use of the slot would race), then give the slot back."""
+        try:
+            self.device.synchronize_stream(self.slots[index].stream)
+        except Exception as exc:  # the queueing error is the one to report
+            log.error("%s: while waiting for the work of a failed batch: %s", self.key, exc)
+        self.ring.abandon(index)
 
     def _launch(self, slot: Slot, plan: BatchPlan) -> None:
         """Queue compute and copy-out after the copy-in already queued on the slot."""

@@ -266,3 +266,8 @@ def test_run_lookup_of_a_model_that_runs_a_fixed_batch(tmp_path):
     assert pinned.entry.engine_path == one.engine_path
     assert any("is not the fixed batch 1 the model runs" in r for r in pinned.rejected)
     assert cache.find_for_run(_query(batch_size=32, fixed_batch=4)).entry is None
+    # an engine whose range admits the batch size goes first, however near 1,1,1's opt is
+    for batch in (2, 4, 16, 64):  # (at batch 1 both admit it, and 1,1,1 is tuned for it)
+        assert cache.find_for_run(_query(batch_size=batch)).entry.engine_path == ranged.engine_path
+    big = cache.store(b"big", _manifest(profile=_profile(128, 128, 128)))
+    assert cache.find_for_run(_query(batch_size=100)).entry.engine_path == big.engine_path  # padded beats 100 pieces

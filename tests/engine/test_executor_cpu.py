@@ -554,6 +554,38 @@ def test_device_pointer_input_waits_for_the_producer_stream():
         np.testing.assert_array_equal(c.output("m"), run_alone(ref, b))
 
 
+def test_a_piece_failing_to_queue_has_its_own_copy_waited_for_before_the_error():
+    """The failing slot had queued its copy out of the producer's buffer (behind the
+    producer's still busy stream) before its enqueue failed: the error reaches the
+    caller only once that copy is done, so the buffer may be dropped at once and the
+    slot's next batch does not race it."""
+
+    class FailNext(HostBackend):
+        fail = False
+
+        def enqueue(self, slot, batch_size, stream):
+            if self.fail:
+                raise RuntimeError("enqueue failed")
+            super().enqueue(slot, batch_size, stream)
+
+    backend = FailNext(NumpyModel())
+    data = batches(2, 4, seed=14)
+    with HostDevice() as dev:
+        staging = dev.device_empty((4, 3, 8, 8), np.float32)
+        producer = dev.stream()
+        with StreamedExecutor({"m": backend}, dev, ExecutorConfig(4, graphs=False)) as ex:
+            backend.fail = True
+            producer.submit(lambda: time.sleep(0.3))  # the producer is still writing
+            view = DeviceView(staging.ptr, (4, 3, 8, 8), np.dtype(np.float32))
+            with pytest.raises(RuntimeError, match="enqueue failed"):
+                ex.submit_device({"m": view}, producer=producer)
+            assert dev.query(ex._lanes["m"].slots[0].copied_in)
+            backend.fail = False
+            got = list(ex.run({"m": b} for b in data))
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+
+
 def test_bad_inputs_are_refused_before_any_work_is_queued():
     with make_executor({"a": NumpyModel(), "b": NumpyModel()}) as ex:
         good = batches(1, 4)[0]
