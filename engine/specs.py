@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from enum import Enum
@@ -356,13 +357,43 @@ def apply_override(spec: ModelSpec, fields: Mapping[str, Any], where: str) -> Mo
             pre = {k: _coerce_pre(k, v, where) for k, v in value.items()}
             updates["preprocess"] = dataclasses.replace(spec.preprocess, **pre)
             cleared |= {f"preprocess.{k}" for k in value}
+        elif name == "hub":
+            updates["hub"] = _coerce_hub(value, spec.hub, where)
+            cleared |= {f"hub.{k}" for k in value}
+            if spec.hub is None and "published_as" not in fields:  # a new variant's own published file
+                updates["published_as"] = f"{updates['hub'].repo} ({updates['hub'].filename})"
         elif name in _SPEC_FIELDS:
             updates[name] = _coerce_spec(name, value, where)
             cleared.add(name)
         else:
-            raise SpecError(f"{where}: unknown field '{name}'; known: {sorted(_SPEC_FIELDS | {'preprocess', 'base'})}")
+            raise SpecError(f"{where}: unknown field '{name}'; known: {sorted(_SPEC_FIELDS | {'preprocess', 'hub', 'base'})}")
     updates["unconfirmed"] = frozenset(spec.unconfirmed - cleared)
     return dataclasses.replace(spec, **updates)
+
+
+_HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _coerce_hub(value: Any, current: HubSource | None, where: str) -> HubSource:
+    """A ``hub`` table (``repo = "owner/name"``, ``filename = "model.onnx"``): where the
+    published ONNX is, for a built-in variant whose path is unconfirmed or a new variant
+    with its own published file. Both names become a cache path, so they are checked."""
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: hub must be a table with repo and filename")
+    unknown = set(value) - {"repo", "filename"}
+    if unknown:
+        raise SpecError(f"{where}: unknown hub field(s) {sorted(unknown)}; known: ['filename', 'repo']")
+    if current is None and set(value) != {"repo", "filename"}:
+        raise SpecError(f"{where}: this variant has no published file yet; give the hub both repo and filename")
+    repo = value.get("repo", current.repo if current else None)
+    filename = value.get("filename", current.filename if current else None)
+    if not isinstance(repo, str) or not _HUB_REPO.fullmatch(repo) or ".." in repo:
+        raise SpecError(f"{where}: hub.repo must be a hub repository name such as \"owner/name\", got {repo!r}")
+    parts = filename.split("/") if isinstance(filename, str) else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise SpecError(f"{where}: hub.filename must be a file path inside the repository such as "
+                        f"\"model.onnx\", got {filename!r}")
+    return HubSource(repo, filename)
 
 
 def _enum(cls, value, what):

@@ -8,6 +8,7 @@ from engine.specs import (
     Architecture,
     ChannelOrder,
     CropPosition,
+    HubSource,
     OutputKind,
     ResizeRule,
     SpecRegistry,
@@ -106,6 +107,13 @@ labels = ["a", "b", "c", "d"]
         ("[gender.alpha]\nlabels = ['a', 'a']\n", "unique"),
         ("not toml = = =", "not valid TOML"),
         ("[gender.alpha.preprocess]\nantialias = 1\n", "true or false"),
+        ("[gender.alpha]\nhub = 'owner/name'\n", "hub must be a table"),
+        ("[gender.alpha.hub]\nrevision = 'main'\n", "unknown hub field"),
+        ("[gender.alpha.hub]\nrepo = '../../etc'\n", "hub.repo must be"),
+        ("[gender.alpha.hub]\nrepo = 'no-owner'\n", "hub.repo must be"),
+        ("[gender.alpha.hub]\nfilename = '../model.onnx'\n", "hub.filename must be"),
+        ("[gender.alpha.hub]\nfilename = '/abs/model.onnx'\n", "hub.filename must be"),
+        ("[gender.new]\nbase = 'gender/alpha'\nhub = {repo = 'a/b'}\n", "both repo and filename"),
     ],
 )
 def test_bad_override_is_one_clear_error(tmp_path, text, message):
@@ -113,6 +121,29 @@ def test_bad_override_is_one_clear_error(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(SpecError, match=message):
         SpecRegistry.load(f)
+
+
+def test_a_spec_file_can_say_where_the_published_onnx_is(tmp_path, monkeypatch):
+    """A built-in variant's unconfirmed hub path, corrected; a new variant with its own
+    published file. What is set is no longer unconfirmed, and the published file is
+    looked for (and cached) there."""
+    from engine.errors import ModelError
+    from engine.models import ModelSource, resolve_model
+
+    f = tmp_path / "hub.toml"
+    f.write_text(
+        "[quality.head_crop.hub]\nrepo = 'someone/face-quality-head'\n\n"
+        "[gender.mine]\nbase = 'gender/alpha'\nhub = {repo = 'me/gender', filename = 'onnx/model.onnx'}\n"
+    )
+    reg = SpecRegistry.load(f)
+    head = reg.get("quality", "head_crop")
+    assert head.hub == HubSource("someone/face-quality-head", "model.onnx")  # filename kept
+    assert "hub.repo" not in head.unconfirmed and "output" in head.unconfirmed
+    mine = reg.get("gender", "mine")
+    assert mine.hub == HubSource("me/gender", "onnx/model.onnx") and mine.published_as == "me/gender (onnx/model.onnx)"
+    with pytest.raises(ModelError, match=r"the published me/gender/onnx/model\.onnx is not cached at .*"
+                                         r"published/me/gender/onnx/model\.onnx and downloading is off"):
+        resolve_model(mine, ModelSource(download=False), tmp_path / "cache")
 
 
 def test_a_variant_based_on_itself_is_an_override_of_it(tmp_path):
