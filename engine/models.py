@@ -105,6 +105,8 @@ class ResolvedModel:
     weights_detail: str
     output_kind: OutputKind
     info: OnnxInfo
+    # The hash where resolving already read it (the batching check of a user's file).
+    known_sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_random(self) -> bool:
@@ -117,6 +119,8 @@ class ResolvedModel:
         engine lookup all name the model by this one reading, and a large graph is not
         parsed three times. (A file replaced after this reading: ``prepare`` refuses to
         cache a graph made from other content than the hash says.)"""
+        if self.known_sha256 is not None:
+            return self.known_sha256
         from builders.manifest import onnx_sha256
 
         return onnx_sha256(self.onnx_path)
@@ -346,9 +350,8 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
         weights_detail=detail,
         output_kind=_output_kind(spec, info),
         info=info,
+        known_sha256=sha256,
     )
-    if sha256 is not None:
-        resolved.__dict__["source_sha256"] = sha256  # read once: the cached_property's value
     if resolved.is_random:
         logger.warning("%s runs with RANDOM weights (%s): its predictions mean nothing", spec.key, detail)
     else:
