@@ -42,8 +42,10 @@ Paths:
   standing in for the kernel launch. This is how the GPU loop is tested without a GPU.
 * ``device="gpu"``: :class:`engine.gpu.CudaDevice`, the backends of the GPU path
   (:func:`engine.gpu_path.open_gpu_backends`: TensorRT engines from the cache, or
-  ``gpu_backend="torch"``), :class:`FrameProducer` launching ``preprocess_u8_to_f16`` /
-  ``_f32`` (the engine's input dtype) on its own stream, and the streamed executor copying
+  ``gpu_backend="torch"``), :class:`FrameProducer` launching ``preprocess_batch_u8_to_f16``
+  / ``_f32`` (the engine's input dtype; one launch per view and batch, each frame's
+  geometry read from a table uploaded with the frames) on its own stream, and the
+  streamed executor copying
   each view into its slots after that stream (:meth:`StreamedExecutor.submit_device
   <engine.executor.StreamedExecutor.submit_device>`, driven by
   :class:`engine.streamed_run.StreamedInference`). THE GPU PATH HAS NOT RUN ON A GPU: it
@@ -74,7 +76,7 @@ from engine.errors import EngineError, InputError
 from engine.postprocess import Classified, classify
 from engine.preprocess.decode import composite
 from engine.specs import AlphaMode, Preprocess
-from kernels.launch import INT32_MAX, Launch, preprocess_launch
+from kernels.launch import FRAME_GEOM_DTYPE, INT32_MAX, Launch, frame_table, preprocess_batch_launch
 from kernels.reference import Normalise, ResizeCrop, preprocess_reference
 
 if TYPE_CHECKING:
@@ -276,11 +278,14 @@ def reference_view(frame: Frame, v: int, view: FrameView, dtype: Any = np.float3
 
 
 class Launcher(Protocol):
-    """Queues one frame's view on ``stream``: ``launch`` holds the kernel's arguments
-    (addresses included); the other arguments say the same in buffers and geometry."""
+    """Queues one view of a whole batch on ``stream``: ``launch`` holds the batched
+    kernel's arguments (addresses included); the other arguments say the same in
+    buffers: the staging buffer ``src``, whose bytes at ``table_offset`` hold the
+    batch's ``count`` geometry rows (:func:`kernels.launch.frame_table`), the view's
+    normalisation and its output buffer ``out``."""
 
-    def __call__(self, launch: Launch, stream: Any, *, src: "DeviceArray", offset: int, geom: ResizeCrop,
-                 norm: Normalise, out: "DeviceArray", index: int) -> None: ...
+    def __call__(self, launch: Launch, stream: Any, *, src: "DeviceArray", table_offset: int, count: int,
+                 norm: Normalise, out: "DeviceArray") -> None: ...
 
     def close(self) -> None: ...
 
@@ -295,7 +300,8 @@ class KernelLauncher:
         import kernels
 
         self._module = kernels.compile_module("preprocess")
-        self._functions = {name: self._module.get_function(name) for name in ("preprocess_u8_to_f16", "preprocess_u8_to_f32")}
+        self._functions = {name: self._module.get_function(name)
+                           for name in ("preprocess_batch_u8_to_f16", "preprocess_batch_u8_to_f32")}
 
     def __enter__(self) -> "KernelLauncher":
         return self
@@ -317,8 +323,9 @@ class KernelLauncher:
 
 class ReferenceLauncher:
     """The kernel's NumPy reference queued on a :class:`~engine.executor.HostStream` in
-    its place: reads the staged frame from the host device's "device" buffer and writes
-    batch row ``index`` of the view buffer, in stream order, as the kernel does."""
+    its place: in stream order, as the kernel does, reads the batch's geometry table and
+    each frame from the host device's "device" staging buffer, and writes batch row z of
+    the view buffer from table row z."""
 
     def __enter__(self) -> "ReferenceLauncher":
         return self
@@ -326,13 +333,18 @@ class ReferenceLauncher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, launch: Launch, stream: Any, *, src: Any, offset: int, geom: ResizeCrop, norm: Normalise,
-                 out: Any, index: int) -> None:
-        nbytes = 3 * geom.src_h * geom.src_w
+    def __call__(self, launch: Launch, stream: Any, *, src: Any, table_offset: int, count: int, norm: Normalise,
+                 out: Any) -> None:
+        size = out.shape[-1]
 
         def run() -> None:
-            image = src.array[offset : offset + nbytes].reshape(geom.src_h, geom.src_w, 3)
-            out.array[index] = preprocess_reference(image, geom, norm, out.dtype)
+            staged = src.array
+            table = staged[table_offset : table_offset + count * FRAME_GEOM_DTYPE.itemsize].view(FRAME_GEOM_DTYPE)
+            for z, row in enumerate(table):
+                h, w, pitch, start = int(row["src_h"]), int(row["src_w"]), int(row["src_pitch"]), int(row["offset"])
+                geom = ResizeCrop(h, w, int(row["resized_h"]), int(row["resized_w"]), int(row["top"]), int(row["left"]), size)
+                image = staged[start : start + h * pitch].reshape(h, pitch)[:, : 3 * w].reshape(h, w, 3)
+                out.array[z] = preprocess_reference(image, geom, norm, out.dtype)
 
         stream.submit(run)
 
@@ -355,8 +367,9 @@ class FrameProducer:
 
     Per batch: every frame's sources go into one staging buffer (pinned on CUDA), each at
     a multiple of :data:`STAGING_ALIGN`; one host-to-device copy on the producer's own
-    stream uploads it; the kernel (``launcher``) runs once per frame per view into that
-    view's device batch buffer (``max_batch`` rows, allocated once). The batch returned
+    stream uploads it, with each view's geometry table (one row per frame) behind the
+    frames; the batched kernel (``launcher``) runs once per view for the whole batch into
+    that view's device batch buffer (``max_batch`` rows, allocated once). The batch returned
     names the view buffers and the stream: the executor's slots wait on that stream, then
     copy. The staging buffers are allocated at the first batch's size (or
     ``staging_bytes``) and reallocated only when a batch needs more (counted in
@@ -435,19 +448,26 @@ class FrameProducer:
                 row.append(used)
                 used += -(-src.size // STAGING_ALIGN) * STAGING_ALIGN
             offsets.append(row)
+        tables = [frame_table([(row[f.view_source[v]], 3 * f.width, f.geometry[v]) for f, row in zip(frames, offsets)])
+                  for v in range(len(self.views))]
+        table_at = []
+        for table in tables:  # behind the frames, in the same upload
+            table_at.append(used)
+            used += -(-table.nbytes // STAGING_ALIGN) * STAGING_ALIGN
         if used > self.stats.staging_bytes:
             self._grow(used)
         host, dev, stream = self._host_staging, self._dev_staging, self.stream
         for f, row in zip(frames, offsets):
             for src, off in zip(f.sources, row):
                 np.copyto(host[off : off + src.size].reshape(src.shape), src)  # makes strided frames contiguous
+        for table, at in zip(tables, table_at):
+            host[at : at + table.nbytes] = table.view(np.uint8)
         self._device.h2d(dev, host[:used], stream)
-        for j, (f, row) in enumerate(zip(frames, offsets)):
-            for v, view in enumerate(self.views):
-                out, geom, off = self._outputs[view.key], f.geometry[v], row[f.view_source[v]]
-                launch = preprocess_launch(dev.ptr + off, 3 * f.width, geom, view.norm, out.ptr, j,
-                                           out_dtype=np.dtype(out.dtype).name)
-                self._launcher(launch, stream, src=dev, offset=off, geom=geom, norm=view.norm, out=out, index=j)
+        for view, table, at in zip(self.views, tables, table_at):
+            out = self._outputs[view.key]
+            launch = preprocess_batch_launch(dev.ptr, dev.ptr + at, n, view.preprocess.size, view.norm, out.ptr,
+                                             out_dtype=np.dtype(out.dtype).name)
+            self._launcher(launch, stream, src=dev, table_offset=at, count=n, norm=view.norm, out=out)
         self.stats.batches += 1
         self.stats.frames += n
         self.stats.uploaded_bytes += used

@@ -12,7 +12,7 @@ pycuda ``DeviceAllocation``, ``gpuarray.ptr``, or any integer address).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -83,6 +83,67 @@ def preprocess_launch(
     bx, by, _ = PREPROCESS_BLOCK
     grid = (-(-geom.size // bx), -(-geom.size // by), 1)
     return Launch(function, args, PREPROCESS_BLOCK, grid)
+
+
+# The batched kernel's per-image geometry (struct FrameGeom in preprocess.cu): 40 bytes.
+FRAME_GEOM_DTYPE = np.dtype([
+    ("offset", "<i8"), ("src_h", "<i4"), ("src_w", "<i4"), ("src_pitch", "<i4"), ("resized_h", "<i4"),
+    ("resized_w", "<i4"), ("top", "<i4"), ("left", "<i4"), ("reserved", "<i4"),
+])
+MAX_GRID_Z = 65535  # CUDA's limit on gridDim.z: images per batched launch
+
+
+def frame_table(frames: Sequence[tuple[int, int, ResizeCrop]]) -> np.ndarray:
+    """The batched kernel's geometry table for ``frames``, in batch order: per image
+    (byte offset of its first row from the staging base, row pitch in bytes, geometry).
+    Every image must have the same output size."""
+    if not 1 <= len(frames) <= MAX_GRID_Z:
+        raise ValueError(f"a batched launch takes 1 to {MAX_GRID_Z} images, got {len(frames)}")
+    sizes = {geom.size for _, _, geom in frames}
+    if len(sizes) != 1:
+        raise ValueError(f"one batched launch writes one output size, got {sorted(sizes)}")
+    table = np.zeros(len(frames), FRAME_GEOM_DTYPE)
+    for row, (offset, pitch, geom) in zip(table, frames):
+        if pitch < 3 * geom.src_w:
+            raise ValueError(f"pitch {pitch} is shorter than a row of {geom.src_w} RGB pixels")
+        if offset < 0:
+            raise ValueError(f"negative source offset {offset}")
+        row["offset"] = offset
+        for name in ("src_h", "src_w", "resized_h", "resized_w", "top", "left"):
+            row[name] = _i32(getattr(geom, name), name)
+        row["src_pitch"] = _i32(pitch, "src_pitch")
+    return table
+
+
+def preprocess_batch_launch(
+    base: int,
+    table: int,
+    count: int,
+    size: int,
+    norm: Normalise,
+    out: int,
+    out_dtype: OutDtype = "float16",
+) -> Launch:
+    """One launch writing images 0..count-1 of an NCHW (batch, 3, S, S) buffer at ``out``:
+    image z from ``base + table[z].offset`` with geometry ``table[z]`` (a
+    :func:`frame_table` already on the device at address ``table``)."""
+    if not 1 <= count <= MAX_GRID_Z:
+        raise ValueError(f"a batched launch takes 1 to {MAX_GRID_Z} images, got {count}")
+    function = {"float16": "preprocess_batch_u8_to_f16", "float32": "preprocess_batch_u8_to_f32"}[out_dtype]
+    args = (
+        _ptr(base),
+        _ptr(table),
+        _i32(size, "out_size"),
+        _i32(int(norm.filter), "mode"),
+        _i32(int(norm.convention), "convention"),
+        np.float32(norm.cubic_a),
+        _i32(1 if norm.swap_rb else 0, "swap_rb"),
+        *(np.float32(m) for m in norm.mean),
+        *(np.float32(s) for s in norm.std),
+        _ptr(out),
+    )
+    bx, by, _ = PREPROCESS_BLOCK
+    return Launch(function, args, PREPROCESS_BLOCK, (-(-size // bx), -(-size // by), int(count)))
 
 
 def postprocess_launch(

@@ -50,6 +50,11 @@
 //
 // One thread per output pixel, writing all 3 channels. Launch: block (16, 16), grid
 // (ceil(S / 16), ceil(S / 16)).
+//
+// Batched form (preprocess_batch_*): one launch for a whole batch, grid.z = images. Image
+// z's source is at `base + frames[z].offset` and its geometry is frames[z] (a FrameGeom,
+// laid out as kernels/launch.py's FRAME_GEOM_DTYPE: 40 bytes); it writes batch item z.
+// The filter, convention and normalisation are the view's, shared by the batch.
 
 #include <cuda_fp16.h>
 
@@ -269,7 +274,15 @@ __device__ void preprocess_impl(const unsigned char* __restrict__ src, int src_h
 
 }  // namespace
 
-// The two entry points (signatures written out: kernels/launch.py packs arguments for them
+// Per-image geometry of the batched form. Keep in step with FRAME_GEOM_DTYPE.
+struct FrameGeom {
+    long long offset;  // bytes from `base` to the image's first row
+    int src_h, src_w, src_pitch;
+    int resized_h, resized_w, top, left;
+    int reserved;  // pads the struct to 40 bytes (8-byte aligned)
+};
+
+// The entry points (signatures written out: kernels/launch.py packs arguments for them
 // and a CPU test checks its packing against these declarations).
 extern "C" __global__ void preprocess_u8_to_f32(const unsigned char* __restrict__ src, int src_h, int src_w,
                                                 int src_pitch, int resized_h, int resized_w, int top, int left,
@@ -290,4 +303,33 @@ extern "C" __global__ void preprocess_u8_to_f16(const unsigned char* __restrict_
     preprocess_impl<__half>(src, src_h, src_w, src_pitch, resized_h, resized_w, top, left, out_size, mode,
                             convention, cubic_a, swap_rb, mean0, mean1, mean2, std0, std1, std2, out,
                             batch_index);
+}
+
+template <typename OutT>
+__device__ void preprocess_batch_impl(const unsigned char* __restrict__ base, const FrameGeom* __restrict__ frames,
+                                      int out_size, int mode, int convention, float cubic_a, int swap_rb,
+                                      float mean0, float mean1, float mean2, float std0, float std1, float std2,
+                                      OutT* __restrict__ out) {
+    const FrameGeom g = frames[blockIdx.z];
+    preprocess_impl<OutT>(base + g.offset, g.src_h, g.src_w, g.src_pitch, g.resized_h, g.resized_w, g.top, g.left,
+                          out_size, mode, convention, cubic_a, swap_rb, mean0, mean1, mean2, std0, std1, std2, out,
+                          (int)blockIdx.z);
+}
+
+extern "C" __global__ void preprocess_batch_u8_to_f32(const unsigned char* __restrict__ base,
+                                                      const FrameGeom* __restrict__ frames, int out_size, int mode,
+                                                      int convention, float cubic_a, int swap_rb, float mean0,
+                                                      float mean1, float mean2, float std0, float std1, float std2,
+                                                      float* __restrict__ out) {
+    preprocess_batch_impl<float>(base, frames, out_size, mode, convention, cubic_a, swap_rb, mean0, mean1, mean2,
+                                 std0, std1, std2, out);
+}
+
+extern "C" __global__ void preprocess_batch_u8_to_f16(const unsigned char* __restrict__ base,
+                                                      const FrameGeom* __restrict__ frames, int out_size, int mode,
+                                                      int convention, float cubic_a, int swap_rb, float mean0,
+                                                      float mean1, float mean2, float std0, float std1, float std2,
+                                                      __half* __restrict__ out) {
+    preprocess_batch_impl<__half>(base, frames, out_size, mode, convention, cubic_a, swap_rb, mean0, mean1, mean2,
+                                  std0, std1, std2, out);
 }

@@ -16,7 +16,7 @@ import pytest
 
 import kernels
 from engine.specs import SpecRegistry
-from kernels.launch import Launch, postprocess_launch, preprocess_launch
+from kernels.launch import Launch, frame_table, postprocess_launch, preprocess_batch_launch, preprocess_launch
 from kernels.reference import (
     Convention,
     Filter,
@@ -258,3 +258,35 @@ def test_ties_and_nonfinite_rows(gpu):
     np.testing.assert_allclose(probs[1], 0.25, rtol=1e-6)
     assert np.isnan(probs[2]).all() and np.isnan(probs[3]).all()  # the host's finiteness check sees them
     np.testing.assert_array_equal(probs[4], [0, 0, 1, 0])
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("task", ["gender", "quality"])
+def test_batched_preprocess_matches_the_one_image_kernel(gpu, task, out_dtype):
+    """One batched launch over images of different sizes at scattered offsets of one
+    buffer, its geometry table uploaded beside them (as FrameProducer does), gives what
+    the one-image kernel gives image by image; rows past the batch stay NaN."""
+    pre = SpecRegistry.builtin().get(task).preprocess
+    norm = Normalise.from_preprocess(pre)
+    rng = np.random.default_rng(11)
+    images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((97, 131), (17, 23), (1080, 1920), (64, 64))]
+    staging = np.zeros(16 << 20, np.uint8)
+    rows, offset = [], 256
+    for image in images:
+        h, w, _ = image.shape
+        staging[offset : offset + h * 3 * w] = image.reshape(-1)
+        rows.append((offset, 3 * w, ResizeCrop.from_preprocess(pre, h, w)))
+        offset += -(-(h * 3 * w) // 256) * 256
+    table = frame_table(rows)
+    staging[offset : offset + table.nbytes] = table.view(np.uint8)
+    out_host = np.full((len(images) + 2, 3, pre.size, pre.size), np.nan, _OUT[out_dtype])
+    with gpu.buffers() as alloc:
+        base, out = alloc(staging), alloc(out_host)
+        gpu.run(preprocess_batch_launch(int(base), int(base) + offset, len(images), pre.size, norm, int(out), out_dtype),
+                "preprocess")
+        got = gpu.fetch(out, out_host)
+    assert np.isnan(got[len(images):]).all()
+    for z, (image, (_, _, geom)) in enumerate(zip(images, rows)):
+        assert not np.isnan(got[z]).any()
+        one = run_preprocess(gpu, image, geom, norm, out_dtype)[0]
+        np.testing.assert_allclose(got[z].astype(np.float64), one.astype(np.float64), **tolerance(norm, out_dtype))

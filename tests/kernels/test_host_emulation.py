@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.launch import postprocess_launch, preprocess_launch
+from kernels.launch import FRAME_GEOM_DTYPE, frame_table, postprocess_launch, preprocess_batch_launch, preprocess_launch
 from kernels.reference import (
     Convention,
     Filter,
@@ -88,6 +88,22 @@ extern "C" void run(int f16, const unsigned char* src, const int* ints, float cu
                                      ints[8], ints[9], cubic_a, ints[10], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
                                      (float*)out, batch_index);
         }
+}
+extern "C" void run_batch(int f16, const unsigned char* base, const void* frames, const int* ints, float cubic_a,
+                          const float* ms, void* out, int gx, int gy, int gz, int bx, int by) {
+    blockDim = {(unsigned)bx, (unsigned)by, 1};
+    for (int z = 0; z < gz; ++z)
+        for (int b = 0; b < gx * gy; ++b)
+            for (int t = 0; t < bx * by; ++t) {
+                blockIdx = {(unsigned)(b % gx), (unsigned)(b / gx), (unsigned)z};
+                threadIdx = {(unsigned)(t % bx), (unsigned)(t / bx), 0};
+                if (f16)
+                    preprocess_batch_u8_to_f16(base, (const FrameGeom*)frames, ints[0], ints[1], ints[2], cubic_a,
+                                               ints[3], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], (__half*)out);
+                else
+                    preprocess_batch_u8_to_f32(base, (const FrameGeom*)frames, ints[0], ints[1], ints[2], cubic_a,
+                                               ints[3], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], (float*)out);
+            }
 }
 """
 
@@ -192,6 +208,56 @@ def test_preprocess_source_pil_convention_matches_reference(emulated, spec_name,
 def test_preprocess_source_pil_long_filters(emulated, filt, out_dtype):
     """The shared long-filter case (tests/kernels/cases.py)."""
     check_preprocess(emulated, *pil_long_filter_case(filt), out_dtype)
+
+
+def emulate_preprocess_batch(lib, launch) -> None:
+    a = launch.args
+    ints = np.array([int(a[2]), int(a[3]), int(a[4]), int(a[6])], np.int32)
+    ms = np.array([float(x) for x in a[7:13]], np.float32)
+    p = ctypes.c_void_p
+    lib.run_batch(
+        ctypes.c_int(launch.function.endswith("f16")), p(int(a[0])), p(int(a[1])), ints.ctypes.data_as(p),
+        ctypes.c_float(float(a[5])), ms.ctypes.data_as(p), p(int(a[13])),
+        *(ctypes.c_int(v) for v in (*launch.grid, launch.block[0], launch.block[1])),
+    )
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("task", ["gender", "quality"])
+def test_batched_preprocess_writes_each_image_from_its_table_row(emulated, task, out_dtype):
+    """One launch for four images of different sizes and pitches at scattered offsets of
+    one staging buffer (as FrameProducer lays them out): image z lands in batch item z,
+    equal to the one-image kernel's reference; the rows past the batch stay untouched."""
+    from engine.specs import SpecRegistry
+
+    pre = SpecRegistry.builtin().get(task).preprocess
+    norm = Normalise.from_preprocess(pre)
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((97, 131), (17, 23), (300, 200), (64, 64))]
+    staging = np.zeros(1 << 20, np.uint8)
+    rows, offset = [], 4096
+    for image in images[::-1]:  # laid out in reverse order: the table, not the order, says where
+        h, w, _ = image.shape
+        pitch = 3 * w + 7
+        staging[offset : offset + h * pitch].reshape(h, pitch)[:, : 3 * w] = image.reshape(h, 3 * w)
+        rows.insert(0, (offset, pitch, ResizeCrop.from_preprocess(pre, h, w)))
+        offset += -(-(h * pitch + 1) // 256) * 256
+    table = frame_table(rows)
+    assert table.dtype == FRAME_GEOM_DTYPE and table.dtype.itemsize == 40
+    out = np.full((6, 3, pre.size, pre.size), np.nan, {"float32": np.float32, "float16": np.float16}[out_dtype])
+    launch = preprocess_batch_launch(staging.ctypes.data, table.ctypes.data, len(images), pre.size, norm,
+                                     out.ctypes.data, out_dtype)
+    assert launch.grid[2] == len(images)
+    emulate_preprocess_batch(emulated["preprocess"], launch)
+    assert np.isnan(out[len(images):]).all(), "wrote past the batch"
+    atol = 0.05 / 255.0 / min(norm.std)
+    for z, (image, (_, _, geom)) in enumerate(zip(images, rows)):
+        assert not np.isnan(out[z]).any(), f"image {z}: some output elements were not written"
+        expected = preprocess_reference(image, geom, norm, np.float64)
+        if out_dtype == "float16":
+            np.testing.assert_allclose(out[z].astype(np.float64), expected, rtol=1e-3, atol=atol + 1e-3)
+        else:
+            np.testing.assert_allclose(out[z], expected, rtol=1e-5, atol=atol)
 
 
 def run_postprocess(lib, raw: np.ndarray, probabilities_input: bool = False):

@@ -10,7 +10,16 @@ import pytest
 
 import kernels
 from engine.specs import SpecRegistry
-from kernels.launch import POSTPROCESS_BLOCK, PREPROCESS_BLOCK, postprocess_launch, preprocess_launch
+from kernels.launch import (
+    FRAME_GEOM_DTYPE,
+    MAX_GRID_Z,
+    POSTPROCESS_BLOCK,
+    PREPROCESS_BLOCK,
+    frame_table,
+    postprocess_launch,
+    preprocess_batch_launch,
+    preprocess_launch,
+)
 from kernels.reference import CUBIC_A_OPENCV, CUBIC_A_PIL, Convention, Filter, Normalise, ResizeCrop
 
 _SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)', re.S)
@@ -52,7 +61,8 @@ def check(launch):
 
 
 def test_every_kernel_is_found():
-    assert set(signatures()) == {"preprocess_u8_to_f16", "preprocess_u8_to_f32", "softmax_argmax_f32", "softmax_argmax_f16"}
+    assert set(signatures()) == {"preprocess_u8_to_f16", "preprocess_u8_to_f32", "preprocess_batch_u8_to_f16",
+                                 "preprocess_batch_u8_to_f32", "softmax_argmax_f32", "softmax_argmax_f16"}
 
 
 @pytest.mark.parametrize("out_dtype", ["float16", "float32"])
@@ -101,3 +111,52 @@ def test_bad_launch_values_are_refused():
         preprocess_launch(1, 400 * 3, geom, norm, 2, -1)
     with pytest.raises(ValueError, match="nothing to do"):
         postprocess_launch(1, 2, 3, rows=0, classes=4)
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+def test_batched_preprocess_arguments_match_the_signature(out_dtype):
+    pre = SpecRegistry.builtin().get("quality").preprocess
+    launch = preprocess_batch_launch(0x1000, 0x9000, 37, pre.size, Normalise.from_preprocess(pre), 0x2000, out_dtype)
+    check(launch)
+    names = parameter_names()[launch.function]
+    assert names[:3] == ["base", "frames", "out_size"] and names[3:6] == ["mode", "convention", "cubic_a"]
+    assert int(launch.args[1]) == 0x9000 and int(launch.args[-1]) == 0x2000
+    assert launch.grid == (24, 24, 37) and launch.block == PREPROCESS_BLOCK
+
+
+def _struct_layout() -> list[tuple[str, str]]:
+    """(C type, name) of each FrameGeom field, from the kernel source."""
+    body = re.search(r"struct FrameGeom \{(.*?)\};", kernels.load_source("preprocess"), re.S).group(1)
+    fields = []
+    for decl in re.sub(r"//[^\n]*", "", body).split(";"):
+        decl = " ".join(decl.split())
+        if decl:
+            ctype, names = decl.split(" ", 1) if not decl.startswith("long long") else ("long long", decl[10:])
+            fields += [(ctype, n.strip()) for n in names.split(",")]
+    return fields
+
+
+def test_the_frame_table_dtype_is_the_kernels_struct():
+    """Same fields, order and sizes as struct FrameGeom (long long 8 bytes, int 4), no
+    padding the compiler would add: 40 bytes, the 8-byte field first."""
+    layout = _struct_layout()
+    assert [n for _, n in layout] == list(FRAME_GEOM_DTYPE.names)
+    sizes = {"long long": 8, "int": 4}
+    assert [sizes[t] for t, _ in layout] == [FRAME_GEOM_DTYPE.fields[n][0].itemsize for n in FRAME_GEOM_DTYPE.names]
+    assert FRAME_GEOM_DTYPE.itemsize == 40 and FRAME_GEOM_DTYPE.itemsize % 8 == 0
+
+
+def test_frame_table_rows_and_refusals():
+    pre = SpecRegistry.builtin().get("gender").preprocess
+    a, b = ResizeCrop.from_preprocess(pre, 300, 400), ResizeCrop.from_preprocess(pre, 1080, 1920)
+    table = frame_table([(4096, 400 * 3, a), (1 << 33, 1920 * 3 + 64, b)])
+    assert table["offset"].tolist() == [4096, 1 << 33] and table["src_pitch"].tolist() == [1200, 5824]
+    assert table[1]["resized_w"] == b.resized_w and table[1]["left"] == b.left and table["reserved"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="pitch"):
+        frame_table([(0, 400 * 3 - 1, a)])
+    with pytest.raises(ValueError, match="one output size"):
+        frame_table([(0, 1200, a), (0, 384 * 3, ResizeCrop.from_preprocess(SpecRegistry.builtin().get("quality").preprocess, 384, 384))])
+    with pytest.raises(ValueError, match="1 to"):
+        frame_table([])
+    with pytest.raises(ValueError, match="1 to"):
+        preprocess_batch_launch(1, 2, MAX_GRID_Z + 1, 224, Normalise.from_preprocess(pre), 3)
