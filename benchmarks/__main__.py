@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from engine.errors import EngineError, InputError
+from engine.errors import EngineError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "images":
             from benchmarks.images import ImageSetSpec, generate_image_set
 
-            if args.frames < 0 or args.crops < 0 or args.frames + args.crops < 1:
-                raise InputError("the generated image set needs at least one frame or crop")
             images = generate_image_set(args.out, ImageSetSpec(args.frames, args.crops, tuple(args.frame_size), args.seed))
             print(f"{len(images)} images in {images.root}")
             return 0
@@ -73,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"benchmarks: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `python -m benchmarks compare ... | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141
 
 
 if __name__ == "__main__":

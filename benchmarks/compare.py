@@ -157,15 +157,36 @@ WORKLOAD_SETTINGS = ("batch_size", "device", "threads", "workers", "gender_varia
 WORKLOAD_IMAGES = ("source", "count", "counts", "generator")
 
 
+# a folder of the user's: which files (a generated set is named by its generator settings,
+# and its bytes may differ by encoder version)
+WORKLOAD_FOLDER = ("total_bytes", "listing_sha256")
+
+
 def workload_mismatches(baseline: Mapping, new: Mapping) -> list[str]:
-    """Why the two files did not measure the same work (empty if they did)."""
+    """Why the two files did not measure the same work (empty if they did). Fields that
+    one side lacks (written by an older suite) are not compared."""
     problems = []
-    for section, keys in (("settings", WORKLOAD_SETTINGS), ("images", WORKLOAD_IMAGES)):
+    images_a, images_b = baseline.get("images") or {}, new.get("images") or {}
+    folder = images_a.get("source") == images_b.get("source") == "folder"
+    checks = [("settings", WORKLOAD_SETTINGS), ("images", WORKLOAD_IMAGES + (WORKLOAD_FOLDER if folder else ()))]
+    for section, keys in checks:
         a, b = baseline.get(section) or {}, new.get(section) or {}
         for key in keys:
+            if key in WORKLOAD_FOLDER and (key not in a or key not in b):
+                continue
             if a.get(key) != b.get(key):
-                problems.append(f"{section}.{key}: baseline {a.get(key)!r}, new {b.get(key)!r}")
+                problems.append(f"{section}.{key}: baseline {_short(a.get(key))}, new {_short(b.get(key))}")
+    specs_a = {m["key"]: m.get("spec_sha256") for m in baseline.get("models") or []}
+    specs_b = {m["key"]: m.get("spec_sha256") for m in new.get("models") or []}
+    for key in sorted(set(specs_a) & set(specs_b)):
+        if specs_a[key] and specs_b[key] and specs_a[key] != specs_b[key]:
+            problems.append(f"models.{key}: another spec (preprocessing, labels or output kind; a --spec-file?)")
     return problems
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def compare(

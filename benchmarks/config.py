@@ -87,15 +87,15 @@ class BenchConfig:
     plot: bool = True
 
     def __post_init__(self) -> None:
-        if self.images is None and self.frames + self.crops < 1:
-            raise InputError("the generated image set needs at least one frame or crop")
-        if self.frames < 0 or self.crops < 0:
-            raise InputError("frame and crop counts cannot be negative")
+        if self.images is None:  # the generated set's counts, size and seed
+            from benchmarks.images import ImageSetSpec
+
+            ImageSetSpec(self.frames, self.crops, self.frame_size, self.seed)
         if self.max_images is not None and self.max_images < 1:
             raise InputError(f"max images must be at least 1, got {self.max_images}")
-        w, h = self.frame_size
-        if not (32 <= w <= 8192 and 32 <= h <= 8192):
-            raise InputError(f"frame size must be between 32 and 8192 pixels a side, got {w}x{h}")
+        if self.max_images is not None and self.images is None:
+            raise InputError("--max-images limits a folder given with --images; the generated set's size is "
+                             "--frames and --crops")
         if not 1 <= self.batch_size <= 1024:
             raise InputError(f"batch size must be between 1 and 1024, got {self.batch_size}")
         if not 1 <= self.repeats <= 100:

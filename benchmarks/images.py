@@ -40,12 +40,29 @@ class ImageKind(str, Enum):
     CROP = "crop"
 
 
+MAX_GENERATED = 100_000  # generated frames (and crops) at most: beyond that, a folder of one's own
+
+
 @dataclass(frozen=True)
 class ImageSetSpec:
     frames: int
     crops: int
     frame_size: tuple[int, int]  # (width, height)
     seed: int
+
+    def __post_init__(self) -> None:
+        if self.frames < 0 or self.crops < 0:
+            raise InputError("frame and crop counts cannot be negative")
+        if self.frames + self.crops < 1:
+            raise InputError("the generated image set needs at least one frame or crop")
+        if max(self.frames, self.crops) > MAX_GENERATED:
+            raise InputError(f"at most {MAX_GENERATED} generated frames and {MAX_GENERATED} crops; "
+                             f"for more, point --images at a folder")
+        w, h = self.frame_size
+        if not (32 <= w <= 8192 and 32 <= h <= 8192):
+            raise InputError(f"frame size must be between 32 and 8192 pixels a side, got {w}x{h}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "frame_size": list(self.frame_size), "generator_version": GENERATOR_VERSION}
@@ -75,7 +92,15 @@ class ImageSet:
             "counts": dict(self.counts),
             "generator": self.spec.to_json() if self.spec else None,
             "excluded": dict(self.excluded),
+            "listing_sha256": self.listing_sha256(),
         }
+
+    def listing_sha256(self) -> str:
+        """Which files, by path under the root and size: tells two folders of the same
+        counts apart without reading them."""
+        root = Path(self.root)
+        lines = sorted(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}" for p in self.paths)
+        return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -193,13 +218,32 @@ def _crop_size(rng: np.random.Generator) -> tuple[int, int]:
     return (short, max(8, round(short * aspect))) if aspect >= 1 else (max(8, round(short / aspect)), short)
 
 
+def _check_ours(root: Path, manifest: dict | None) -> None:
+    """``root`` may be written (its stale images removed) only if it holds nothing but a
+    set this module generated: its manifest and the files that manifest lists. Anything
+    else is a user's, and is never overwritten or deleted (and a subfolder would also be
+    read by the `engine run` figure)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise InputError(f"the benchmark's image folder {root} is a file")
+    ours = set((manifest or {}).get("files", {})) | {MANIFEST_NAME}
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name not in ours or p.is_dir())
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"{root} holds files the benchmark did not generate ({shown}); it writes its image set "
+                         f"there and removes what is not part of it, so give another --out (or empty that folder)")
+
+
 def generate_image_set(root: Path, spec: ImageSetSpec) -> ImageSet:
-    """Write (or reuse) the generated image set under ``root``."""
+    """Write (or reuse) the generated image set under ``root``: a new folder, or one that
+    holds an earlier generated set and nothing else (see :func:`_check_ours`)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / MANIFEST_NAME
     planned = _planned(spec)
     manifest = _read_manifest(manifest_path)
+    _check_ours(root, manifest)
+    root.mkdir(parents=True, exist_ok=True)
     if manifest is not None and manifest.get("spec") == spec.to_json() and _files_match(root, manifest):
         log.info("reusing the generated image set in %s", root)
     else:
@@ -216,7 +260,7 @@ def generate_image_set(root: Path, spec: ImageSetSpec) -> ImageSet:
             data = encode(draw_image(rng, w, h, kind), fmt)
             (root / name).write_bytes(data)
             files[name] = hashlib.sha256(data).hexdigest()
-        for stale in root.iterdir():
+        for stale in root.iterdir():  # the earlier set's files only (checked above)
             if stale.is_file() and stale.name != MANIFEST_NAME and stale.name not in files:
                 stale.unlink()
         manifest = {"spec": spec.to_json(), "files": files}
@@ -233,10 +277,14 @@ def _read_manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable image-set manifest %s (%s); regenerating", path, exc)
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable image-set manifest %s (%s)", path, exc)
         return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        log.warning("ignoring image-set manifest %s: not one this benchmark wrote", path)
+        return None
+    return manifest
 
 
 def _files_match(root: Path, manifest: dict) -> bool:

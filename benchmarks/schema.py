@@ -109,6 +109,7 @@ RESULT_SCHEMA: dict[str, Any] = _obj(
                 "counts": {"type": "object", "additionalProperties": _COUNT},
                 "generator": {"type": ["object", "null"]},
                 "excluded": {"type": "object", "additionalProperties": _STR},
+                "listing_sha256": _STR,  # sorted (path, size) of the images; older files lack it
             },
             # files written before undecodable images were left out lack "excluded"
             required=["source", "root", "count", "total_bytes", "counts", "generator"],
@@ -127,7 +128,11 @@ RESULT_SCHEMA: dict[str, Any] = _obj(
                     "weights": _STR,
                     "weights_detail": _STR,
                     "onnx": _STR_OR_NULL,
-                }
+                    "spec_sha256": _STR,
+                },
+                # files written before the spec digest was recorded lack it
+                required=["key", "task", "variant", "architecture", "input_size", "labels", "weights",
+                          "weights_detail", "onnx"],
             ),
         },
         "configs": {

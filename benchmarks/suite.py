@@ -27,8 +27,10 @@ import dataclasses
 import datetime as _dt
 import functools
 import gc
+import hashlib
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -45,7 +47,7 @@ from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, sam
 from benchmarks.schema import SCHEMA_VERSION, validate_results
 from engine import __version__
 from engine.errors import DependencyError, EngineError, InputError
-from engine.specs import ModelSpec, SpecRegistry, Task
+from engine.specs import ModelSpec, SpecRegistry, Task, spec_as_dict
 
 if TYPE_CHECKING:
     from benchmarks.engine_pipeline import EngineConfig, EnginePipeline
@@ -429,6 +431,8 @@ def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
         "weights": resolved.weights.value if resolved else "random",
         "weights_detail": resolved.weights_detail if resolved else "random weights, seed 0 - NOT the published model",
         "onnx": str(resolved.onnx_path) if resolved else None,
+        # preprocessing, labels, output kind: what a spec file can change about the work
+        "spec_sha256": hashlib.sha256(json.dumps(spec_as_dict(spec), sort_keys=True).encode()).hexdigest(),
     }
 
 
@@ -492,7 +496,9 @@ def run_bench(
     try:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise InputError(f"--out {cfg.out_dir} is a file: the suite writes a folder (results.json, plot, summary)") from None
+        blocker = next((p for p in (cfg.out_dir, *cfg.out_dir.parents) if p.exists() and not p.is_dir()), cfg.out_dir)
+        raise InputError(f"--out {cfg.out_dir}: {blocker} is a file; the suite writes a folder "
+                         f"(results.json, plot, summary)") from None
     except OSError as exc:
         raise InputError(f"cannot make the output folder {cfg.out_dir}: {exc.strerror or exc}") from None
     device = resolve_device(cfg.device)
@@ -581,6 +587,8 @@ def run_bench(
             log.warning("no plot: %s", exc)
     else:
         doc["outputs"]["plot_skipped"] = "disabled (--no-plot)"
+    if not doc["outputs"].get("plot"):
+        (cfg.out_dir / RESULTS_PLOT).unlink(missing_ok=True)  # an earlier run's plot would pass for this one's
     doc["duration_s"] = round(time.perf_counter() - started, 3)
     validate_results(doc)
     write_json(doc, cfg.out_dir / RESULTS_JSON)
@@ -811,10 +819,24 @@ def _unique(values: Iterable[str] | None) -> list[str]:
     return list(dict.fromkeys(values or []))
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the suite from parsed arguments and print the headline; 0 on success.
-    User errors propagate as :class:`engine.errors.EngineError` for the CLI to print."""
-    doc = run_bench(config_from_args(args))
+    User errors propagate as :class:`engine.errors.EngineError` for the CLI to print;
+    Ctrl-C (or SIGTERM) ends it with one line and 130."""
+    cfg = config_from_args(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        doc = run_bench(cfg)
+    except KeyboardInterrupt:
+        print(f"benchmark interrupted: nothing was written to {cfg.out_dir / RESULTS_JSON} by this run "
+              f"(a results file there is from an earlier one)", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from benchmarks.report import headline_lines
 
     for line in headline_lines(doc):

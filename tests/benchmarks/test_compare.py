@@ -238,3 +238,32 @@ def test_schema_rejects_non_finite_numbers():
     doc["results"][0]["peak_host_mb"] = float("nan")
     with pytest.raises(SchemaError, match="not a finite number"):
         validate_results(doc)
+
+
+def test_two_folders_of_the_same_counts_are_another_workload():
+    """A user's folder is named by its files (path, size), not only by its counts: a
+    folder of 4K images in place of small ones is not a regression of the code."""
+    base = make_doc()
+    base["images"].update(source="folder", total_bytes=200_000, listing_sha256="a" * 64)
+    other = make_doc()
+    other["images"].update(source="folder", total_bytes=3_800_000, listing_sha256="b" * 64)
+    result = compare(base, other)
+    assert not result.passed and not result.regressions
+    assert [p.split(":")[0] for p in result.workload_problems] == ["images.total_bytes", "images.listing_sha256"]
+    older = make_doc()  # written before the listing was recorded: not compared, not failed
+    older["images"].update(source="folder", total_bytes=200_000)
+    assert compare(older, base).passed
+    regenerated = make_doc()  # a generated set: named by its generator settings, bytes may differ
+    regenerated["images"]["total_bytes"] = 2
+    assert compare(make_doc(), regenerated).passed
+
+
+def test_another_spec_of_a_model_is_another_workload():
+    base, new = make_doc(), make_doc()
+    base["models"][0]["spec_sha256"], new["models"][0]["spec_sha256"] = "a" * 64, "b" * 64
+    result = compare(base, new)
+    assert not result.passed and result.workload_problems == (
+        "models.gender/alpha: another spec (preprocessing, labels or output kind; a --spec-file?)",)
+    new["models"][0]["spec_sha256"] = "a" * 64
+    assert compare(base, new).passed
+    validate_results(new)

@@ -349,3 +349,68 @@ def test_prepared_precision_path_of_the_ort_factories(tmp_path, random_models):
     assert list((tmp_path / "prepared").glob("*.fp16.*.onnx"))
     with pytest.raises(InputError, match="calibration images"):
         ort_cpu_factory(model, Precision.INT8, context)
+
+
+@pytest.mark.parametrize("intruder", ["holiday.jpg", "crop_00000.png", "extra/"])
+def test_a_folder_holding_other_files_is_never_written_into(tmp_path, intruder):
+    """The generated set's folder is cleaned of what is not part of the set; so it must
+    hold nothing but an earlier set. A user's file (even one named like a generated
+    image) or subfolder stops the run with one line and is left as it was."""
+    root = tmp_path / "images"
+    root.mkdir()
+    target = root / intruder.rstrip("/")
+    if intruder.endswith("/"):
+        target.mkdir()
+        (target / "mine.png").write_bytes(b"user data")
+    else:
+        target.write_bytes(b"user data")
+    spec = ImageSetSpec(frames=0, crops=1, frame_size=(64, 36), seed=0)
+    with pytest.raises(InputError, match=r"holds files the benchmark did not generate \(" + intruder.rstrip("/")):
+        generate_image_set(root, spec)
+    kept = target / "mine.png" if intruder.endswith("/") else target
+    assert kept.read_bytes() == b"user data"
+    code = subprocess.run([sys.executable, "-m", "benchmarks", "images", "--out", str(root), "--frames", "0",
+                           "--crops", "1"], capture_output=True, text=True, check=False)
+    assert code.returncode == 2 and code.stderr.count("\n") == 1 and "did not generate" in code.stderr
+    assert kept.read_bytes() == b"user data"
+
+
+def test_an_earlier_generated_set_is_replaced_file_by_file(tmp_path):
+    root = tmp_path / "images"
+    generate_image_set(root, ImageSetSpec(frames=1, crops=2, frame_size=(64, 36), seed=0))
+    (root / MANIFEST_NAME).write_text("[]")  # not a manifest this suite wrote: the folder is not ours
+    with pytest.raises(InputError, match="did not generate"):
+        generate_image_set(root, ImageSetSpec(frames=1, crops=0, frame_size=(64, 36), seed=0))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"frames": 10**9}, "at most 100000 generated frames"),
+    ({"max_images": 5}, "--max-images limits a folder given with --images"),
+])
+def test_more_bad_settings_are_one_line_errors(tmp_path, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        BenchConfig(out_dir=tmp_path, **kwargs)
+
+
+def test_an_interrupted_bench_says_so_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import benchmarks.suite as suite
+
+    def interrupted(cfg, **_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suite, "run_bench", interrupted)
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    assert suite.main(parser.parse_args(["--out", str(tmp_path / "r"), "--frames", "1", "--crops", "0"])) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("benchmark interrupted: nothing was written to")
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_an_out_folder_below_a_file_names_the_file(tmp_path):
+    from benchmarks.suite import run_bench
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match=r"--out .*afile/sub: .*afile is a file; the suite writes a folder"):
+        run_bench(BenchConfig(out_dir=tmp_path / "afile" / "sub", frames=1, crops=0))

@@ -182,6 +182,8 @@ def test_user_folder_with_an_undecodable_file(tmp_path, random_models, torch_gen
     folder = tmp_path / "mine"
     generate_image_set(folder / "crops", ImageSetSpec(frames=0, crops=2, frame_size=(64, 36), seed=3))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.png").write_bytes(b"an earlier run's plot")
     config = BenchConfig(
         out_dir=tmp_path / "out",
         images=folder,
@@ -207,3 +209,6 @@ def test_user_folder_with_an_undecodable_file(tmp_path, random_models, torch_gen
         assert _result(doc, cid, "inference", None, "gender/alpha")["images"] == 2
     (agree,) = doc["agreement"]
     assert agree["images"] == 2
+    assert not (tmp_path / "out" / "results.png").exists()  # no plot this time: the old one would pass for it
+    listing = doc["images"]["listing_sha256"]
+    assert len(listing) == 64 and all(len(m["spec_sha256"]) == 64 for m in doc["models"])
