@@ -504,6 +504,9 @@ def run_bench(
     device = resolve_device(cfg.device)
     registry = SpecRegistry.load(cfg.spec_file)
     variants = {Task.GENDER: cfg.gender_variant, Task.QUALITY: cfg.quality_variant}
+    for task, variant in variants.items():  # a variant named for a model no scenario runs is still checked
+        if variant is not None:
+            registry.get(task, variant)
     specs = [registry.get(t, variants[t]) for t in cfg.tasks]
     image_set = prepare_images(cfg)
     log.info("benchmark on %s: %d images (%s), %s", device, len(image_set), image_set.source, ", ".join(s.key for s in specs))

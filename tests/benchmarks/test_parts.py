@@ -414,3 +414,13 @@ def test_an_out_folder_below_a_file_names_the_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match=r"--out .*afile/sub: .*afile is a file; the suite writes a folder"):
         run_bench(BenchConfig(out_dir=tmp_path / "afile" / "sub", frames=1, crops=0))
+
+
+def test_an_unknown_variant_is_refused_even_for_a_model_no_scenario_runs(tmp_path):
+    from benchmarks.suite import run_bench
+    from engine.errors import SpecError
+
+    with pytest.raises(SpecError, match="unknown quality variant 'bogus'"):
+        run_bench(BenchConfig(out_dir=tmp_path / "o", frames=1, crops=0, scenarios=(Scenario.GENDER,),
+                              quality_variant="bogus"))
+    assert not (tmp_path / "o" / "images").exists()
