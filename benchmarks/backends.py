@@ -19,7 +19,7 @@ import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from benchmarks.config import Device, Precision
 from engine.errors import InputError
@@ -41,7 +41,7 @@ class BackendContext:
     threads: int
     batch_size: int
     work_dir: Path
-    calibration_images: tuple[Path, ...] = ()
+    calibration_images: Sequence[Path] = ()  # a builders.calibration.CalibrationImages: hashed once
 
 
 class BackendFactory(Protocol):
@@ -104,7 +104,7 @@ def _prepared_onnx(model: "ResolvedModel", precision: Precision, context: Backen
         return model.onnx_path
     from builders.precision import prepare
 
-    calib = list(context.calibration_images) if precision is Precision.INT8 else None
+    calib = context.calibration_images if precision is Precision.INT8 else None
     if precision is Precision.INT8 and not calib:
         raise InputError("INT8 needs calibration images; the benchmark passes its own image set")
     prepared = prepare(
@@ -192,7 +192,7 @@ def tensorrt_factory(model: "ResolvedModel", precision: Precision, context: Back
     from builders.trt_build import BatchProfile, build_engine, default_profile, engine_profile
     from engine.backends.tensorrt import TensorRTBackend
 
-    calib = list(context.calibration_images) if precision is Precision.INT8 else None
+    calib = context.calibration_images if precision is Precision.INT8 else None
     prepared = prepare(model.onnx_path, model.spec, precision.value, calib, context.work_dir / "prepared",
                        output_kind=model.output_kind, source_sha256=model.source_sha256)
     fixed, b = model.info.input.fixed_batch, context.batch_size

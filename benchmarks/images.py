@@ -227,7 +227,8 @@ def _check_ours(root: Path, manifest: dict | None) -> None:
         return
     if not root.is_dir():
         raise InputError(f"the benchmark's image folder {root} is a file")
-    ours = set((manifest or {}).get("files", {})) | {MANIFEST_NAME}
+    # A manifest.json this module did not write is the user's file like any other.
+    ours = set(manifest["files"]) | {MANIFEST_NAME} if manifest is not None else set()
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name not in ours or p.is_dir())
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -243,12 +244,20 @@ def generate_image_set(root: Path, spec: ImageSetSpec) -> ImageSet:
     planned = _planned(spec)
     manifest = _read_manifest(manifest_path)
     _check_ours(root, manifest)
-    root.mkdir(parents=True, exist_ok=True)
-    if manifest is not None and manifest.get("spec") == spec.to_json() and _files_match(root, manifest):
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot make the benchmark's image folder {root}: {exc.strerror or exc}") from None
+    if manifest is not None and manifest.get("complete") is not False and manifest.get("spec") == spec.to_json() \
+            and _files_match(root, manifest):
         log.info("reusing the generated image set in %s", root)
     else:
         start = time.perf_counter()
         log.info("generating %d frames and %d crops in %s (seed %d)", spec.frames, spec.crops, root, spec.seed)
+        # First a manifest that claims the earlier set's files and every planned one, so
+        # that a run stopped half-way leaves a folder the next run still knows as its own.
+        claimed = {**(manifest or {}).get("files", {}), **{name: None for name, *_ in planned}}
+        _write_manifest(manifest_path, {"spec": spec.to_json(), "files": claimed, "complete": False})
         files = {}
         kind_codes = {ImageKind.FRAME: 0, ImageKind.CROP: 1}
         for name, kind, i, fmt in planned:
@@ -263,8 +272,7 @@ def generate_image_set(root: Path, spec: ImageSetSpec) -> ImageSet:
         for stale in root.iterdir():  # the earlier set's files only (checked above)
             if stale.is_file() and stale.name != MANIFEST_NAME and stale.name not in files:
                 stale.unlink()
-        manifest = {"spec": spec.to_json(), "files": files}
-        manifest_path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _write_manifest(manifest_path, {"spec": spec.to_json(), "files": files})
         log.info("generated %d images in %.1f s", len(planned), time.perf_counter() - start)
     paths = tuple(root / name for name, *_ in planned)
     counts: dict[str, int] = {}
@@ -281,10 +289,17 @@ def _read_manifest(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         log.warning("ignoring unreadable image-set manifest %s (%s)", path, exc)
         return None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        log.warning("ignoring image-set manifest %s: not one this benchmark wrote", path)
+    spec = manifest.get("spec") if isinstance(manifest, dict) else None
+    if not isinstance(spec, dict) or "generator_version" not in spec or not isinstance(manifest.get("files"), dict):
+        log.warning("%s is not an image-set manifest this benchmark wrote", path)
         return None
     return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    from engine.fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps(manifest, indent=1).encode("utf-8"))
 
 
 def _files_match(root: Path, manifest: dict) -> bool:

@@ -420,6 +420,9 @@ def _settings(cfg: BenchConfig, device: str) -> dict:
     return out
 
 
+_WORK_FIELDS = ("architecture", "labels", "output", "preprocess")
+
+
 def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
     return {
         "key": spec.key,
@@ -431,8 +434,9 @@ def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
         "weights": resolved.weights.value if resolved else "random",
         "weights_detail": resolved.weights_detail if resolved else "random weights, seed 0 - NOT the published model",
         "onnx": str(resolved.onnx_path) if resolved else None,
-        # preprocessing, labels, output kind: what a spec file can change about the work
-        "spec_sha256": hashlib.sha256(json.dumps(spec_as_dict(spec), sort_keys=True).encode()).hexdigest(),
+        # what a spec file can change about the work (not its notes, hub path or what is confirmed)
+        "spec_sha256": hashlib.sha256(json.dumps({k: v for k, v in spec_as_dict(spec).items() if k in _WORK_FIELDS},
+                                                 sort_keys=True).encode()).hexdigest(),
     }
 
 
@@ -486,6 +490,7 @@ def run_bench(
     architectures with the same seed.
     """
     from benchmarks.machine import git_commit, machine_info, package_versions
+    from builders.calibration import CalibrationImages
 
     started = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -525,7 +530,7 @@ def run_bench(
             threads=cfg.effective_threads,
             batch_size=cfg.batch_size,
             work_dir=(cfg.cache_dir or cfg.out_dir / "cache"),
-            calibration_images=tuple(image_set.paths[:32]),
+            calibration_images=CalibrationImages(image_set.paths[:32]),  # hashed once for every prepare()
         )
         for ec in _engine_configs(cfg, device, rec):
             units.append((ec.config_id, functools.partial(_run_engine_config, rec, ec, resolved, context, image_set, specs)))
@@ -831,15 +836,19 @@ def main(args: argparse.Namespace) -> int:
     User errors propagate as :class:`engine.errors.EngineError` for the CLI to print;
     Ctrl-C (or SIGTERM) ends it with one line and 130."""
     cfg = config_from_args(args)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
     try:
         doc = run_bench(cfg)
     except KeyboardInterrupt:
-        print(f"benchmark interrupted: nothing was written to {cfg.out_dir / RESULTS_JSON} by this run "
-              f"(a results file there is from an earlier one)", file=sys.stderr)
+        print(f"benchmark interrupted: this run wrote no {cfg.out_dir / RESULTS_JSON} "
+              f"(one there is from an earlier run)", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     from benchmarks.report import headline_lines
 
     for line in headline_lines(doc):

@@ -450,8 +450,10 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
                     "this fp32 run ignores it")
     threads = config.threads or os.cpu_count() or 1
     # Found once; its hash is read once and names the set in the run record and in each
-    # model's prepared graph alike.
-    calibration = calibration_images(config.calib_dir, config.calib_count) if plan.precision != "fp32" else None
+    # model's prepared graph alike. Used by int8 (the record; on the CPU, the calibration)
+    # and by the CPU path's fp16 agreement check; a GPU fp16 run takes built engines.
+    uses_calibration = plan.precision == "int8" or (plan.precision == "fp16" and plan.device == "cpu")
+    calibration = calibration_images(config.calib_dir, config.calib_count) if uses_calibration else None
 
     def open_inference(stack: ExitStack) -> Inference:
         if plan.device == "gpu":

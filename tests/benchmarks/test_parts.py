@@ -404,7 +404,7 @@ def test_an_interrupted_bench_says_so_in_one_line_and_writes_nothing(tmp_path, m
     suite.add_arguments(parser)
     assert suite.main(parser.parse_args(["--out", str(tmp_path / "r"), "--frames", "1", "--crops", "0"])) == 130
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("benchmark interrupted: nothing was written to")
+    assert err.count("\n") == 1 and err.startswith("benchmark interrupted: this run wrote no ")
     assert not (tmp_path / "r" / "results.json").exists()
 
 
@@ -424,3 +424,52 @@ def test_an_unknown_variant_is_refused_even_for_a_model_no_scenario_runs(tmp_pat
         run_bench(BenchConfig(out_dir=tmp_path / "o", frames=1, crops=0, scenarios=(Scenario.GENDER,),
                               quality_variant="bogus"))
     assert not (tmp_path / "o" / "images").exists()
+
+
+def test_a_generation_stopped_half_way_leaves_a_folder_the_next_run_takes(tmp_path, monkeypatch):
+    import benchmarks.images as images
+
+    root = tmp_path / "images"
+    spec = ImageSetSpec(frames=2, crops=1, frame_size=(64, 36), seed=0)
+    real, calls = images.encode, []
+
+    def stopping(arr, fmt):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(fmt)
+        return real(arr, fmt)
+
+    monkeypatch.setattr(images, "encode", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        generate_image_set(root, spec)
+    assert (root / "frame_00000.png").is_file()
+    monkeypatch.setattr(images, "encode", real)
+    s = generate_image_set(root, spec)  # its own half-made set: taken over, completed
+    assert sorted(p.name for p in root.iterdir()) == sorted([p.name for p in s.paths] + [MANIFEST_NAME])
+    assert "complete" not in json.loads((root / MANIFEST_NAME).read_text())
+
+
+@pytest.mark.parametrize("manifest", ['{"files": {"mydata.bin": "x"}}', '{"notes": "my own manifest"}'])
+def test_a_manifest_the_benchmark_did_not_write_is_a_users_file(tmp_path, manifest):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / MANIFEST_NAME).write_text(manifest)
+    if "mydata" in manifest:
+        (root / "mydata.bin").write_bytes(b"user data")
+    with pytest.raises(InputError, match="did not generate"):
+        generate_image_set(root, ImageSetSpec(frames=1, crops=0, frame_size=(64, 36), seed=0))
+    assert (root / MANIFEST_NAME).read_text() == manifest
+    assert "mydata" not in manifest or (root / "mydata.bin").read_bytes() == b"user data"
+
+
+def test_the_spec_digest_names_the_work_not_the_notes(tmp_path):
+    import dataclasses
+
+    from benchmarks.suite import _model_record
+    from engine.specs import SpecRegistry
+
+    spec = SpecRegistry.builtin().get("quality", "head_crop")
+    digest = _model_record(spec, None)["spec_sha256"]
+    assert _model_record(dataclasses.replace(spec, notes="x", unconfirmed=frozenset()), None)["spec_sha256"] == digest
+    other = dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess, size=320))
+    assert _model_record(other, None)["spec_sha256"] != digest
