@@ -335,11 +335,15 @@ class ReferenceLauncher:
 
     def __call__(self, launch: Launch, stream: Any, *, src: Any, table_offset: int, count: int, norm: Normalise,
                  out: Any) -> None:
-        size = out.shape[-1]
+        # Addresses and sizes as the kernel gets them: from the launch, not the keywords.
+        base, table_at, out_ptr = int(launch.args[0]), int(launch.args[1]) - int(src.ptr), int(launch.args[-1])
+        count, size = launch.grid[2], int(launch.args[2])
+        if base != src.ptr or out_ptr != out.ptr or size != out.shape[-1] or not 0 <= table_at < src.nbytes:
+            raise ValueError(f"launch {launch.function} does not address the staging and view buffers it names")
 
         def run() -> None:
             staged = src.array
-            table = staged[table_offset : table_offset + count * FRAME_GEOM_DTYPE.itemsize].view(FRAME_GEOM_DTYPE)
+            table = staged[table_at : table_at + count * FRAME_GEOM_DTYPE.itemsize].view(FRAME_GEOM_DTYPE)
             for z, row in enumerate(table):
                 h, w, pitch, start = int(row["src_h"]), int(row["src_w"]), int(row["src_pitch"]), int(row["offset"])
                 geom = ResizeCrop(h, w, int(row["resized_h"]), int(row["resized_w"]), int(row["top"]), int(row["left"]), size)
