@@ -229,6 +229,9 @@ def _check_ours(root: Path, manifest: dict | None) -> None:
         raise InputError(f"the benchmark's image folder {root} is a file")
     # A manifest.json this module did not write is the user's file like any other.
     ours = set(manifest["files"]) | {MANIFEST_NAME} if manifest is not None else set()
+    for left in root.glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest write that was killed (engine.fileio's temp)
+        if left.is_file():
+            left.unlink()
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name not in ours or p.is_dir())
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

@@ -27,7 +27,6 @@ import dataclasses
 import datetime as _dt
 import functools
 import gc
-import hashlib
 import json
 import logging
 import signal
@@ -47,7 +46,7 @@ from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, sam
 from benchmarks.schema import SCHEMA_VERSION, validate_results
 from engine import __version__
 from engine.errors import DependencyError, EngineError, InputError
-from engine.specs import ModelSpec, SpecRegistry, Task, spec_as_dict
+from engine.specs import ModelSpec, SpecRegistry, Task, spec_work_sha256
 
 if TYPE_CHECKING:
     from benchmarks.engine_pipeline import EngineConfig, EnginePipeline
@@ -420,9 +419,6 @@ def _settings(cfg: BenchConfig, device: str) -> dict:
     return out
 
 
-_WORK_FIELDS = ("architecture", "labels", "output", "preprocess")
-
-
 def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
     return {
         "key": spec.key,
@@ -434,9 +430,7 @@ def _model_record(spec: ModelSpec, resolved: "ResolvedModel | None") -> dict:
         "weights": resolved.weights.value if resolved else "random",
         "weights_detail": resolved.weights_detail if resolved else "random weights, seed 0 - NOT the published model",
         "onnx": str(resolved.onnx_path) if resolved else None,
-        # what a spec file can change about the work (not its notes, hub path or what is confirmed)
-        "spec_sha256": hashlib.sha256(json.dumps({k: v for k, v in spec_as_dict(spec).items() if k in _WORK_FIELDS},
-                                                 sort_keys=True).encode()).hexdigest(),
+        "spec_sha256": spec_work_sha256(spec),  # what a spec file can change about the work
     }
 
 
@@ -838,8 +832,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
+        installed = True
     except ValueError:  # not the main thread: SIGTERM keeps its handler
-        previous = None
+        previous, installed = None, False
     try:
         doc = run_bench(cfg)
     except KeyboardInterrupt:
@@ -847,8 +842,8 @@ def main(args: argparse.Namespace) -> int:
               f"(one there is from an earlier run)", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:  # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     from benchmarks.report import headline_lines
 
     for line in headline_lines(doc):

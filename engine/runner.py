@@ -14,9 +14,7 @@ Rows go to the :class:`~engine.writer.ResultWriter` as each batch finishes.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import os
 import queue
@@ -36,7 +34,7 @@ from engine.discovery import iter_images
 from engine.errors import EngineError, InputError
 from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model  # ModelChoice: re-exported
 from engine.postprocess import Classified, NonFiniteOutput, classify, naming_files
-from engine.specs import SpecRegistry, spec_as_dict
+from engine.specs import SpecRegistry, spec_work_sha256
 from engine.writer import ResultWriter, check_output_name
 
 if TYPE_CHECKING:
@@ -156,7 +154,7 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str,
             {
                 "spec": m.spec.key,
                 # preprocessing, labels or output kind changed by a spec file: another config
-                "spec_sha256": hashlib.sha256(json.dumps(spec_as_dict(m.spec), sort_keys=True).encode()).hexdigest(),
+                "spec_sha256": spec_work_sha256(m.spec),
                 "weights": m.weights.value,
                 "onnx_sha256": m.source_sha256,  # the graph with its external data, if any
             }
@@ -448,6 +446,9 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
     if config.calib_dir is not None and plan.precision == "fp32":
         log.warning("--calib is only used at fp16 (to check agreement with fp32) and int8 (to calibrate); "
                     "this fp32 run ignores it")
+    elif config.calib_dir is not None and plan.precision == "fp16" and plan.device == "gpu":
+        log.warning("--calib: this GPU fp16 run takes engines `engine build` made (its --calib checked them); "
+                    "it ignores --calib")
     threads = config.threads or os.cpu_count() or 1
     # Found once; its hash is read once and names the set in the run record and in each
     # model's prepared graph alike. Used by int8 (the record; on the CPU, the calibration)

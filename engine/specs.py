@@ -360,7 +360,7 @@ def apply_override(spec: ModelSpec, fields: Mapping[str, Any], where: str) -> Mo
         elif name == "hub":
             updates["hub"] = _coerce_hub(value, spec.hub, where)
             cleared |= {f"hub.{k}" for k in value}
-            if spec.hub is None and "published_as" not in fields:  # a new variant's own published file
+            if updates["hub"] != spec.hub and "published_as" not in fields:  # the name follows the file
                 updates["published_as"] = f"{updates['hub'].repo} ({updates['hub'].filename})"
         elif name in _SPEC_FIELDS:
             updates[name] = _coerce_spec(name, value, where)
@@ -390,7 +390,7 @@ def _coerce_hub(value: Any, current: HubSource | None, where: str) -> HubSource:
     if not isinstance(repo, str) or not _HUB_REPO.fullmatch(repo) or ".." in repo:
         raise SpecError(f"{where}: hub.repo must be a hub repository name such as \"owner/name\", got {repo!r}")
     parts = filename.split("/") if isinstance(filename, str) else []
-    if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
+    if not parts or any(p in ("", ".", "..") or "\\" in p or not p.isprintable() for p in parts):
         raise SpecError(f"{where}: hub.filename must be a file path inside the repository such as "
                         f"\"model.onnx\", got {filename!r}")
     return HubSource(repo, filename)
@@ -466,3 +466,17 @@ def spec_as_dict(spec: ModelSpec) -> dict[str, Any]:
     out = plain(spec)
     out["key"] = spec.key
     return out
+
+
+WORK_FIELDS = ("architecture", "labels", "output", "preprocess")
+
+
+def spec_work_sha256(spec: ModelSpec) -> str:
+    """Digest of what a spec decides about the work and its rows (architecture, labels,
+    output kind, preprocessing), not of its notes, hub path or what is confirmed: the
+    run record and the benchmark's model records name a spec by it."""
+    import hashlib
+    import json
+
+    work = {k: v for k, v in spec_as_dict(spec).items() if k in WORK_FIELDS}
+    return hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()

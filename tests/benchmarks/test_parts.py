@@ -473,3 +473,12 @@ def test_the_spec_digest_names_the_work_not_the_notes(tmp_path):
     assert _model_record(dataclasses.replace(spec, notes="x", unconfirmed=frozenset()), None)["spec_sha256"] == digest
     other = dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess, size=320))
     assert _model_record(other, None)["spec_sha256"] != digest
+
+
+def test_a_manifest_write_that_was_killed_does_not_lock_the_folder(tmp_path):
+    root = tmp_path / "images"
+    spec = ImageSetSpec(frames=1, crops=0, frame_size=(64, 36), seed=0)
+    generate_image_set(root, spec)
+    (root / f".{MANIFEST_NAME}.k1ll3d.tmp").write_text("{")  # SIGKILL during the atomic write
+    generate_image_set(root, ImageSetSpec(frames=1, crops=1, frame_size=(64, 36), seed=0))
+    assert sorted(p.name for p in root.iterdir()) == ["crop_00000.png", "frame_00000.png", MANIFEST_NAME]

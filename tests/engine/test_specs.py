@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -113,6 +114,7 @@ labels = ["a", "b", "c", "d"]
         ("[gender.alpha.hub]\nrepo = 'no-owner'\n", "hub.repo must be"),
         ("[gender.alpha.hub]\nfilename = '../model.onnx'\n", "hub.filename must be"),
         ("[gender.alpha.hub]\nfilename = '/abs/model.onnx'\n", "hub.filename must be"),
+        ("[gender.alpha.hub]\nfilename = 'a\\u0000b.onnx'\n", "hub.filename must be"),
         ("[gender.new]\nbase = 'gender/alpha'\nhub = {repo = 'a/b'}\n", "both repo and filename"),
     ],
 )
@@ -138,6 +140,13 @@ def test_a_spec_file_can_say_where_the_published_onnx_is(tmp_path, monkeypatch):
     reg = SpecRegistry.load(f)
     head = reg.get("quality", "head_crop")
     assert head.hub == HubSource("someone/face-quality-head", "model.onnx")  # filename kept
+    assert head.published_as == "someone/face-quality-head (model.onnx)"  # the name follows the file
+    # where the file comes from is not the work: a run's record (and resume) does not change
+    from engine.specs import spec_work_sha256
+
+    assert spec_work_sha256(head) == spec_work_sha256(SpecRegistry.builtin().get("quality", "head_crop"))
+    relabelled = dataclasses.replace(head, labels=("a", "b", "c", "d"))
+    assert spec_work_sha256(relabelled) != spec_work_sha256(head)
     assert "hub.repo" not in head.unconfirmed and "output" in head.unconfirmed
     mine = reg.get("gender", "mine")
     assert mine.hub == HubSource("me/gender", "onnx/model.onnx") and mine.published_as == "me/gender (onnx/model.onnx)"
