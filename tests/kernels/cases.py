@@ -55,3 +55,25 @@ def pil_long_filter_case(filt: Filter) -> tuple[np.ndarray, ResizeCrop, Normalis
     geom = ResizeCrop(900, 16000, 45, 384, 0, 384 - 45, 45)
     norm = Normalise(filt, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CUBIC_A_PIL, Convention.PIL)
     return image, geom, norm
+
+
+def staged_batch(images, pre: Preprocess, *, pitch_pad: int = 0, start: int = 256, reverse: bool = False):
+    """``images`` (uint8 HWC RGB) laid out in one staging buffer as FrameProducer lays out
+    frames (256-byte aligned; rows ``pitch_pad`` bytes longer than the pixels; in reverse
+    order when ``reverse``, so that only the table says where each is), the batched
+    kernel's geometry table behind them. Returns (staging, rows, table offset): ``rows``
+    in batch order, (offset, pitch, geometry) each."""
+    from kernels.launch import frame_table
+
+    total = start + sum(-(-(im.shape[0] * (3 * im.shape[1] + pitch_pad) + 1) // 256) * 256 for im in images)
+    staging = np.zeros(total + 256 * (1 + len(images) * 40 // 256), np.uint8)
+    rows, offset = [None] * len(images), start
+    for z in (reversed(range(len(images))) if reverse else range(len(images))):
+        h, w, _ = images[z].shape
+        pitch = 3 * w + pitch_pad
+        staging[offset : offset + h * pitch].reshape(h, pitch)[:, : 3 * w] = images[z].reshape(h, 3 * w)
+        rows[z] = (offset, pitch, ResizeCrop.from_preprocess(pre, h, w))
+        offset += -(-(h * pitch + 1) // 256) * 256
+    table = frame_table(rows)
+    staging[offset : offset + table.nbytes] = table.view(np.uint8)
+    return staging, rows, offset

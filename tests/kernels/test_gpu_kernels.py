@@ -16,7 +16,7 @@ import pytest
 
 import kernels
 from engine.specs import SpecRegistry
-from kernels.launch import Launch, frame_table, postprocess_launch, preprocess_batch_launch, preprocess_launch
+from kernels.launch import Launch, postprocess_launch, preprocess_batch_launch, preprocess_launch
 from kernels.reference import (
     Convention,
     Filter,
@@ -25,7 +25,7 @@ from kernels.reference import (
     postprocess_reference,
     preprocess_reference,
 )
-from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs
+from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs, staged_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -270,15 +270,7 @@ def test_batched_preprocess_matches_the_one_image_kernel(gpu, task, out_dtype):
     norm = Normalise.from_preprocess(pre)
     rng = np.random.default_rng(11)
     images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((97, 131), (17, 23), (1080, 1920), (64, 64))]
-    staging = np.zeros(16 << 20, np.uint8)
-    rows, offset = [], 256
-    for image in images:
-        h, w, _ = image.shape
-        staging[offset : offset + h * 3 * w] = image.reshape(-1)
-        rows.append((offset, 3 * w, ResizeCrop.from_preprocess(pre, h, w)))
-        offset += -(-(h * 3 * w) // 256) * 256
-    table = frame_table(rows)
-    staging[offset : offset + table.nbytes] = table.view(np.uint8)
+    staging, rows, offset = staged_batch(images, pre)
     out_host = np.full((len(images) + 2, 3, pre.size, pre.size), np.nan, _OUT[out_dtype])
     with gpu.buffers() as alloc:
         base, out = alloc(staging), alloc(out_host)

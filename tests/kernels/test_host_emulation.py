@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.launch import FRAME_GEOM_DTYPE, frame_table, postprocess_launch, preprocess_batch_launch, preprocess_launch
+from kernels.launch import FRAME_GEOM_DTYPE, postprocess_launch, preprocess_batch_launch, preprocess_launch
 from kernels.reference import (
     Convention,
     Filter,
@@ -27,7 +27,7 @@ from kernels.reference import (
     postprocess_reference,
     preprocess_reference,
 )
-from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs
+from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs, staged_batch
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/clang++) to emulate the kernels")
@@ -234,18 +234,11 @@ def test_batched_preprocess_writes_each_image_from_its_table_row(emulated, task,
     norm = Normalise.from_preprocess(pre)
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((97, 131), (17, 23), (300, 200), (64, 64))]
-    staging = np.zeros(1 << 20, np.uint8)
-    rows, offset = [], 4096
-    for image in images[::-1]:  # laid out in reverse order: the table, not the order, says where
-        h, w, _ = image.shape
-        pitch = 3 * w + 7
-        staging[offset : offset + h * pitch].reshape(h, pitch)[:, : 3 * w] = image.reshape(h, 3 * w)
-        rows.insert(0, (offset, pitch, ResizeCrop.from_preprocess(pre, h, w)))
-        offset += -(-(h * pitch + 1) // 256) * 256
-    table = frame_table(rows)
-    assert table.dtype == FRAME_GEOM_DTYPE and table.dtype.itemsize == 40
+    staging, rows, table_at = staged_batch(images, pre, pitch_pad=7, start=4096, reverse=True)
+    table = staging[table_at : table_at + len(images) * FRAME_GEOM_DTYPE.itemsize].view(FRAME_GEOM_DTYPE)
+    assert table["offset"].tolist() == [r[0] for r in rows] and table["offset"][0] > table["offset"][-1]  # reversed
     out = np.full((6, 3, pre.size, pre.size), np.nan, {"float32": np.float32, "float16": np.float16}[out_dtype])
-    launch = preprocess_batch_launch(staging.ctypes.data, table.ctypes.data, len(images), pre.size, norm,
+    launch = preprocess_batch_launch(staging.ctypes.data, staging.ctypes.data + table_at, len(images), pre.size, norm,
                                      out.ctypes.data, out_dtype)
     assert launch.grid[2] == len(images)
     emulate_preprocess_batch(emulated["preprocess"], launch)
