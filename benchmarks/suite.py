@@ -755,10 +755,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = Tru
     g = parser.add_argument_group("images")
     g.add_argument("--images", type=Path, help="benchmark on this folder of images instead of a generated set")
     g.add_argument("--max-images", type=int, help="use at most this many images of --images")
-    g.add_argument("--frames", type=int, default=32, help="generated 16:9 frames (default 32)")
-    g.add_argument("--crops", type=int, default=32, help="generated small head crops (default 32)")
-    g.add_argument("--frame-size", type=_frame_size, default=(1920, 1080), metavar="WxH", help="generated frame size (default 1920x1080)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the generated set (default 0)")
+    # None = not given: the generated set's defaults, and a clear error when given with --images
+    g.add_argument("--frames", type=int, help="generated 16:9 frames (default 32)")
+    g.add_argument("--crops", type=int, help="generated small head crops (default 32)")
+    g.add_argument("--frame-size", type=_frame_size, metavar="WxH", help="generated frame size (default 1920x1080)")
+    g.add_argument("--seed", type=int, help="seed of the generated set (default 0)")
     g = parser.add_argument_group("what to measure")
     g.add_argument("--scenario", action="append", choices=[s.value for s in Scenario], help="gender, quality or both (repeatable; default all three)")
     g.add_argument("--pipeline", action="append", choices=[p.value for p in Pipeline], help="reference or engine (repeatable; default both)")
@@ -789,14 +790,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = Tru
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    generator = {"frames": args.frames, "crops": args.crops, "frame_size": args.frame_size, "seed": args.seed}
+    if args.images is not None and any(v is not None for v in generator.values()):
+        given = ", ".join(f"--{k.replace('_', '-')}" for k, v in generator.items() if v is not None)
+        raise InputError(f"{given} shape(s) the generated image set; --images benchmarks your folder instead")
+    defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig) if f.name in generator}
+    generator = {k: defaults[k] if v is None else v for k, v in generator.items()}
     return BenchConfig(
         out_dir=args.out,
         images=args.images,
         max_images=args.max_images,
-        frames=args.frames,
-        crops=args.crops,
-        frame_size=tuple(args.frame_size),
-        seed=args.seed,
+        frames=generator["frames"],
+        crops=generator["crops"],
+        frame_size=tuple(generator["frame_size"]),
+        seed=generator["seed"],
         scenarios=tuple(Scenario(s) for s in _unique(args.scenario)) or tuple(Scenario),
         pipelines=tuple(Pipeline(p) for p in _unique(args.pipeline)) or tuple(Pipeline),
         backends=tuple(_unique(args.backend)),

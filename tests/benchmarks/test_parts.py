@@ -482,3 +482,16 @@ def test_a_manifest_write_that_was_killed_does_not_lock_the_folder(tmp_path):
     (root / f".{MANIFEST_NAME}.k1ll3d.tmp").write_text("{")  # SIGKILL during the atomic write
     generate_image_set(root, ImageSetSpec(frames=1, crops=1, frame_size=(64, 36), seed=0))
     assert sorted(p.name for p in root.iterdir()) == ["crop_00000.png", "frame_00000.png", MANIFEST_NAME]
+
+
+def test_generator_options_with_a_folder_are_refused_not_ignored(tmp_path):
+    from benchmarks.suite import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(InputError, match=r"--frames, --seed shape\(s\) the generated image set; --images"):
+        config_from_args(parser.parse_args(["--out", str(tmp_path), "--images", str(tmp_path), "--frames", "5",
+                                            "--seed", "1"]))
+    cfg = config_from_args(parser.parse_args(["--out", str(tmp_path)]))
+    assert (cfg.frames, cfg.crops, cfg.frame_size, cfg.seed) == (32, 32, (1920, 1080), 0)  # the defaults
+    assert config_from_args(parser.parse_args(["--out", str(tmp_path), "--images", str(tmp_path)])).images == tmp_path
