@@ -97,6 +97,9 @@ def test_engine_run_is_timed(gender_run):
     assert not doc["skipped"]
     r = _result(doc, ENGINE, "engine_run", "gender")
     assert r["images"] == 3 and "parquet" in r["note"]
+    from benchmarks.report import markdown_summary
+
+    assert "| engine_run vs the reference's end_to_end | gender |" in markdown_summary(doc)  # not a like-for-like row
 
 
 def test_speedups_headline_and_agreement(gender_run):
