@@ -47,6 +47,25 @@ def _ptr(address: int) -> np.uintp:
     return np.uintp(int(address))
 
 
+def _norm_args(norm: Normalise) -> tuple:
+    """The view's filter and normalisation, in both preprocess kernels' argument order
+    (mode, convention, cubic_a, swap_rb, mean0..2, std0..2)."""
+    return (
+        _i32(int(norm.filter), "mode"),
+        _i32(int(norm.convention), "convention"),
+        np.float32(norm.cubic_a),
+        _i32(1 if norm.swap_rb else 0, "swap_rb"),
+        *(np.float32(m) for m in norm.mean),
+        *(np.float32(s) for s in norm.std),
+    )
+
+
+def _pixel_grid(size: int, images: int = 1) -> tuple[int, int, int]:
+    """One thread per output pixel of an S x S view (``images`` of them along z)."""
+    bx, by, _ = PREPROCESS_BLOCK
+    return (-(-size // bx), -(-size // by), int(images))
+
+
 def preprocess_launch(
     src: int,
     src_pitch: int,
@@ -71,18 +90,11 @@ def preprocess_launch(
         _i32(geom.top, "top"),
         _i32(geom.left, "left"),
         _i32(geom.size, "out_size"),
-        _i32(int(norm.filter), "mode"),
-        _i32(int(norm.convention), "convention"),
-        np.float32(norm.cubic_a),
-        _i32(1 if norm.swap_rb else 0, "swap_rb"),
-        *(np.float32(m) for m in norm.mean),
-        *(np.float32(s) for s in norm.std),
+        *_norm_args(norm),
         _ptr(out),
         _i32(batch_index, "batch_index"),
     )
-    bx, by, _ = PREPROCESS_BLOCK
-    grid = (-(-geom.size // bx), -(-geom.size // by), 1)
-    return Launch(function, args, PREPROCESS_BLOCK, grid)
+    return Launch(function, args, PREPROCESS_BLOCK, _pixel_grid(geom.size))
 
 
 # The batched kernel's per-image geometry (struct FrameGeom in preprocess.cu): 40 bytes.
@@ -134,16 +146,10 @@ def preprocess_batch_launch(
         _ptr(base),
         _ptr(table),
         _i32(size, "out_size"),
-        _i32(int(norm.filter), "mode"),
-        _i32(int(norm.convention), "convention"),
-        np.float32(norm.cubic_a),
-        _i32(1 if norm.swap_rb else 0, "swap_rb"),
-        *(np.float32(m) for m in norm.mean),
-        *(np.float32(s) for s in norm.std),
+        *_norm_args(norm),
         _ptr(out),
     )
-    bx, by, _ = PREPROCESS_BLOCK
-    return Launch(function, args, PREPROCESS_BLOCK, (-(-size // bx), -(-size // by), int(count)))
+    return Launch(function, args, PREPROCESS_BLOCK, _pixel_grid(size, count))
 
 
 def postprocess_launch(
