@@ -279,13 +279,12 @@ def reference_view(frame: Frame, v: int, view: FrameView, dtype: Any = np.float3
 
 class Launcher(Protocol):
     """Queues one view of a whole batch on ``stream``: ``launch`` holds the batched
-    kernel's arguments (addresses included); the other arguments say the same in
-    buffers: the staging buffer ``src``, whose bytes at ``table_offset`` hold the
-    batch's ``count`` geometry rows (:func:`kernels.launch.frame_table`), the view's
-    normalisation and its output buffer ``out``."""
+    kernel's arguments (addresses, image count, the geometry table's address:
+    :func:`kernels.launch.frame_table`); ``src`` (the staging buffer), ``norm`` and
+    ``out`` (the view's buffer) name the same buffers and normalisation as objects."""
 
-    def __call__(self, launch: Launch, stream: Any, *, src: "DeviceArray", table_offset: int, count: int,
-                 norm: Normalise, out: "DeviceArray") -> None: ...
+    def __call__(self, launch: Launch, stream: Any, *, src: "DeviceArray", norm: Normalise,
+                 out: "DeviceArray") -> None: ...
 
     def close(self) -> None: ...
 
@@ -333,9 +332,8 @@ class ReferenceLauncher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, launch: Launch, stream: Any, *, src: Any, table_offset: int, count: int, norm: Normalise,
-                 out: Any) -> None:
-        # Addresses and sizes as the kernel gets them: from the launch, not the keywords.
+    def __call__(self, launch: Launch, stream: Any, *, src: Any, norm: Normalise, out: Any) -> None:
+        # Addresses and sizes as the kernel gets them: from the launch.
         base, table_at, out_ptr = int(launch.args[0]), int(launch.args[1]) - int(src.ptr), int(launch.args[-1])
         count, size = launch.grid[2], int(launch.args[2])
         if base != src.ptr or out_ptr != out.ptr or size != out.shape[-1] or not 0 <= table_at < src.nbytes:
@@ -467,11 +465,11 @@ class FrameProducer:
         for table, at in zip(tables, table_at):
             host[at : at + table.nbytes] = table.view(np.uint8)
         self._device.h2d(dev, host[:used], stream)
-        for view, table, at in zip(self.views, tables, table_at):
+        for view, at in zip(self.views, table_at):
             out = self._outputs[view.key]
             launch = preprocess_batch_launch(dev.ptr, dev.ptr + at, n, view.preprocess.size, view.norm, out.ptr,
                                              out_dtype=np.dtype(out.dtype).name)
-            self._launcher(launch, stream, src=dev, table_offset=at, count=n, norm=view.norm, out=out)
+            self._launcher(launch, stream, src=dev, norm=view.norm, out=out)
         self.stats.batches += 1
         self.stats.frames += n
         self.stats.uploaded_bytes += used
