@@ -246,10 +246,10 @@ class StreamedEnginePipeline(EnginePipeline):
         self, paths: Sequence[Path], keys: Sequence[str], limit: int | None = None
     ) -> tuple[int, dict[str, np.ndarray], list[int]]:
         from engine.runner import FileReader
-        from engine.streamed_run import HostProducer, StreamedInference, dali_gpu_producer
+        from engine.streamed_run import DaliGpuProducer, HostProducer, StreamedInference
 
         pre = self.preprocessor(keys)
-        producer = HostProducer(pre) if self._dali_stream is None else dali_gpu_producer(pre, self._dali_stream)
+        producer = HostProducer(pre) if self._dali_stream is None else DaliGpuProducer(pre, self._dali_stream)
         inference = StreamedInference([self.models[k] for k in keys], self.executor, producer)
         size = self.context.batch_size
         chunks = [list(paths[i : i + size]) for i in range(0, len(paths), size)][:limit]

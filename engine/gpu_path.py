@@ -309,7 +309,7 @@ def open_gpu_inference(plan: PathPlan, models: Sequence["ResolvedModel"], config
     from engine.executor import ExecutorConfig, StreamedExecutor
     from engine.gpu import CudaDevice
     from engine.preprocess.dali_pipeline import DaliPreprocessor
-    from engine.streamed_run import StreamedInference, dali_gpu_producer
+    from engine.streamed_run import DaliGpuProducer, StreamedInference
 
     device = stack.enter_context(CudaDevice(0))
     backends = open_gpu_backends(plan, models, config.models, config.batch_size, stack)
@@ -326,5 +326,5 @@ def open_gpu_inference(plan: PathPlan, models: Sequence["ResolvedModel"], config
     dali_stream = device.stream()
     executor = stack.enter_context(StreamedExecutor(backends, device, ExecutorConfig(config.batch_size)))
     backend = "tensorrt" if plan.gpu_backend == "tensorrt" else "torch-cuda"
-    return StreamedInference(models, executor, dali_gpu_producer(pre, dali_stream),
+    return StreamedInference(models, executor, DaliGpuProducer(pre, dali_stream),
                              backend=f"{backend} (streamed executor, DALI on the GPU)")

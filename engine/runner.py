@@ -352,12 +352,11 @@ def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path,
         return model.onnx_path
     from builders.precision import prepare
 
-    calib = calibration
-    if precision == "int8" and not calib:
+    if precision == "int8" and not calibration:
         raise EngineError("int8 needs calibration images: a folder of typical frames "
                           "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
     prepared = prepare(
-        model.onnx_path, model.spec, precision, calib, Path(cache_dir) / "prepared",
+        model.onnx_path, model.spec, precision, calibration, Path(cache_dir) / "prepared",
         output_kind=model.output_kind, source_sha256=model.source_sha256,
     )
     return prepared.path

@@ -91,10 +91,6 @@ class DaliGpuProducer:
         return self._pre.process_device(payload, cuda_stream=self._handle)
 
 
-def dali_gpu_producer(preprocessor: "DaliPreprocessor", stream: Any) -> Producer:
-    return DaliGpuProducer(preprocessor, stream)
-
-
 @dataclass
 class _Entry:
     batch: Any  # engine.runner._Batch
