@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError
+from engine.fileio import leftover_temps, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +230,8 @@ def _check_ours(root: Path, manifest: dict | None) -> None:
         raise InputError(f"the benchmark's image folder {root} is a file")
     # A manifest.json this module did not write is the user's file like any other.
     ours = set(manifest["files"]) | {MANIFEST_NAME} if manifest is not None else set()
-    for left in root.glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest write that was killed (engine.fileio's temp)
-        if left.is_file():
-            left.unlink()
+    for left in leftover_temps(root / MANIFEST_NAME):  # a manifest write that was killed
+        left.unlink(missing_ok=True)
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name not in ours or p.is_dir())
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -300,8 +300,6 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    from engine.fileio import write_bytes_atomic
-
     write_bytes_atomic(path, json.dumps(manifest, indent=1).encode("utf-8"))
 
 

@@ -46,6 +46,7 @@ from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, sam
 from benchmarks.schema import SCHEMA_VERSION, validate_results
 from engine import __version__
 from engine.errors import DependencyError, EngineError, InputError
+from engine.fileio import write_bytes_atomic
 from engine.specs import ModelSpec, SpecRegistry, Task, spec_work_sha256
 
 if TYPE_CHECKING:
@@ -714,9 +715,7 @@ def _torch_math() -> dict[str, bool]:
 
 
 def write_json(doc: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_bytes_atomic(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
 
 def load_results(path: Path) -> dict:

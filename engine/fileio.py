@@ -15,6 +15,7 @@ Not covered: the ``.data`` file beside an ONNX graph past protobuf's 2 GiB limit
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from contextlib import contextmanager
@@ -35,13 +36,25 @@ def umask() -> int:
     return mask
 
 
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}."
+
+
+def leftover_temps(dest: Path | str) -> list[Path]:
+    """Temporary files :func:`replacing` left beside ``dest`` when its writer was killed
+    (an interrupted writer removes its own): for a caller that knows no writer of
+    ``dest`` is running to remove."""
+    dest = Path(dest)
+    return sorted(dest.parent.glob(glob.escape(_temp_prefix(dest)) + "*.tmp"))
+
+
 @contextmanager
 def replacing(dest: Path | str) -> Iterator[str]:
     """Yield a temporary path beside ``dest`` to write the new file at; when the block
     ends without an exception, the file is synced and renamed onto ``dest``, otherwise
     removed. ``dest``'s folder must exist."""
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     try:
         try:
             os.fchmod(fd, 0o666 & ~umask())

@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 import polars as pl
 
 from engine.errors import OutputError
-from engine.fileio import replacing
+from engine.fileio import leftover_temps, replacing
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class ResultWriter:
                 self.out.unlink(missing_ok=True)
             # (the parts folder is made by the first flush: a refused run leaves none)
             # Temp files of a killed run (we hold the lock, so none is being written).
-            for stale in [*self.out.parent.glob(f".{self.out.name}.*.tmp"), *self.parts_dir.glob(".part-*.tmp")]:
+            for stale in [*leftover_temps(self.out), *self.parts_dir.glob(".part-*.tmp")]:
                 stale.unlink(missing_ok=True)
             self._load_previous()
         except BaseException:

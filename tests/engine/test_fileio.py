@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,18 @@ def test_two_writers_of_one_file_never_leave_a_mixture(tmp_path):
     assert not errors
     assert dest.read_bytes() in blobs
     assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
+
+
+def test_leftover_temps_are_those_of_that_destination_only(tmp_path):
+    from engine.fileio import leftover_temps
+
+    dest = tmp_path / "results[1].parquet"  # glob characters in the name are taken literally
+    killed = tmp_path / ".results[1].parquet.abc123.tmp"
+    killed.write_bytes(b"half")
+    (tmp_path / ".results1.parquet.x.tmp").write_bytes(b"another file's")
+    (tmp_path / ".results[1].parquet.keep").write_bytes(b"not a temp")
+    assert leftover_temps(dest) == [killed]
+    with replacing(dest) as tmp:
+        assert Path(tmp) in leftover_temps(dest)  # the names replacing() gives
+        Path(tmp).write_bytes(b"x")
+    assert leftover_temps(dest) == [killed]
