@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -73,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `python -m benchmarks compare ... | head`: the reader left
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
-        return 141
+        from engine.cli import stdout_gone
+
+        return stdout_gone()
 
 
 if __name__ == "__main__":

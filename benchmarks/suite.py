@@ -29,7 +29,6 @@ import functools
 import gc
 import json
 import logging
-import signal
 import sys
 import tempfile
 import time
@@ -827,29 +826,20 @@ def _unique(values: Iterable[str] | None) -> list[str]:
     return list(dict.fromkeys(values or []))
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the suite from parsed arguments and print the headline; 0 on success.
     User errors propagate as :class:`engine.errors.EngineError` for the CLI to print;
     Ctrl-C (or SIGTERM) ends it with one line and 130."""
+    from engine.cli import sigterm_as_interrupt
+
     cfg = config_from_args(args)
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        installed = True
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
-        previous, installed = None, False
-    try:
-        doc = run_bench(cfg)
+        with sigterm_as_interrupt():
+            doc = run_bench(cfg)
     except KeyboardInterrupt:
         print(f"benchmark interrupted: this run wrote no {cfg.out_dir / RESULTS_JSON} "
               f"(one there is from an earlier run)", file=sys.stderr)
         return 130
-    finally:
-        if installed:  # None: a handler set outside Python, which cannot be put back; the default then
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     from benchmarks.report import headline_lines
 
     for line in headline_lines(doc):

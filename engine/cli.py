@@ -13,7 +13,9 @@ import math
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from engine import __version__
 from engine.errors import EngineError
@@ -271,8 +273,32 @@ def _model_choices(args) -> tuple:
 
 
 def _terminate(signum, frame) -> None:
-    """SIGTERM is handled like Ctrl-C: finished rows are flushed, the lock released."""
     raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM is handled like Ctrl-C (a KeyboardInterrupt), so that the caller's
+    interrupt handling keeps what is finished (flushed rows, the lock released). Off the
+    main thread SIGTERM keeps its handler; the one before is put back after (the default
+    where it was set outside Python)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def stdout_gone() -> int:
+    """The exit code for a reader that left (``engine models | head``): stdout is pointed
+    at /dev/null so that the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def cmd_run(args) -> int:
@@ -295,9 +321,9 @@ def cmd_run(args) -> int:
         device=args.device,
         gpu_backend=args.gpu_backend,
     )
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        summary = run(config, announce=lambda text: print(f"engine: {text}", file=sys.stderr, flush=True))
+        with sigterm_as_interrupt():
+            summary = run(config, announce=lambda text: print(f"engine: {text}", file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         print(
             f"engine: interrupted; finished rows are kept in {args.out}.parts/. "
@@ -305,8 +331,6 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     for line in summary.lines():
         print(line)
     return 0
@@ -401,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `engine models | head`: the reader left; stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
-        return 128 + signal.SIGPIPE
+        return stdout_gone()
 
 
 if __name__ == "__main__":

@@ -118,3 +118,29 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
         text=True, timeout=120, executable="/bin/bash",
     )
     assert proc.stderr == "" and proc.stdout.strip() == "141"
+
+
+def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
+    import signal
+    import threading
+
+    from engine.cli import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+    errors = []
+
+    def off_main():
+        try:
+            with sigterm_as_interrupt():  # signal.signal() refuses off the main thread: left as it is
+                pass
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=off_main)
+    t.start()
+    t.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is before
