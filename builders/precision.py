@@ -622,8 +622,9 @@ def prepare(
     """Prepare ``model_onnx`` for a strongly typed build at ``precision``.
 
     ``calib_images`` (a :class:`builders.calibration.CalibrationImages`, whose hash is
-    then not read again, or paths, e.g. from :func:`find_calibration_images`) are required for INT8 and optional for FP16; when given, the prepared graph is
-    checked against FP32 on them and :attr:`PreparedModel.agreement` is filled in.
+    then not read again, or paths, e.g. from :func:`find_calibration_images`) are
+    required for INT8 and optional for FP16; when given, the prepared graph is checked
+    against FP32 on them and :attr:`PreparedModel.agreement` is filled in.
     Agreement outside ``bounds`` (default :meth:`AgreementBounds.default`) is logged as
     a warning, or raised as :class:`ModelError` when ``strict``. ``calib`` passes
     already preprocessed tensors (then ``calib_images`` is ignored). ``output_kind``

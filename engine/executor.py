@@ -137,8 +137,7 @@ class DeviceBackend(Protocol):
     ``max_batch``; a backend may also declare ``min_batch``, the smallest batch it
     runs, and shorter batches are padded up to it). Inputs that declare a fixed batch
     get buffers of that many rows, and a larger submission runs in pieces of it, one
-    slot each. ``bind`` is called once per slot
-    (set tensor addresses there);
+    slot each. ``bind`` is called once per slot (set tensor addresses there);
     ``enqueue`` queues the model on ``stream`` for ``batch_size`` rows of the slot's
     device buffers and returns without waiting. ``capture`` returns a graph of that
     enqueue (or None where the backend cannot); it is called only after one plain
