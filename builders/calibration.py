@@ -10,6 +10,7 @@ The same tensors are then used to check every prepared ONNX against FP32.
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 import time
 from dataclasses import dataclass
@@ -97,7 +98,11 @@ def calibration_set_sha256(paths: Sequence[Path]) -> str:
             digests.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
         except OSError as exc:
             raise InputError(f"cannot read calibration image {path}: {exc.strerror or exc}") from None
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    return _set_digest(digests)
+
+
+def _set_digest(file_digests: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(file_digests)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,7 @@ def load_calibration_set(
     size = spec.preprocess.size
     chunks: list[np.ndarray] = []
     kept: list[Path] = []
+    kept_digests: list[str] = []  # of the bytes that made the tensors, not of a later reading
     skipped: list[str] = []
 
     def consume(chunk_paths: list[Path], run: PreprocessFn) -> None:
@@ -183,6 +189,7 @@ def load_calibration_set(
                 )
             chunks.append(tensors)
             kept.extend(readable[i] for i in ok)
+            kept_digests.extend(hashlib.sha256(blobs[i]).hexdigest() for i in ok)
 
     chunked = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     if preprocess is not None:
@@ -212,9 +219,22 @@ def load_calibration_set(
         len(skipped),
         time.perf_counter() - started,
     )
-    whole = isinstance(paths, CalibrationImages) and len(kept) == len(paths)  # its hash is this set's
-    return CalibrationSet(tensors=tensors, paths=tuple(kept), skipped=tuple(skipped),
-                          sha256=paths.sha256 if whole else calibration_set_sha256(kept))
+    sha256 = _set_digest(kept_digests)
+    if isinstance(paths, CalibrationImages) and len(kept) == len(paths) and sha256 != paths.sha256:
+        # The run record and the other models name the set by paths.sha256: these
+        # tensors would be a set nothing names.
+        raise InputError(
+            f"the calibration images changed while they were being read (under {_common_folder(kept)}); "
+            "run again once nothing writes to that folder"
+        )
+    return CalibrationSet(tensors=tensors, paths=tuple(kept), skipped=tuple(skipped), sha256=sha256)
+
+
+def _common_folder(paths: Sequence[Path]) -> str:
+    try:
+        return os.path.commonpath([str(Path(p).parent) for p in paths])
+    except ValueError:  # mixed absolute and relative paths
+        return str(Path(paths[0]).parent)
 
 
 def ort_data_reader(calib: CalibrationSet, input_name: str, batch_size: int, *, dtype=np.float32, pad: bool = False):

@@ -21,7 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builders.calibration import (
     DEFAULT_CALIBRATION_IMAGES,
+    CalibrationImages,
     CalibrationSet,
+    calibration_set_sha256,
     find_calibration_images,
     load_calibration_set,
 )
@@ -133,6 +135,28 @@ def test_calibration_set_with_no_usable_image(tmp_path, gender):
     bad.write_bytes(b"not a png at all")
     with pytest.raises(InputError, match="none of the 1 calibration images"):
         load_calibration_set([bad], gender.spec)
+
+
+def test_calibration_set_hash_names_the_bytes_its_tensors_came_from(tmp_path, gender):
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "c.png").write_bytes(b"broken")
+    images = CalibrationImages(find_calibration_images(tmp_path))
+    assert load_calibration_set(images, gender.spec).sha256 == calibration_set_sha256(images[:2])
+    whole = CalibrationImages(images[:2])
+    assert load_calibration_set(whole, gender.spec).sha256 == whole.sha256
+
+    # The run record took the set's hash; an image rewritten before the tensors are read
+    # would make tensors that no record names.
+    recorded = whole.sha256
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="changed while they were being read"):
+        load_calibration_set(whole, gender.spec)
+    assert whole.sha256 == recorded
+    assert load_calibration_set(CalibrationImages(images[:2]), gender.spec).sha256 != recorded
 
 
 # --------------------------------------------------------------------------- graph passes and metrics
