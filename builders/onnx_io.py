@@ -8,7 +8,9 @@ functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 
 from engine.backends.base import TensorDecl
 from engine.errors import ModelError
-from engine.fileio import replacing
+from engine.fileio import replacing, sync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -198,19 +200,54 @@ def batches_cleanly(path: Path, decl: TensorDecl, *, probe: int = 2) -> bool:
 EXTERNAL_DATA_BYTES = 2**31 - 2**20
 
 
+def _uses_external_data(path: Path) -> bool:
+    """Whether any tensor of the model at ``path`` (initializers, and tensor attributes
+    of its nodes, subgraphs included) keeps its data in another file."""
+    import onnx
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    graph = _load_model(path, external_data=False).graph
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(graph))
+
+
 def write_model_atomic(model, dst: Path) -> None:
     """Save ``model`` at ``dst``: a temp name of its own (two writers of one file must
     not rename each other's away), then a rename. One self-contained file, except for a
-    model past protobuf's limit, whose weights go to ``<dst name>.data`` beside it."""
+    model past protobuf's limit, whose weights go to ``<dst name>.data`` beside it: the
+    graph names that file, so both are written whole in a folder of the writer's own and
+    renamed into place, the weights first. ``model`` is left as it was (ONNX's external
+    save moves the weights out of the proto it is given)."""
     import onnx
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(dst) as tmp:
-        if model.ByteSize() >= EXTERNAL_DATA_BYTES:
-            onnx.save_model(model, tmp, save_as_external_data=True, location=f"{dst.name}.data")
-        else:
+    if model.ByteSize() < EXTERNAL_DATA_BYTES:
+        with replacing(dst) as tmp:
             onnx.save_model(model, tmp)
+        return
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    data = dst.with_name(f"{dst.name}.data")
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmpdir", dir=dst.parent))
+    try:
+        onnx.save_model(whole, str(work / dst.name), save_as_external_data=True, location=data.name, size_threshold=0)
+        for name in (data.name, dst.name):
+            with open(work / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(work / data.name, data)
+        os.replace(work / dst.name, dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sync_folder(dst.parent)
 
 
 def make_batch_dynamic(src: Path, dst: Path, *, probe_batch: int = 2) -> bool:
@@ -221,15 +258,20 @@ def make_batch_dynamic(src: Path, dst: Path, *, probe_batch: int = 2) -> bool:
     the result is verified with ONNX Runtime (CPU) at ``probe_batch`` on random input
     against the original run sample by sample. Returns True when ``dst`` holds a
     verified dynamic-batch model, False (``dst`` untouched) when the model must keep
-    its fixed batch. A model that is already dynamic is copied as is.
+    its fixed batch. A model that is already dynamic is copied as is (one whose weights
+    are in external files is saved whole, since they are named relative to ``src``).
     """
     src, dst = Path(src), Path(dst)
     started = time.perf_counter()
     model = _load_model(src, external_data=True)
     info = _info_from_model(model, src)
     if info.input.fixed_batch is None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        if _uses_external_data(src):  # its weights' file is named relative to src
+            write_model_atomic(model, dst)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(dst) as tmp:
+                shutil.copyfile(src, tmp)
         return True
     fixed = info.input.fixed_batch
     original = model.SerializeToString()

@@ -9,8 +9,9 @@ leaves the old file and no temporary one. The new file gets the mode the umask a
 (0644 under umask 022), as a plain ``open()`` would, not the 0600 of a private
 temporary file.
 
-Not covered: the ``.data`` file beside an ONNX graph past protobuf's 2 GiB limit
-(:func:`builders.onnx_io.write_model_atomic`), which ONNX writes under its final name.
+An ONNX graph past protobuf's 2 GiB limit and the ``.data`` file beside it that it names
+(:func:`builders.onnx_io.write_model_atomic`) are each renamed whole into place, the
+weights first; the pair is not replaced as one.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def replacing(dest: Path | str) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _sync_folder(dest.parent)
+    sync_folder(dest.parent)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable; a no-op where folders cannot be synced."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -173,6 +173,35 @@ def test_make_batch_dynamic_on_dynamic_model_copies(tmp_path):
     assert dst.read_bytes() == src.read_bytes()
 
 
+def test_make_batch_dynamic_copy_of_a_model_with_external_weights_runs_elsewhere(tmp_path):
+    src = make_tiny_classifier(tmp_path / "src" / "ext.onnx")
+    model = onnx.load(str(src))
+    onnx.save_model(model, str(src), save_as_external_data=True, location="ext.weights", size_threshold=0)
+    assert (tmp_path / "src" / "ext.weights").is_file()
+    dst = tmp_path / "cache" / "copy.onnx"
+    assert make_batch_dynamic(src, dst) is True
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(dst, x), _run(src, x), rtol=1e-6)
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["copy.onnx"]  # self-contained
+
+
+def test_model_past_the_protobuf_limit_is_written_whole_with_its_weights(tmp_path, monkeypatch):
+    import builders.onnx_io as onnx_io
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)  # every model counts as "past 2 GiB"
+    model = onnx.load(str(make_tiny_classifier(tmp_path / "src.onnx")))
+    size = model.ByteSize()
+    out = tmp_path / "out" / "big.onnx"
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    for _ in range(2):  # rewriting must not append to the weights already there
+        onnx_io.write_model_atomic(model, out)
+        assert model.ByteSize() == size  # the caller's proto keeps its weights
+        assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
+        data_size = (out.parent / "big.onnx.data").stat().st_size
+        np.testing.assert_allclose(_run(out, x), _run(tmp_path / "src.onnx", x), rtol=1e-6)
+    assert 0 < data_size < size
+
+
 def test_make_batch_dynamic_with_fixed_batch_of_four(tmp_path):
     src = make_tiny_classifier(tmp_path / "b4.onnx", batch=4)
     dst = tmp_path / "dyn.onnx"
