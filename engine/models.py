@@ -333,15 +333,18 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
             logger.warning("%s: %s was exported with labels %s, the spec says %s", spec.key, path, labels, list(spec.labels))
 
     _check_matches_spec(spec, info)
+    verified = False  # a dynamic-batch copy was checked against the original by make_batch_dynamic
     if info.input.fixed_batch is not None:
         info = _with_dynamic_batch(spec, info, cache_dir)
+        verified = info.path != path
     info = _pinned_to_spec(spec, info)
     sha256 = None
     if info.input.fixed_batch is None and weights in (WeightsKind.USER_ONNX, WeightsKind.PUBLISHED):
         from builders.manifest import onnx_sha256
 
-        sha256 = onnx_sha256(info.path)  # this engine's own exports batch by construction
-        info = _checked_batching(spec, info, cache_dir, sha256)
+        sha256 = onnx_sha256(info.path)
+        if not verified:  # this engine's own exports batch by construction
+            info = _checked_batching(spec, info, cache_dir, sha256)
 
     resolved = ResolvedModel(
         spec=spec,

@@ -198,6 +198,7 @@ def test_fixed_batch_is_made_dynamic_once(tmp_path, monkeypatch):
     second = resolve_model(GENDER, ModelSource(onnx=path), cache)
     assert second.onnx_path == first.onnx_path
     assert len(calls) == 1
+    assert not (cache / "batching").exists()  # make_batch_dynamic verified the copy; not probed again
 
 
 def test_unbatchable_graph_keeps_its_fixed_batch(tmp_path, monkeypatch):
