@@ -314,7 +314,11 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
-    for k in range(wanted.contexts):  # profile k serves one execution context in use at a time
+    dynamic = [network.get_input(i).name for i in range(network.num_inputs)
+               if any(int(d) < 0 for d in network.get_input(i).shape)]
+    if not dynamic:  # every context of a static engine runs on its one implicit profile
+        logger.info("%s: every input shape is fixed; the engine needs no optimisation profiles", spec.key)
+    for k in range(wanted.contexts if dynamic else 0):  # profile k serves one context in use at a time
         trt_profile = builder.create_optimization_profile()
         for shape in wanted.profile:
             try:  # the binding raises (it does not return False) on inconsistent shapes
@@ -395,7 +399,11 @@ def _new_logger(trt):
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg):
-            logger.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
+            # An ILogger subclass is handed every message, VERBOSE included (only
+            # trt.Logger filters); the builder emits thousands.
+            level = levels.get(severity, logging.INFO)
+            if logger.isEnabledFor(level):
+                logger.log(level, "TensorRT: %s", msg)
 
     return _Forward()
 

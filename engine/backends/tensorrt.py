@@ -90,6 +90,24 @@ class ProfilePool:
         return len(self._free)
 
 
+class _ContextGraph:
+    """A graph captured on a slot's context. Closing it (the executor drops every slot's
+    graph when a capture fails on one) frees that context to change shape again."""
+
+    def __init__(self, graph, on_close) -> None:
+        self._graph = graph
+        self._on_close = on_close
+
+    def launch(self, stream) -> None:
+        self._graph.launch(stream)
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+        self._graph.close()
+
+
 class TensorRTBackend:
     """A deserialised engine. ``wanted`` is the manifest the engine must match (from
     :func:`builders.trt_build.plan_manifest`). Owns the runtime, engine and every
@@ -197,7 +215,9 @@ class TensorRTBackend:
 
         if self._engine is None:
             raise RuntimeError("backend is closed")
-        profile = self.profiles.take(key)
+        # An engine without dynamic inputs needs no profile of its own per context: they
+        # all run on profile 0 ("need not be called" for such engines, says TensorRT).
+        profile = self.profiles.take(key) if self._dynamic else None
         context = None
         try:
             context = self._engine.create_execution_context()
@@ -206,7 +226,7 @@ class TensorRTBackend:
             # Before any shape is set (a new context starts on profile 0, which another
             # context may hold). The binding raises on failure rather than returning False.
             try:
-                ok = context.set_optimization_profile_async(profile, stream_handle(slot.stream))
+                ok = profile is None or context.set_optimization_profile_async(profile, stream_handle(slot.stream))
             except RuntimeError as exc:
                 raise ModelError(f"TensorRT refused optimisation profile {profile} for a new execution context: "
                                  f"{exc}") from None
@@ -250,7 +270,7 @@ class TensorRTBackend:
             return self._set_batch(self._contexts[slot.index], slot.index, batch_size)
         key = ("eager", slot.index)
         if key not in self._contexts:
-            if not self.profiles.free:
+            if self._dynamic and not self.profiles.free:
                 if not self._warned_full:
                     log.info("TensorRT: no optimisation profile left for a second context; batches of other "
                              "sizes run at the captured batch %d", captured)
@@ -281,7 +301,7 @@ class TensorRTBackend:
 
         graph = capture_graph(stream, enqueue)
         self._captured[slot.index] = batch_size
-        return graph
+        return _ContextGraph(graph, lambda: self._captured.pop(slot.index, None))
 
     def release(self, slot) -> None:
         """Drop the slot's contexts (the executor has waited for its stream) and hand

@@ -290,3 +290,40 @@ def test_tensorrt_engine_of_one_batch_size_runs_larger_batches_in_pieces(random_
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)
+
+
+def test_tensorrt_static_engine_serves_a_ring_deeper_than_its_profiles(random_models, tmp_path):
+    """An ONNX whose every input shape is fixed (batch 2 here) builds without profiles,
+    and its contexts all run on the implicit profile 0: a ring of 4 slots on an engine
+    built for one context neither takes profiles nor switches them; batch-8 submissions
+    run in pieces of 2, graphs included."""
+    trt = pytest.importorskip("tensorrt")
+    import onnx
+
+    from builders.precision import prepare
+    from builders.trt_build import BuildOptions, build_engine, detect_target, engine_profile, plan_manifest
+    from engine.backends.onnxruntime import OrtBackend
+    from engine.backends.tensorrt import TensorRTBackend
+
+    model = random_models["gender/alpha"]
+    graph = onnx.load(str(model.onnx_path))
+    for value in (graph.graph.input[0], graph.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    static = tmp_path / "static-b2.onnx"
+    onnx.save(graph, str(static))
+    prepared = prepare(static, model.spec, "fp32", None, tmp_path / "prepared", output_kind=model.output_kind)
+    profile, options = engine_profile(model.spec, 2), BuildOptions(contexts=1)
+    artifact = build_engine(prepared, model.spec, tmp_path / "engines", profile, options)
+    wanted = plan_manifest(prepared, model.spec, profile, detect_target(trt), options)
+    x = [np.random.default_rng(k).standard_normal((n, 3, 224, 224)).astype(np.float32) for k, n in enumerate([8, 3, 8])]
+    with OrtBackend(model.onnx_path, model.info.input, model.info.output) as ort_backend:
+        ref = [ort_backend.run(b) for b in x]
+    with TensorRTBackend(artifact.path, wanted) as trt_backend:
+        assert trt_backend.inputs[0].shape == (2, 3, 224, 224)
+        with StreamedExecutor({"m": trt_backend}, "cuda", ExecutorConfig(8, depth=4)) as ex:
+            assert trt_backend.profiles.held == {}
+            got = [c.output("m") for c in ex.run({"m": b} for b in x)]
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)
