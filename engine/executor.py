@@ -664,7 +664,9 @@ class HostBackend:
 @dataclass(eq=False)
 class Slot:
     """One ring entry: buffers (allocated once), a stream and events. Backends read
-    ``device_inputs[name].ptr`` / ``device_outputs[name].ptr`` in ``bind``."""
+    ``device_inputs[name].ptr`` / ``device_outputs[name].ptr`` in ``bind``.
+    ``host_inputs`` (pinned) are allocated on the slot's first host submission: a lane
+    fed from device memory (DALI's outputs) never needs them."""
 
     index: int
     capacity: int
@@ -750,6 +752,7 @@ class _Lane:
         # as many as a TensorRT engine has optimisation profiles for.
         self.capacity = self.fixed_batch or config.batch_size
         self.rows = {d.name: _row_shape(d) for d in (*backend.inputs, *backend.outputs)}
+        self.input_names = tuple(d.name for d in backend.inputs)
         self.ring = Ring(config.depth)
         self.stats = LaneStats()
         self.graph_batch: int | None = None
@@ -767,7 +770,7 @@ class _Lane:
             index=index,
             capacity=cap,
             stream=dev.stream(),
-            host_inputs={d.name: dev.host_empty(shape(d), np.dtype(d.dtype)) for d in self.backend.inputs},
+            host_inputs={},  # see _host_inputs
             host_outputs={d.name: dev.host_empty(shape(d), np.dtype(d.dtype)) for d in self.backend.outputs},
             device_inputs={d.name: dev.device_empty(shape(d), np.dtype(d.dtype)) for d in self.backend.inputs},
             device_outputs={d.name: dev.device_empty(shape(d), np.dtype(d.dtype)) for d in self.backend.outputs},
@@ -776,6 +779,13 @@ class _Lane:
             computed=dev.event(timing),
             done=dev.event(timing),
         )
+
+    def _host_inputs(self, slot: Slot) -> dict[str, np.ndarray]:
+        """The slot's pinned input buffers, allocated on first need (once per slot)."""
+        if not slot.host_inputs:
+            slot.host_inputs.update({d.name: self.device.host_empty((self.capacity, *self.rows[d.name]),
+                                                                    np.dtype(d.dtype)) for d in self.backend.inputs})
+        return slot.host_inputs
 
     # set-up -----------------------------------------------------------------------
 
@@ -817,8 +827,8 @@ class _Lane:
 
     def _check(self, name: str, shape: tuple[int, ...], dtype: np.dtype, what: str) -> int:
         want = self.rows.get(name)
-        if want is None or name not in self.slots[0].host_inputs:
-            raise ValueError(f"{self.key}: no input named {name!r} (inputs: {list(self.slots[0].host_inputs)})")
+        if want is None or name not in self.input_names:
+            raise ValueError(f"{self.key}: no input named {name!r} (inputs: {list(self.input_names)})")
         if len(shape) != 1 + len(want) or tuple(shape[1:]) != want:
             raise ValueError(f"{self.key}: {what} {name!r} has shape {tuple(shape)}, expected (N, {', '.join(map(str, want))})")
         if np.dtype(dtype).kind != "f":
@@ -835,8 +845,8 @@ class _Lane:
     def _spans(self, rows: set[int], names: set[str]) -> list[tuple[int, int, BatchPlan]]:
         """(start, stop, plan) of each piece of a batch: one piece, or pieces of the
         model's fixed batch where that is below the executor's batch size."""
-        if len(rows) != 1 or names != set(self.slots[0].host_inputs):
-            raise ValueError(f"{self.key}: give every input {list(self.slots[0].host_inputs)} with the same rows")
+        if len(rows) != 1 or names != set(self.input_names):
+            raise ValueError(f"{self.key}: give every input {list(self.input_names)} with the same rows")
         total = rows.pop()
         if total > self.config.batch_size:
             raise ValueError(f"{self.key}: batch of {total} rows exceeds the executor batch size {self.config.batch_size}")
@@ -871,15 +881,16 @@ class _Lane:
         index = self.ring.acquire()
         slot = self.slots[index]
         try:
+            host_inputs = self._host_inputs(slot)
             t0 = time.perf_counter()
             for name, array in arrays.items():
-                host = slot.host_inputs[name]
+                host = host_inputs[name]
                 np.copyto(host[: plan.rows], array, casting="same_kind")
                 if plan.padded:
                     host[plan.rows : plan.exec_rows] = 0
             t1 = time.perf_counter()
             self.device.record(slot.start, slot.stream)
-            for name, host in slot.host_inputs.items():
+            for name, host in host_inputs.items():
                 self.device.h2d(slot.device_inputs[name], host[: plan.exec_rows], slot.stream)
             self._launch(slot, plan)
         except BaseException:
@@ -978,13 +989,14 @@ class _Lane:
         start = time.perf_counter()
         for k, (arrays, plan) in enumerate(pieces):
             slot = self.slots[k % len(self.slots)]
+            host_inputs = self._host_inputs(slot)
             if stage == "host":
                 for name, array in arrays.items():
-                    np.copyto(slot.host_inputs[name][: plan.rows], array, casting="same_kind")
+                    np.copyto(host_inputs[name][: plan.rows], array, casting="same_kind")
                 continue
             dev.synchronize(slot.done)  # the slot's previous stage work
             if stage == "h2d":
-                for name, host in slot.host_inputs.items():
+                for name, host in host_inputs.items():
                     dev.h2d(slot.device_inputs[name], host[: plan.exec_rows], slot.stream)
             elif stage == "compute":
                 if plan.graph:
