@@ -230,6 +230,9 @@ class StreamedEnginePipeline(EnginePipeline):
                 StreamedExecutor(self.backends, self.device, ExecutorConfig(context.batch_size))
             )
             self._dali_stream = self.device.stream() if config.entry.executor == "cuda" else None
+            # Dropped once the DALI pipelines (entered later, so closed earlier) are
+            # closed and before the device is: destroyed while its context is current.
+            self._stack.callback(setattr, self, "_dali_stream", None)
         except BaseException:
             self._stack.close()
             raise

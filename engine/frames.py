@@ -492,6 +492,7 @@ class FrameProducer:
             for buf in self._outputs.values():
                 self._device.free(buf)
             self._outputs.clear()
+            self.stream = None  # destroyed now, while the device's context is still current
 
 
 # --------------------------------------------------------------------------- results

@@ -7,7 +7,8 @@
   device pointers are shared with them) and makes it current on the creating thread;
   ``close()`` pops and releases it. No ``pycuda.autoinit``, no ``__del__``.
 * :class:`CudaDevice`: the executor's device on pycuda: pinned host buffers, device
-  buffers, streams and events, every allocation counted and freed explicitly.
+  buffers, streams and events, every allocation counted and freed explicitly. One left
+  open is closed at interpreter exit (pycuda aborts the process otherwise).
 * :func:`capture_graph` / :class:`DriverGraph`: CUDA graph capture of work queued on a
   stream, through the driver API (pycuda has no graph capture); used for TensorRT.
 
@@ -91,10 +92,18 @@ def driver() -> _Driver:
 
 
 def stream_handle(stream: Any) -> int:
-    """The CUstream of a pycuda stream, a torch stream (``cuda_stream``) or an integer."""
-    if isinstance(stream, (int, np.integer)):
+    """The CUstream of what DALI also takes as a stream: an integer, a ``ctypes.c_void_p``,
+    an object with the ``__cuda_stream__`` protocol (``(version, handle)``), a pycuda
+    stream (``handle``), a torch stream (``cuda_stream``) or a CuPy one (``ptr``)."""
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
         return int(stream)
-    for attr in ("handle", "cuda_stream"):
+    if isinstance(stream, ctypes.c_void_p):
+        return int(stream.value or 0)
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        _version, handle = protocol()
+        return int(handle)
+    for attr in ("handle", "cuda_stream", "ptr"):
         value = getattr(stream, attr, None)
         if value is not None:
             return int(value)
@@ -203,6 +212,36 @@ class CudaContext:
         driver().call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 
 
+_left_open: list["CudaDevice"] = []  # devices not closed yet, oldest first
+_exit_hook = False
+
+
+def _close_left_open() -> None:
+    """At interpreter exit, close the devices the program left open, newest first, on
+    the thread exiting (the main one): pycuda aborts the process (SIGABRT) when its
+    context stack is not empty at module clean-up."""
+    me = threading.get_ident()
+    for device in reversed(list(_left_open)):
+        if device.context._thread != me:
+            continue  # another thread's stack: closing from here would pop the wrong context
+        log.warning("closing a CUDA device left open at exit (close FrameClassifier(device='gpu') or the "
+                    "executor's device, or use them in a `with` block)")
+        try:
+            device.close()
+        except Exception as exc:
+            log.warning("closing the CUDA device at exit failed: %s", exc)
+
+
+def _track_open(device: "CudaDevice") -> None:
+    global _exit_hook
+    if not _exit_hook:
+        import atexit
+
+        atexit.register(_close_left_open)  # after pycuda's import: runs before its clean-up
+        _exit_hook = True
+    _left_open.append(device)
+
+
 class CudaArray:
     """A pycuda device allocation with its shape and dtype."""
 
@@ -235,6 +274,7 @@ class CudaDevice:
         self._streams: list[Any] = []
         self._events: list[Any] = []
         self._producer_event: ctypes.c_void_p | None = None
+        _track_open(self)
 
     def __enter__(self) -> "CudaDevice":
         return self
@@ -359,3 +399,5 @@ class CudaDevice:
             self._streams.clear()
         finally:
             self.context.close()
+            if self in _left_open:
+                _left_open.remove(self)

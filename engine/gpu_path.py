@@ -305,7 +305,8 @@ def view_dtype(backends: Mapping[str, Any]) -> np.dtype:
 
 def open_gpu_inference(plan: PathPlan, models: Sequence["ResolvedModel"], config: "RunConfig", threads: int, stack: ExitStack):
     """The GPU path's :class:`~engine.streamed_run.StreamedInference`, everything it
-    owns registered on ``stack`` (closed in reverse: executor, DALI, backends, device)."""
+    owns registered on ``stack`` (closed in reverse: executor, DALI and its stream, backends,
+    device)."""
     from engine.executor import ExecutorConfig, StreamedExecutor
     from engine.gpu import CudaDevice
     from engine.preprocess.dali_pipeline import DaliPreprocessor
@@ -323,8 +324,7 @@ def open_gpu_inference(plan: PathPlan, models: Sequence["ResolvedModel"], config
             output_dtype=view_dtype(backends),
         )
     )
-    dali_stream = device.stream()
+    producer = stack.enter_context(DaliGpuProducer(pre, device.stream()))  # closes DALI, then drops its stream
     executor = stack.enter_context(StreamedExecutor(backends, device, ExecutorConfig(config.batch_size)))
     backend = "tensorrt" if plan.gpu_backend == "tensorrt" else "torch-cuda"
-    return StreamedInference(models, executor, DaliGpuProducer(pre, dali_stream),
-                             backend=f"{backend} (streamed executor, DALI on the GPU)")
+    return StreamedInference(models, executor, producer, backend=f"{backend} (streamed executor, DALI on the GPU)")

@@ -76,7 +76,11 @@ class DaliGpuProducer:
     """DALI on the GPU, its outputs ordered on ``stream`` (a stream of the executor's
     device, e.g. a pycuda ``Stream``, kept referenced here for as long as the producer
     and its outputs are); the executor's slots wait on that stream. The GPU pipeline
-    runs DALI's dynamic executor, whose outputs stay valid while referenced."""
+    runs DALI's dynamic executor, whose outputs stay valid while referenced.
+
+    :meth:`close` closes the pipeline, then lets go of the stream (DALI's buffers are
+    ordered on it): close it before the device, whose context the stream needs to be
+    destroyed in (pycuda otherwise skips the destroy once the context is gone)."""
 
     outputs_outlive_next_call = True
 
@@ -88,7 +92,22 @@ class DaliGpuProducer:
         self._handle = stream_handle(stream)
 
     def __call__(self, payload: Sequence[bytes]) -> "DeviceBatch":
+        if self.stream is None:
+            raise RuntimeError("the DALI producer is closed")
         return self._pre.process_device(payload, cuda_stream=self._handle)
+
+    def __enter__(self) -> "DaliGpuProducer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Idempotent."""
+        try:
+            self._pre.close()
+        finally:
+            self.stream = None
 
 
 @dataclass

@@ -141,6 +141,7 @@ class DeviceView:
         one the copy runs on the view's own stream and the call returns when it is done."""
         if self.tensors is None:
             return
+        self._dali_owned("copy_to")
         dst = ctypes.c_void_p(int(dst_ptr))
         if cuda_stream is not None:
             self.tensors.copy_to_external(dst, ctypes.c_void_p(int(cuda_stream)), non_blocking=True)
@@ -153,7 +154,13 @@ class DeviceView:
         """A host copy (synchronous), shape ``shape``, dtype ``dtype``."""
         if self.tensors is None:
             return np.empty(self.shape, self.dtype)
+        self._dali_owned("to_numpy")
         return np.array(self.tensors.as_cpu().as_array(), dtype=self.dtype, copy=True)
+
+    def _dali_owned(self, what: str) -> None:
+        if not hasattr(self.tensors, "copy_to_external"):  # the frames API's own buffers
+            raise TypeError(f"{self.key}: {what}() copies out of DALI's outputs; this view's memory is a "
+                            f"{type(self.tensors).__name__} (read it with the executor's device)")
 
 
 @dataclass(frozen=True)

@@ -329,9 +329,12 @@ def test_producer_on_the_host_device_writes_the_reference_views_and_grows_stagin
                 got = dv.tensors.array[: len(batch)]
                 want = np.stack([reference_view(f, v, view, dv.dtype) for f in batch])
                 np.testing.assert_array_equal(got, want)
+                with pytest.raises(TypeError, match="copies out of DALI's outputs"):
+                    dv.to_numpy()  # the producer's own buffer, not a TensorListGPU
         assert producer.stats.staging_bytes >= 200 * 150 * 3
         producer.close()
         producer.close()
+        assert producer.stream is None  # let go while the device is open
         with pytest.raises(RuntimeError):
             producer(batch)
 

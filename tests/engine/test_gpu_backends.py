@@ -327,3 +327,19 @@ def test_tensorrt_static_engine_serves_a_ring_deeper_than_its_profiles(random_mo
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-3)
+
+
+def test_a_device_left_open_is_closed_at_exit_instead_of_aborting_the_process(tmp_path):
+    """pycuda aborts at exit when its context stack is not empty; a program that forgets
+    to close the device (or a FrameClassifier on the GPU) gets a warning instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import numpy as np\nfrom engine.gpu import CudaDevice\n"
+            "dev = CudaDevice(0)\nbuf = dev.device_empty((1024,), np.float32)\ns = dev.stream()\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "closing a CUDA device left open at exit" in done.stderr
+    assert "context stack was not empty" not in done.stderr

@@ -347,3 +347,24 @@ def test_a_submission_failing_part_way_waits_for_the_copies_it_queued(monkeypatc
         gate.set()
         opener.cancel()
         producer_stream.close()
+
+
+def test_stream_handle_takes_every_stream_form_dali_takes():
+    import ctypes
+    from types import SimpleNamespace
+
+    from engine.gpu import stream_handle
+
+    class Protocol:
+        def __cuda_stream__(self):
+            return (0, 0x7004)
+
+    assert stream_handle(0x7001) == 0x7001 and stream_handle(np.uint64(0x7002)) == 0x7002
+    assert stream_handle(ctypes.c_void_p(0x7003)) == 0x7003 and stream_handle(ctypes.c_void_p()) == 0
+    assert stream_handle(Protocol()) == 0x7004
+    assert stream_handle(SimpleNamespace(handle=0x7005)) == 0x7005  # pycuda
+    assert stream_handle(SimpleNamespace(cuda_stream=0x7006)) == 0x7006  # torch
+    assert stream_handle(SimpleNamespace(ptr=0x7007)) == 0x7007  # cupy
+    for bad in (True, "0x7008", SimpleNamespace()):
+        with pytest.raises(TypeError, match="not a CUDA stream"):
+            stream_handle(bad)
