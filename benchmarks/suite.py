@@ -829,17 +829,17 @@ def _unique(values: Iterable[str] | None) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """Run the suite from parsed arguments and print the headline; 0 on success.
     User errors propagate as :class:`engine.errors.EngineError` for the CLI to print;
-    Ctrl-C (or SIGTERM) ends it with one line and 130."""
-    from engine.cli import sigterm_as_interrupt
+    Ctrl-C (or SIGTERM, SIGHUP) ends it with one line and 128 + the signal."""
+    from engine.cli import interrupted_status, sigterm_as_interrupt
 
     cfg = config_from_args(args)
     try:
         with sigterm_as_interrupt():
             doc = run_bench(cfg)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"benchmark interrupted: this run wrote no {cfg.out_dir / RESULTS_JSON} "
               f"(one there is from an earlier run)", file=sys.stderr)
-        return 130
+        return interrupted_status(exc)
     from benchmarks.report import headline_lines
 
     for line in headline_lines(doc):

@@ -272,25 +272,48 @@ def _model_choices(args) -> tuple:
     return tuple(choices)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (the terminal closed), raised where Ctrl-C would be."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The shell's exit status for a run ended by ``exc``: 128 + the signal (130 for Ctrl-C,
+    143 for SIGTERM, 129 for SIGHUP)."""
+    return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+_AS_INTERRUPT = ("SIGTERM", "SIGHUP")
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM is handled like Ctrl-C (a KeyboardInterrupt), so that the caller's
-    interrupt handling keeps what is finished (flushed rows, the lock released). Off the
-    main thread SIGTERM keeps its handler; the one before is put back after (the default
-    where it was set outside Python)."""
+    """Inside, SIGTERM and SIGHUP are handled like Ctrl-C (a :class:`Terminated`, which is
+    a KeyboardInterrupt), so that the caller's interrupt handling keeps what is finished
+    (flushed rows, the lock released); :func:`interrupted_status` gives the exit status.
+    Off the main thread the handlers are left as they are; the ones before are put back
+    after (the default where one was set outside Python)."""
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread
+        for name in _AS_INTERRUPT:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                previous[signum] = signal.signal(signum, _terminate)
+    except ValueError:  # not the main thread (the first call refuses: nothing was set)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def stdout_gone() -> int:
@@ -324,13 +347,13 @@ def cmd_run(args) -> int:
     try:
         with sigterm_as_interrupt():
             summary = run(config, announce=lambda text: print(f"engine: {text}", file=sys.stderr, flush=True))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             f"engine: interrupted; finished rows are kept in {args.out}.parts/. "
             f"Run the same command again to resume.",
             file=sys.stderr,
         )
-        return 130
+        return interrupted_status(exc)
     for line in summary.lines():
         print(line)
     return 0

@@ -126,11 +126,17 @@ def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
 
     from engine.cli import sigterm_as_interrupt
 
+    from engine.cli import interrupted_status
+
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with sigterm_as_interrupt():
-            signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is before
+    hup_before = signal.getsignal(signal.SIGHUP)
+    for signum, status in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+        with pytest.raises(KeyboardInterrupt) as caught:
+            with sigterm_as_interrupt():
+                signal.raise_signal(signum)
+        assert interrupted_status(caught.value) == status
+    assert interrupted_status(KeyboardInterrupt()) == 130
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGHUP) is hup_before
     errors = []
 
     def off_main():
