@@ -125,12 +125,21 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
             raise ModelError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
     if suffix in CHECKPOINT_SUFFIXES_TORCH:
         import pickle
+        import struct
 
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as exc:
+        # What torch's (weights-only) unpickler raises on a file that is not a checkpoint:
+        # a text file gives KeyError (a memo lookup), other bytes IndexError, struct.error,
+        # TypeError or AssertionError from its opcode handling. The try holds only the load.
+        except (
+            pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError,
+            KeyError, IndexError, TypeError, AssertionError, struct.error,
+        ) as exc:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its message
             first = text.splitlines()[0] if text else type(exc).__name__
+            if isinstance(exc, (KeyError, IndexError, TypeError, AssertionError, struct.error)):
+                first = f"not a checkpoint or corrupt ({type(exc).__name__} {first[:80]} in torch's unpickler)"
             if "unsupported global" in text.lower():  # a class the weights-only unpickler refuses
                 raise ModelError(
                     f"checkpoint {path} holds more than plain tensors (a pickled module or object?) and is not "

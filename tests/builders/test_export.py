@@ -179,6 +179,10 @@ class _NotATensor:
     "name, content",
     [
         ("garbage.pt", b"not a checkpoint"),
+        # bytes torch's weights-only unpickler trips over with non-pickle errors
+        ("text.pt", b"hi\n"),  # KeyError: 105 (a memo lookup)
+        ("reduce.pth", b"R"),  # IndexError: pop from empty list
+        ("short.bin", b"j8"),  # struct.error: unpack requires a buffer of 4 bytes
         ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"),
         ("weights.h5", b"whatever"),
     ],
@@ -190,6 +194,17 @@ def test_unreadable_checkpoints_are_model_errors(tmp_path, name, content):
         load_checkpoint(build_torch_model(Architecture.RESNET18, 2), ckpt)
     assert str(ckpt) in str(err.value) and "\n" not in str(err.value)
     assert "more than plain tensors" not in str(err.value)  # corrupt, not unsafe
+
+
+def test_a_text_file_as_checkpoint_is_a_one_line_cli_error(tmp_path, capsys):
+    from engine.cli import main
+
+    ckpt = tmp_path / "garbage.pt"
+    ckpt.write_text("hi\n")
+    assert main(["export", "gender", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engine: error:") and "\n" not in err and "not a readable PyTorch file" in err
+    assert "Traceback" not in err and not (tmp_path / "x.onnx").exists()
 
 
 def test_a_folder_given_as_checkpoint_says_so(tmp_path):
