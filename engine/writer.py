@@ -100,13 +100,25 @@ class OutputLock:
 _HOST = socket.gethostname()
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after "(comm)", i.e. from field 3 (the state) on;
+    None where unknown (no /proc, no such process). The comm may hold spaces and
+    parentheses, so the fields start after the last ')'."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 1:].split()
+    except (OSError, ValueError):
+        return None
+    return fields or None
+
+
 def _start_time(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat);
     None where unknown."""
+    fields = _stat_fields(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at 3
-    except (OSError, ValueError, IndexError):
+        return int(fields[19])  # fields after "(comm)" start at 3
+    except (TypeError, ValueError, IndexError):
         return None
 
 
@@ -116,8 +128,11 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # it exists, under another user
+    # A process killed but not yet reaped by its parent (a zombie, 'Z'; 'X' dead) still
+    # answers kill(pid, 0) but writes nothing any more. Without /proc: assume alive.
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] not in ("Z", "X")
 
 
 def _owner_alive(owner: Mapping) -> bool:

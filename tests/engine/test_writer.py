@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -247,3 +249,48 @@ def test_lock_records_its_owner_and_a_reused_pid_is_stale(tmp_path):
         lock.write_bytes(junk)
         with ResultWriter(out, SCHEMA, CONFIG):
             pass
+
+
+def _wait_until(check, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_zombie_owner_is_dead_and_its_lock_is_taken_over(tmp_path):
+    """A run killed with kill -9 whose parent has not reaped it yet is a zombie: kill(pid, 0)
+    still succeeds, but it writes nothing any more. The comm of this one holds ') R (' to
+    check that the state is read after the last ')'."""
+    from engine.writer import _start_time
+
+    out = tmp_path / "r.parquet"
+    lock = tmp_path / "r.parquet.lock"
+    tricky = "import sys, time; open('/proc/self/comm', 'w').write('a) R (b'); time.sleep(float(sys.argv[1]))"
+    # a live owner with such a comm is still respected
+    live = subprocess.Popen([sys.executable, "-c", tricky, "30"])
+    try:
+        comm = Path(f"/proc/{live.pid}/comm")
+        _wait_until(lambda: comm.read_text().strip() == "a) R (b", "the child to rename itself")
+        lock.write_text(_lock_json(live.pid, _start_time(live.pid)))
+        with pytest.raises(OutputError, match=f"pid {live.pid}\\)"):
+            ResultWriter(out, SCHEMA, CONFIG).open()
+    finally:
+        live.kill()
+        live.wait()
+    # a zombie owner (exited, not waited for) is dead: its lock is stale
+    zombie = subprocess.Popen([sys.executable, "-c", tricky, "0"])
+    try:
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        _wait_until(lambda: "a) R (b) Z " in stat.read_text(), "the child to become a zombie")
+        start = _start_time(zombie.pid)
+        assert isinstance(start, int)
+        os.kill(zombie.pid, 0)  # what the lock checked alone: the zombie "exists"
+        lock.write_text(_lock_json(zombie.pid, start))
+        with ResultWriter(out, SCHEMA, CONFIG) as w:
+            assert f'"pid": {os.getpid()}' in lock.read_text()
+            w.add(rows(["a"]))
+        assert not lock.exists()
+    finally:
+        zombie.wait()
