@@ -35,7 +35,7 @@ from engine.errors import EngineError, InputError
 from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model  # ModelChoice: re-exported
 from engine.postprocess import Classified, NonFiniteOutput, classify, naming_files
 from engine.specs import SpecRegistry, spec_work_sha256
-from engine.writer import ResultWriter, check_output_name
+from engine.writer import ResultWriter, check_output_name, check_output_target
 
 if TYPE_CHECKING:
     from builders.calibration import CalibrationImages
@@ -87,6 +87,8 @@ class RunSummary:
     errors: int = 0
     skipped: int = 0  # found and already classified by an earlier run
     retried: int = 0  # error rows of an earlier run, tried again
+    gone: int = 0  # rows of an earlier run whose file was not found this time (kept)
+    input: Path | None = None
     elapsed_s: float = 0.0
     backend: str = ""
     precision: str = ""
@@ -104,6 +106,13 @@ class RunSummary:
             f"wrote {self.out}",
             f"images: {self.images} ({self.errors} errors), {self.skipped} already done from an earlier run"
             + (f", {self.retried} that failed then tried again" if self.retried else ""),
+        ]
+        if self.gone:
+            out.append(f"kept: {self.gone} rows of an earlier run whose files were not found under "
+                       f"{self.input} this time (--overwrite drops them)")
+        if not (self.images or self.skipped):
+            out.append(f"WARNING: no images found under {self.input}")
+        out += [
             f"speed: {self.images_per_s:.1f} images/s over {self.elapsed_s:.1f} s",
             f"path: {self.path}",
             f"backend: {self.backend}, precision: {self.precision}",
@@ -116,9 +125,12 @@ class RunSummary:
 
 
 def display_path(path: Path) -> str:
-    """The path as stored in the output: absolute, symlinks kept, always valid UTF-8."""
+    """The path as stored in the output: absolute, symlinks kept, always valid UTF-8, and
+    one string per file: a byte that is not UTF-8 is written ``\\xNN`` and a backslash
+    doubled, so that a name holding the text ``\\xff`` is not taken for one holding
+    the byte."""
     raw = os.fsencode(os.path.abspath(path))
-    return raw.decode("utf-8", errors="backslashreplace")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
 
 
 def result_schema(models: Sequence[ResolvedModel]) -> dict[str, pl.DataType]:
@@ -140,6 +152,16 @@ def result_schema(models: Sequence[ResolvedModel]) -> dict[str, pl.DataType]:
     return schema
 
 
+# 3: paths escaped one to one (display_path). A record-2 output is the same run when no
+# path in it holds a backslash (the only names whose form changed); see ResultWriter.
+RECORD_FORMAT = 3
+
+
+def older_config_record(record: dict[str, object]) -> dict[str, object]:
+    """``record`` as the engine wrote it before paths were escaped one to one."""
+    return {**record, "record": 2}
+
+
 def run_config_record(models: Sequence[ResolvedModel], precision: str,
                       calibration: "CalibrationImages | None" = None) -> dict[str, object]:
     """What produced the rows; an output is only resumed under the same record. Models
@@ -147,7 +169,7 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str,
     is another model, the same file reached by another path is not. An int8 run also
     records its calibration set, which decides the int8 graph's scales."""
     return {
-        "record": 2,
+        "record": RECORD_FORMAT,
         "precision": precision,
         "calibration_sha256": calibration.sha256 if precision == "int8" and calibration is not None else None,
         "models": [
@@ -162,6 +184,9 @@ def run_config_record(models: Sequence[ResolvedModel], precision: str,
         ],
     }
 
+
+# --threads above this many per CPU core is lowered to it (with a warning).
+MAX_THREADS_PER_CORE = 4
 
 # A file larger than this is refused rather than read whole into memory.
 MAX_FILE_BYTES = 1 << 30
@@ -436,8 +461,9 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
     told which path was taken (and why) before the first image."""
     from engine.gpu_path import open_gpu_inference, plan_path
 
-    # Fail fast on a missing input before any model work.
+    # Fail fast on a missing input or an output that cannot be written, before any model work.
     discovered = iter_images(config.input)
+    check_output_target(config.out)
     models = resolve_models(config)
     plan = plan_path(config, models)
     if announce is not None:
@@ -448,7 +474,14 @@ def run(config: RunConfig, announce: Callable[[str], None] | None = None) -> Run
     elif config.calib_dir is not None and plan.precision == "fp16" and plan.device == "gpu":
         log.warning("--calib: this GPU fp16 run takes engines `engine build` made (its --calib checked them); "
                     "it ignores --calib")
-    threads = config.threads or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    threads = config.threads or cores
+    if threads > MAX_THREADS_PER_CORE * cores:
+        # Each pool (DALI's, ONNX Runtime's) would start that many threads, which then
+        # compete for the cores: 64 on 2 cores ran 18 times slower, 1000 did not finish.
+        log.warning("--threads %d is more than %d times the %d CPU cores here; using %d (the default, every core, "
+                    "is usually fastest)", threads, MAX_THREADS_PER_CORE, cores, MAX_THREADS_PER_CORE * cores)
+        threads = MAX_THREADS_PER_CORE * cores
     # Found once; its hash is read once and names the set in the run record and in each
     # model's prepared graph alike. Used by int8 (the record; on the CPU, the calibration)
     # and by the CPU path's fp16 agreement check; a GPU fp16 run takes built engines.
@@ -475,21 +508,26 @@ def execute(
     """The rows loop shared by every path: resume filter, reader thread, the given
     inference, rows, writer, progress and summary."""
     schema = result_schema(models)
-    summary = RunSummary(out=config.out, precision=precision, path=path)
+    summary = RunSummary(out=config.out, precision=precision, path=path, input=config.input)
     summary.models = [f"{m.spec.key} [{m.weights.value}: {m.weights_detail}] {m.onnx_path}" for m in models]
     summary.random_weights = any(m.weights is WeightsKind.RANDOM for m in models)
 
     with ExitStack() as stack:
+        record = run_config_record(models, precision, calibration)
         writer = stack.enter_context(
-            ResultWriter(config.out, schema, run_config_record(models, precision, calibration),
-                         overwrite=config.overwrite,
-                         part_rows=config.flush_every)
+            ResultWriter(config.out, schema, record, overwrite=config.overwrite, part_rows=config.flush_every,
+                         older_config=older_config_record(record))
         )
         inference = open_inference(stack)
         summary.backend = inference.backend
 
+        out_name, out_real = writer.out.name, os.path.realpath(writer.out)
+
         def todo() -> Iterator[Path]:
             for p in discovered:
+                if p.name == out_name and os.path.realpath(p) == out_real:
+                    log.info("%s is this run's output: not an input", p)  # an --out named like an image
+                    continue
                 shown = display_path(p)
                 if shown in writer.done:
                     summary.skipped += 1  # counted as found: rows of files gone since are not
@@ -522,4 +560,6 @@ def execute(
             reader.join(timeout=5)
             summary.elapsed_s = time.perf_counter() - start
         summary.details = inference.details()
+        # every file found was matched against the earlier rows: the rest are of files gone
+        summary.gone = len(writer.done) - summary.skipped + len(writer.failed) - summary.retried
     return summary

@@ -162,6 +162,59 @@ def check_output_name(out: Path | str) -> Path:
     return out
 
 
+def check_output_target(out: Path | str) -> Path:
+    """``out`` once it can be written as a result file (a regular file or none yet, in a
+    writable folder, its parts folder not blocked), as the path the writer will write
+    (a symlink's target). Cheap: checked before any model is loaded."""
+    out = check_output_name(out)
+    if out.is_symlink():  # write through the link: the link stays, its target is replaced
+        out = Path(os.path.realpath(out))
+    parent = out.parent
+    if not parent.is_dir():
+        raise OutputError(f"output folder does not exist: {parent}")
+    if out.is_dir():
+        raise OutputError(f"output path is a folder: {out}")
+    if out.exists() and not out.is_file():
+        # a device, FIFO or socket: the final rename would replace it
+        raise OutputError(f"output path is not a regular file: {out}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder is not writable: {parent}")
+    parts = out.with_name(out.name + ".parts")
+    if parts.exists() and (parts.is_symlink() or not parts.is_dir()):
+        raise OutputError(f"{parts} is in the way of the output's parts folder: move it away")
+    return out
+
+
+def config_difference(stored: str | None, ours: str) -> str:
+    """What tells two run records (:func:`engine.runner.run_config_record`) apart, in a few
+    words: the precision, the calibration set, the models, or a model's ONNX, weights or
+    spec."""
+    try:
+        old, new = json.loads(stored or "null"), json.loads(ours)
+    except ValueError:
+        return "its configuration is unreadable"
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return "models, weights or precision differ"
+    if old.get("precision") != new.get("precision"):
+        return f"it was made at {old.get('precision')}, this run is {new.get('precision')}"
+    if old.get("calibration_sha256") != new.get("calibration_sha256"):
+        return "its int8 graphs were calibrated on another set of images (--calib, --calib-count)"
+    olds, news = old.get("models") or [], new.get("models") or []
+    keys = [[m.get("spec") if isinstance(m, dict) else m for m in ms] for ms in (olds, news)]
+    if keys[0] != keys[1]:
+        return f"it holds {', '.join(map(str, keys[0])) or 'no models'}, this run {', '.join(map(str, keys[1]))}"
+    for a, b in zip(olds, news):
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            continue
+        if a.get("weights") != b.get("weights"):
+            return f"its {a.get('spec')} weights were {a.get('weights')}, this run's are {b.get('weights')}"
+        if a.get("onnx_sha256") != b.get("onnx_sha256"):
+            return f"its {a.get('spec')} ran another ONNX file (by content)"
+        if a.get("spec_sha256") != b.get("spec_sha256"):
+            return f"its {a.get('spec')} had another spec (preprocessing, labels or output kind; --spec-file)"
+    return "models, weights or precision differ"
+
+
 def _record_format(config_json: str | None) -> object:
     """The ``record`` format number of a stored configuration (None before there was one)."""
     try:
@@ -187,6 +240,7 @@ class ResultWriter:
         *,
         overwrite: bool = False,
         part_rows: int = 512,
+        older_config: Mapping[str, object] | None = None,
     ) -> None:
         out = check_output_name(out)
         if out.is_symlink():  # write through the link: the link stays, its target is replaced
@@ -194,6 +248,9 @@ class ResultWriter:
         self.out = out
         self.schema = pl.Schema(schema)
         self.config_json = json.dumps(config, sort_keys=True)
+        # The same configuration as the engine recorded it before paths were escaped
+        # one to one: resumed unless a path there holds a backslash (written unescaped).
+        self.older_config_json = json.dumps(older_config, sort_keys=True) if older_config is not None else None
         self.overwrite = overwrite
         self.part_rows = part_rows
         self.parts_dir = self.out.with_name(self.out.name + ".parts")
@@ -208,18 +265,7 @@ class ResultWriter:
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> "ResultWriter":
-        parent = self.out.parent
-        if not parent.is_dir():
-            raise OutputError(f"output folder does not exist: {parent}")
-        if self.out.is_dir():
-            raise OutputError(f"output path is a folder: {self.out}")
-        if self.out.exists() and not self.out.is_file():
-            # a device, FIFO or socket: the final rename would replace it
-            raise OutputError(f"output path is not a regular file: {self.out}")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"output folder is not writable: {parent}")
-        if self.parts_dir.exists() and (self.parts_dir.is_symlink() or not self.parts_dir.is_dir()):
-            raise OutputError(f"{self.parts_dir} is in the way of the output's parts folder: move it away")
+        check_output_target(self.out)
         self._lock.acquire()
         try:
             if self.overwrite:
@@ -268,11 +314,22 @@ class ResultWriter:
                 paths, errors = prev["path"], prev["error"]
             except Exception as exc:  # a foreign or damaged file: never overwrite silently
                 raise OutputError(f"{f} is not a readable result file ({exc}); use --overwrite to start fresh") from None
-            if meta.get(CONFIG_KEY) != self.config_json:
-                if _record_format(meta.get(CONFIG_KEY)) != _record_format(self.config_json):
+            stored = meta.get(CONFIG_KEY)
+            if stored != self.config_json and stored is not None and stored == self.older_config_json:
+                # Both forms write a non-UTF-8 byte as \xNN; the older one wrote a backslash
+                # as is. A backslash that is not such an escape names a file whose path is
+                # written otherwise now. (A name spelling out "\xNN" itself cannot be told
+                # from the byte there: taken for the byte.)
+                escaped = paths.filter(paths.str.contains(r"\\(?:[^x]|x[0-9a-f]{0,1}(?:[^0-9a-f]|$)|$)"))
+                if len(escaped):
+                    raise OutputError(f"{f} was written by an earlier version of the engine, which wrote a "
+                                      f"backslash in a path as is ({escaped[0]}): its rows cannot be matched to "
+                                      f"files one to one; use --overwrite to start fresh or choose another --out")
+            elif stored != self.config_json:
+                if _record_format(stored) != _record_format(self.config_json):
                     why = "was written by another version of the engine, which describes its models otherwise"
                 else:
-                    why = "holds results of another configuration (models, weights or precision differ)"
+                    why = f"holds results of another configuration ({config_difference(stored, self.config_json)})"
                 raise OutputError(f"{f} {why}; use --overwrite to start fresh or choose another --out")
             self.done.update(paths.filter(errors.is_null()).to_list())
             failed.update(paths.filter(errors.is_not_null()).to_list())

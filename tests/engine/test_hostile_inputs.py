@@ -56,6 +56,7 @@ def _cases() -> dict[bytes, tuple[bytes, str]]:
         b"animated.webp": (_animated("WEBP"), "ok"),
         b"with spaces in name.png": (png, "ok"),
         b"caf\xe9 latin-1 name.png": (png, "ok"),  # not valid UTF-8
+        b"caf\\xe9 latin-1 name.png": (jpeg, "ok"),  # its escaped name, spelt out: another file
         b"huge_16000.png": (_save(Image.new("L", (16000, 16000), 90), "PNG"), "either"),
     }
 
@@ -93,7 +94,7 @@ def hostile(tmp_path_factory, random_models, model_cache_dir):
 
 
 def _key(name: bytes) -> str:
-    return name.decode("utf-8", "backslashreplace")
+    return name.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 def test_every_file_has_exactly_one_row(hostile):
@@ -128,7 +129,8 @@ def test_error_causes_are_named(hostile):
 
 def test_non_utf8_name_is_escaped_not_lost(hostile):
     _, rows, _ = hostile
-    assert "caf\\xe9 latin-1 name.png" in rows
+    assert "caf\\xe9 latin-1 name.png" in rows  # the byte 0xe9
+    assert "caf\\\\xe9 latin-1 name.png" in rows  # a backslash, then "xe9": a row of its own
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -177,7 +179,20 @@ def test_resume_with_another_spec_is_refused(folder, model_cache_dir, tmp_path, 
     spec.write_text("[gender.alpha.preprocess]\nchannel_order = 'bgr'\n")
     capsys.readouterr()
     assert main([*args, "--spec-file", str(spec)]) == 2
-    assert "another configuration" in capsys.readouterr().err
+    assert "another configuration (its gender/alpha had another spec (preprocessing" in capsys.readouterr().err
+    assert main([*args, "--precision", "fp16"]) == 2
+    assert "another configuration (it was made at fp32, this run is fp16)" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_model_is_loaded(folder, tmp_path, capsys):
+    args = ["run", str(folder / "heads"), "--only", "gender", "--gender-onnx", str(tmp_path / "no-such.onnx"),
+            "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    (tmp_path / "a-folder").mkdir()
+    for out, message in ((tmp_path / "missing" / "r.parquet", "output folder does not exist"),
+                         (tmp_path / "a-folder", "output path is a folder")):
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no-such.onnx" not in err and "path" not in err.split("error:")[0]
 
 
 def _gender_args(folder, out, cache, *extra):
@@ -282,8 +297,47 @@ def test_resume_retries_failed_files_and_counts_only_files_still_there(model_cac
     assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
     text = capsys.readouterr().out
     assert "images: 1 (0 errors), 2 already done from an earlier run, 1 that failed then tried again" in text
+    assert f"kept: 1 rows of an earlier run whose files were not found under {root} this time" in text
     df = pl.read_parquet(out).sort("path")
     assert df.height == 4 and df["error"].null_count() == 4  # the old error row was replaced
+
+
+def test_an_output_named_like_an_image_in_the_input_folder_is_not_an_input(model_cache_dir, tmp_path, capsys,
+                                                                            random_models):
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(2):
+        _image((40, 30), "RGB", i).save(root / f"{i}.png")
+    out = root / "results.png"
+    for _ in range(2):
+        assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    assert "images: 0 (0 errors), 2 already done from an earlier run" in capsys.readouterr().out
+    df = pl.read_parquet(out)
+    assert sorted(Path(p).name for p in df["path"]) == ["0.png", "1.png"] and df["error"].null_count() == 2
+
+
+def test_an_empty_folder_says_no_images_were_found(model_cache_dir, tmp_path, capsys, random_models):
+    random_models["gender/alpha"]
+    (tmp_path / "empty").mkdir()
+    assert main(_gender_args(tmp_path / "empty", tmp_path / "e.parquet", model_cache_dir, "--random-weights")) == 0
+    assert f"WARNING: no images found under {tmp_path / 'empty'}" in capsys.readouterr().out
+    assert pl.read_parquet(tmp_path / "e.parquet").height == 0
+
+
+def test_threads_far_above_the_cores_are_lowered_with_a_warning(model_cache_dir, tmp_path, caplog, random_models,
+                                                               monkeypatch):
+    import engine.runner as runner
+
+    random_models["gender/alpha"]
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    root = tmp_path / "in"
+    root.mkdir()
+    _image((40, 30), "RGB", 0).save(root / "a.png")
+    with caplog.at_level(logging.WARNING, logger="engine.runner"):
+        assert main(_gender_args(root, tmp_path / "t.parquet", model_cache_dir, "--random-weights",
+                                 "--threads", "1000")) == 0
+    assert "--threads 1000 is more than 4 times the 2 CPU cores here; using 8" in caplog.text
 
 
 @pytest.mark.parametrize(

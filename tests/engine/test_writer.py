@@ -78,6 +78,52 @@ def test_an_output_of_another_record_format_says_so(tmp_path):
         ResultWriter(out, SCHEMA, {"models": ["n"]}).open()
 
 
+def test_an_output_of_the_record_before_escaped_backslashes_is_resumed_unless_a_path_has_one(tmp_path):
+    old = {"record": 2, **CONFIG}
+    new = {"record": 3, **CONFIG}
+    plain, slashed = tmp_path / "plain.parquet", tmp_path / "slashed.parquet"
+    with ResultWriter(plain, SCHEMA, old) as w:
+        w.add(rows(["/d/a.png", "/d/caf\\xe9.png"]))  # the byte 0xe9, escaped alike by both records
+    with ResultWriter(slashed, SCHEMA, old) as w:
+        w.add(rows(["/d/a\\b.png"]))  # a backslash: the new record doubles it
+    with ResultWriter(plain, SCHEMA, new, older_config=old) as w:
+        assert w.done == {"/d/a.png", "/d/caf\\xe9.png"}
+        w.add(rows(["/d/c.png"]))
+    assert pl.read_parquet(plain).height == 3
+    with ResultWriter(plain, SCHEMA, new, older_config=old) as w:  # now written by the new record
+        assert len(w.done) == 3
+    with pytest.raises(OutputError, match=r"wrote a backslash in a path as is \(/d/a\\b.png\)"):
+        ResultWriter(slashed, SCHEMA, new, older_config=old).open()
+    with pytest.raises(OutputError, match="another version of the engine"):
+        ResultWriter(slashed, SCHEMA, new).open()  # no older form given: refused as before
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"precision": "int8"}, "it was made at fp32, this run is int8"),
+    ({"calibration_sha256": "c2"}, "its int8 graphs were calibrated on another set of images"),
+    ({"models": [{"spec": "g/a", "weights": "random", "onnx_sha256": "o", "spec_sha256": "s"}]},
+     "it holds g/a, q/b, this run g/a"),
+    ({"models": [{"spec": "g/a", "weights": "random", "onnx_sha256": "o2", "spec_sha256": "s"},
+                 {"spec": "q/b", "weights": "random", "onnx_sha256": "o", "spec_sha256": "s"}]},
+     "its g/a ran another ONNX file"),
+    ({"models": [{"spec": "g/a", "weights": "random", "onnx_sha256": "o", "spec_sha256": "s"},
+                 {"spec": "q/b", "weights": "checkpoint", "onnx_sha256": "o", "spec_sha256": "s"}]},
+     "its q/b weights were random, this run's are checkpoint"),
+    ({"models": [{"spec": "g/a", "weights": "random", "onnx_sha256": "o", "spec_sha256": "s2"},
+                 {"spec": "q/b", "weights": "random", "onnx_sha256": "o", "spec_sha256": "s"}]},
+     "its g/a had another spec"),
+])
+def test_a_refused_resume_says_what_differs(tmp_path, change, words):
+    model = {"weights": "random", "onnx_sha256": "o", "spec_sha256": "s"}
+    base = {"record": 3, "precision": "fp32", "calibration_sha256": "c1",
+            "models": [{"spec": "g/a", **model}, {"spec": "q/b", **model}]}
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, base) as w:
+        w.add(rows(["a"]))
+    with pytest.raises(OutputError, match=f"another configuration \\({words}"):
+        ResultWriter(out, SCHEMA, {**base, **change}).open()
+
+
 def test_foreign_file_is_not_overwritten(tmp_path):
     out = tmp_path / "r.parquet"
     out.write_text("not parquet")
