@@ -71,6 +71,10 @@ class Probe:
     has_alpha: bool
     animated: bool  # read for WebP only (GIF goes to the host decoder whatever it holds)
     size: tuple[int, int] | None = None  # (width, height) the header declares; None: not read
+    # False for a PNG whose chunks run past the end of the file (or stop before IEND): the
+    # host decoder names it, where DALI's parser would print its own error and fail the
+    # whole batch (a pipeline rebuild)
+    complete: bool = True
 
     def too_large(self, limit: int = MAX_PIXELS) -> str | None:
         """The one-line cause when the declared size exceeds ``limit`` pixels, else None."""
@@ -87,7 +91,7 @@ class Probe:
         headers give the size (so that :meth:`too_large` could judge it; a file whose
         size they do not give is left to PIL, which applies its own limit)."""
         return (self.container in DALI_CONTAINERS and not self.has_alpha and not self.animated
-                and self.size is not None)
+                and self.size is not None and self.complete)
 
 
 def sniff(data: bytes | memoryview) -> Container:
@@ -114,7 +118,8 @@ def probe(data: bytes | memoryview) -> Probe:
     container = sniff(data)
     has_alpha = animated = False
     if container is Container.PNG:
-        has_alpha = _png_has_alpha(data)
+        has_alpha, complete = _png_chunks(data)
+        return Probe(container, has_alpha, animated, header_size(data, container), complete)
     elif container is Container.WEBP:  # one read of its first chunk gives the size too
         size, has_alpha, animated = _webp_header(data)
         return Probe(container, has_alpha, animated, size)
@@ -206,20 +211,26 @@ def _webp_header(data: bytes | memoryview) -> tuple[tuple[int, int] | None, bool
     return None, False, False
 
 
-def _png_has_alpha(data: bytes | memoryview) -> bool:
+def _png_chunks(data: bytes | memoryview) -> tuple[bool, bool]:
+    """(has_alpha, complete) of a PNG from its chunk headers: alpha from the colour type
+    (grey or RGB + alpha) or a tRNS chunk before the image data; complete when the chain
+    of chunks reaches IEND inside the file."""
     if len(data) < 33 or bytes(data[12:16]) != b"IHDR":
-        return False
-    if data[25] in (4, 6):  # grey + alpha, RGB + alpha
-        return True
-    pos = 8
-    while pos + 8 <= len(data):
+        return False, False
+    has_alpha = data[25] in (4, 6)
+    seen_data = False
+    pos, n = 8, len(data)
+    while pos + 8 <= n:
         length, ctype = struct.unpack(">I4s", bytes(data[pos : pos + 8]))
-        if ctype == b"tRNS":
-            return True
-        if ctype in (b"IDAT", b"IEND"):
-            return False
-        pos += 12 + length
-    return False
+        if ctype == b"IEND":
+            return has_alpha, True
+        if ctype == b"tRNS" and not seen_data:
+            has_alpha = True
+        seen_data = seen_data or ctype == b"IDAT"
+        pos += 12 + length  # length, type, data, CRC
+        if pos > n:
+            break
+    return has_alpha, False
 
 
 def _bmp_has_alpha(data: bytes | memoryview) -> bool:

@@ -76,6 +76,19 @@ def test_probe_reads_alpha_from_headers(name):
     assert (info.has_alpha, info.animated, info.dali_decodable) == (has_alpha, animated, dali)
 
 
+def test_a_png_whose_chunks_are_cut_short_goes_to_the_host_decoder():
+    """DALI's PNG parser prints its own error for such a file and fails its whole batch
+    (a pipeline rebuild); PIL names it as one error row."""
+    whole = encode(RNG.integers(0, 256, (64, 80, 3), dtype=np.uint8), "PNG")
+    assert probe(whole).complete and probe(whole).dali_decodable
+    assert probe(whole + b"trailing junk").complete  # past IEND: as PNG decoders read it
+    for cut in (len(whole) // 2, len(whole) - 12, 40):  # in IDAT, IEND missing, in the first chunk after IHDR
+        info = probe(whole[:cut])
+        assert info.size == (80, 64) and not info.complete and not info.dali_decodable, cut
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt PNG"):
+        decode_rgba(whole[: len(whole) // 2])
+
+
 @pytest.mark.parametrize("name", [n for n in PROBES if not n.startswith("gif")])
 def test_header_size_is_the_decoded_size(name):
     data = PROBES[name][0]
