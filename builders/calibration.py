@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence, overload
 import numpy as np
 
 from engine.backends.base import zero_padded
-from engine.discovery import IMAGE_SUFFIXES  # what `engine run` reads (GIF, TIFF: host decoder)
+from engine.discovery import IMAGE_SUFFIXES, iter_images  # what `engine run` reads (GIF, TIFF: host decoder)
 from engine.errors import DependencyError, InputError
 from engine.specs import ModelSpec
 
@@ -47,7 +47,8 @@ def find_calibration_images(folder: Path, limit: int = DEFAULT_CALIBRATION_IMAGE
         raise InputError(f"calibration image count must be at least 1, got {limit}")
     if not folder.is_dir():
         raise InputError(f"calibration folder {folder} does not exist or is not a folder")
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # As `engine run` finds them (symlinked folders followed, each once), in path order.
+    found = sorted(p for p in iter_images(folder) if p.is_file())
     if not found:
         raise InputError(f"calibration folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if len(found) <= limit:

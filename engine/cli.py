@@ -35,7 +35,8 @@ examples:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec-file", type=Path, help="TOML file overriding or adding model specs (see `engine models`)")
+    p.add_argument("--spec-file", type=Path, help="TOML file overriding or adding model specs: [task.variant] tables, "
+                   "the fields `engine models --json` prints (README: Model specs)")
     p.add_argument(
         "--cache-dir",
         type=Path,
