@@ -15,7 +15,11 @@ Frames, each of its own size: uint8 (H, W, 3) in ``channel_order`` (RGB, or BGR 
 OpenCV decodes), (H, W) grey, or (H, W, 4) with alpha last (RGBA; BGRA with
 ``channel_order="bgr"``), composited per each model spec's alpha mode by
 :func:`engine.preprocess.decode.composite` (the DALI graph's rule, value for value).
-Strided arrays are fine (they are copied). Anything else is a bad frame: by default
+Strided arrays are fine. Frames from an iterator are copied as they are read (a decoder
+may refill one buffer); those of a list, tuple or array are read in place, so leave them
+unchanged until the call returns. A full batch is classified without waiting for the
+next frame (the streamed path keeps up to its ring depth of batches in flight, so their
+results come a few batches later). Anything else is a bad frame: by default
 :class:`~engine.errors.InputError` naming its index is raised once the frames before it
 are classified, their results in the error's ``partial``; with ``on_error="row"`` it
 keeps its place with its cause in :attr:`FrameResults.errors` (NaN probabilities, label
@@ -190,9 +194,15 @@ def _chunks(frames: Iterable[Any], batch_size: int, max_bytes: int) -> Iterator[
     """At most ``batch_size`` frames a chunk, and no more than ``max_bytes`` of pixels
     unless one frame alone is larger (it then goes alone). Objects that are not arrays
     count as 0 bytes: frame_geometry refuses them. If ``frames`` itself raises, the
-    frames it gave before are handed on as a chunk first."""
+    frames it gave before are handed on as a chunk first.
+
+    A chunk of ``batch_size`` frames is handed on at once, without waiting for the next
+    frame (a live source may not have it yet). Frames from an iterator (not a list, tuple
+    or array) are copied as they are read: a decoder may hand out one buffer it refills,
+    and its next frame would overwrite those still waiting for their batch."""
     chunk: list[Any] = []
     used = 0
+    copy = not isinstance(frames, (list, tuple, np.ndarray))
     source = iter(frames)
     while True:
         try:
@@ -203,12 +213,17 @@ def _chunks(frames: Iterable[Any], batch_size: int, max_bytes: int) -> Iterator[
             if chunk:
                 yield chunk
             raise exc
+        if copy and isinstance(f, np.ndarray):
+            f = np.array(f, copy=True)
         size = int(getattr(f, "nbytes", 0) or 0)
-        if chunk and (len(chunk) == batch_size or used + size > max_bytes):
+        if chunk and used + size > max_bytes:
             yield chunk
             chunk, used = [], 0
         chunk.append(f)
         used += size
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk, used = [], 0
     if chunk:
         yield chunk
 

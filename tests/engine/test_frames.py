@@ -639,3 +639,54 @@ def test_batches_close_early_at_the_byte_budget_and_a_huge_frame_goes_alone():
     assert [(b.start, b.count) for b in batches] == [(0, 2), (2, 1), (3, 1), (4, 2)]
     # Without a budget in reach, only the batch size splits.
     assert [b.count for b in frame_batches(frames, [view], 4, max_bytes=10**9)] == [4, 2]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
+def test_a_decoder_that_refills_one_buffer_gets_each_frames_own_results(random_models, model_cache_dir, streamed):
+    """OpenCV's read into a preallocated image, a ring of buffers: the frame a decoder
+    handed out is overwritten by its next one, before the batch holding it runs."""
+    model = random_models[GENDER]
+    frames = [_picture(50, 60, 3, seed) for seed in range(6)]
+    buffer = np.empty_like(frames[0])
+
+    def decoder():
+        for f in frames:
+            buffer[...] = f
+            yield buffer
+
+    with FrameClassifier([model], batch_size=3, streamed=streamed, threads=2, cache_dir=model_cache_dir) as fc:
+        want = fc.classify(frames)[GENDER].probabilities
+        got = fc.classify(decoder())[GENDER].probabilities
+    assert np.ptp(want[:, 0]) > 1e-3  # the frames tell apart
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_full_batch_is_handed_on_before_the_next_frame_is_pulled():
+    """A live source may not have its next frame yet: a full batch must not wait for it."""
+    view = FrameView.of(type("M", (), {"spec": SpecRegistry.builtin().get("gender")})(), "rgb")
+    log = []
+
+    def camera():
+        for k in range(5):
+            log.append(f"pull {k}")
+            yield np.full((8, 8, 3), k, np.uint8)
+
+    for batch in frame_batches(camera(), [view], 2):
+        log.append(f"batch {[f.index for f in batch.frames]}")
+    assert log == ["pull 0", "pull 1", "batch [0, 1]", "pull 2", "pull 3", "batch [2, 3]", "pull 4", "batch [4]"]
+
+
+def test_a_very_tall_frame_costs_memory_for_its_crop_not_its_height(random_models, model_cache_dir):
+    """The CPU side's OpenCV-convention reference (the gender view) resized every source
+    row before cropping: a 200000 x 1 frame took 9 GB and 40 s."""
+    import resource
+
+    model = random_models[GENDER]
+    tall = np.zeros((200_000, 1, 3), np.uint8)
+    tall[:300] = 200
+    with FrameClassifier([model], batch_size=2, threads=2, cache_dir=model_cache_dir) as fc:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = fc.classify([tall, _picture(40, 30, 3, 1)])
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert np.isfinite(res[GENDER].probabilities).all()
+    assert grown_mb < 1024, f"peak memory grew by {grown_mb:.0f} MB"
