@@ -152,7 +152,9 @@ def frame_geometry(frame: Any, views: Sequence[FrameView], channel_order: str = 
     it (one line, without the frame's index) if it is not a frame the views can take."""
     order = channel_order.upper()
     if not isinstance(frame, np.ndarray):
-        raise InputError(f"expected a numpy array, got {type(frame).__name__}")
+        hint = " (np.asarray(image) converts a PIL image; tensor.numpy() a CPU tensor)" if any(
+            hasattr(frame, a) for a in ("__array__", "__array_interface__")) else ""
+        raise InputError(f"expected a numpy array, got {type(frame).__name__}{hint}")
     if frame.dtype != np.uint8:
         raise InputError(f"{_describe(frame)}: the pixels must be uint8 (0-255)")
     if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))):
@@ -532,7 +534,13 @@ class FrameResults:
         return int(len(self.sizes))
 
     def __getitem__(self, key: str) -> Classified:
-        return self.outputs[key]
+        """By model key (``"gender/alpha"``), or by task (``"gender"``)."""
+        if key in self.outputs:
+            return self.outputs[key]
+        by_task = [k for k in self.outputs if k.split("/")[0] == key]
+        if len(by_task) == 1:
+            return self.outputs[by_task[0]]
+        raise KeyError(f"no results for {key!r}; the keys are {', '.join(map(repr, self.outputs))}")
 
     def keys(self) -> tuple[str, ...]:
         return tuple(self.outputs)
@@ -693,8 +701,12 @@ class FrameClassifier:
         if precision not in PRECISIONS:
             raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         channel_order = getattr(channel_order, "value", channel_order)
+        channel_order = channel_order.lower() if isinstance(channel_order, str) else channel_order
         if channel_order not in ("rgb", "bgr"):
             raise EngineError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise EngineError(f"threads must be a whole number of at least 1 (None: every core), got {threads!r}")
         if sources is not None and len(sources) != len(self._models):
             raise EngineError(f"sources: one ModelSource per model ({len(self._models)}), got {len(sources)}")
         from engine.models import default_cache_dir
@@ -705,7 +717,7 @@ class FrameClassifier:
         self.channel_order = channel_order
         self.streamed = device == "gpu" or bool(streamed)
         self.views = tuple(FrameView.of(m, channel_order) for m in self._models)
-        self._threads = threads or os.cpu_count() or 1
+        self._threads = int(threads) if threads is not None else os.cpu_count() or 1
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._calib_dir = calib_dir
         self._calibration: Any = None  # found (and hashed) once, for every model, on first need

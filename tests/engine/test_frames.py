@@ -535,6 +535,9 @@ def test_bgr_classifier_names_bgr_in_its_shape_message(random_models, model_cach
     ({"batch_size": 2.0}, "batch size"),
     ({"precision": "fp8"}, "precision"),
     ({"channel_order": "rgba"}, "channel_order"),
+    ({"threads": 1.5}, "threads must be a whole number"),
+    ({"threads": 0}, "threads must be a whole number"),
+    ({"threads": -1}, "threads must be a whole number"),
 ])
 def test_bad_options_are_refused_in_one_line(random_models, model_cache_dir, kwargs, message):
     with pytest.raises(EngineError, match=message):
@@ -690,3 +693,17 @@ def test_a_very_tall_frame_costs_memory_for_its_crop_not_its_height(random_model
         grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert np.isfinite(res[GENDER].probabilities).all()
     assert grown_mb < 1024, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_results_by_task_name_and_a_missing_key_names_the_keys(random_models, model_cache_dir):
+    from PIL import Image
+
+    model = random_models[GENDER]
+    with FrameClassifier([model], batch_size=2, channel_order="BGR", threads=2, cache_dir=model_cache_dir) as fc:
+        assert fc.channel_order == "bgr"
+        res = fc.classify([_picture(30, 40, 3, 1)])
+        with pytest.raises(InputError, match=r"got Image \(np.asarray\(image\) converts a PIL image"):
+            fc.classify([Image.new("RGB", (8, 8))])
+    assert res["gender"] is res[GENDER]
+    with pytest.raises(KeyError, match="no results for 'quality'; the keys are 'gender/alpha'"):
+        res["quality"]
