@@ -10,8 +10,9 @@ The same tensors are then used to check every prepared ONNX against FP32.
 from __future__ import annotations
 
 import hashlib
-import os
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,8 +48,17 @@ def find_calibration_images(folder: Path, limit: int = DEFAULT_CALIBRATION_IMAGE
         raise InputError(f"calibration image count must be at least 1, got {limit}")
     if not folder.is_dir():
         raise InputError(f"calibration folder {folder} does not exist or is not a folder")
-    # As `engine run` finds them (symlinked folders followed, each once), in path order.
-    found = sorted(p for p in iter_images(folder) if p.is_file())
+    # As `engine run` finds them (symlinked folders followed, loops skipped), in path
+    # order; a file reached by several paths counts once (it would weigh more).
+    found, seen = [], set()
+    for p in sorted(iter_images(folder)):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            found.append(p)
     if not found:
         raise InputError(f"calibration folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if len(found) <= limit:

@@ -298,14 +298,16 @@ _AS_INTERRUPT = ("SIGTERM", "SIGHUP")
 def sigterm_as_interrupt() -> Iterator[None]:
     """Inside, SIGTERM and SIGHUP are handled like Ctrl-C (a :class:`Terminated`, which is
     a KeyboardInterrupt), so that the caller's interrupt handling keeps what is finished
-    (flushed rows, the lock released); :func:`interrupted_status` gives the exit status.
+    (flushed rows, the lock released); :func:`interrupted_status` gives the exit status. A
+    signal that is ignored (``nohup``) is left ignored.
     Off the main thread the handlers are left as they are; the ones before are put back
     after (the default where one was set outside Python)."""
     previous = {}
     try:
         for name in _AS_INTERRUPT:
             signum = getattr(signal, name, None)
-            if signum is not None:
+            # One ignored on purpose (`nohup`, `trap '' HUP`) stays ignored.
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
                 previous[signum] = signal.signal(signum, _terminate)
     except ValueError:  # not the main thread (the first call refuses: nothing was set)
         yield

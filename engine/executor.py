@@ -986,10 +986,12 @@ class _Lane:
             raise RuntimeError(f"{self.key}: drain the executor before timing stages")
         dev = self.device
         pieces = [piece for b in batches for piece in self.host_pieces(b)]
+        for slot in self.slots:  # allocated before the clock starts
+            self._host_inputs(slot)
         start = time.perf_counter()
         for k, (arrays, plan) in enumerate(pieces):
             slot = self.slots[k % len(self.slots)]
-            host_inputs = self._host_inputs(slot)
+            host_inputs = slot.host_inputs
             if stage == "host":
                 for name, array in arrays.items():
                     np.copyto(host_inputs[name][: plan.rows], array, casting="same_kind")

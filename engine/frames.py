@@ -509,7 +509,7 @@ class FrameProducer:
             for buf in self._outputs.values():
                 self._device.free(buf)
             self._outputs.clear()
-            self.stream = None  # destroyed now, while the device's context is still current
+            self.stream = None  # the device drops its own reference (and destroys it) while its context is current
 
 
 # --------------------------------------------------------------------------- results

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -212,7 +213,9 @@ class CudaContext:
         driver().call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 
 
-_left_open: list["CudaDevice"] = []  # devices not closed yet, oldest first
+# Devices not closed yet, oldest first: (the device, weakly: a dropped one is freed by
+# pycuda as before; its context, whose entry on the thread's stack must go either way).
+_left_open: list[tuple["weakref.ref[CudaDevice]", "CudaContext"]] = []
 _exit_hook = False
 
 
@@ -221,13 +224,14 @@ def _close_left_open() -> None:
     the thread exiting (the main one): pycuda aborts the process (SIGABRT) when its
     context stack is not empty at module clean-up."""
     me = threading.get_ident()
-    for device in reversed(list(_left_open)):
-        if device.context._thread != me:
+    for ref, context in reversed(list(_left_open)):
+        if context.closed or context._thread != me:
             continue  # another thread's stack: closing from here would pop the wrong context
         log.warning("closing a CUDA device left open at exit (close FrameClassifier(device='gpu') or the "
                     "executor's device, or use them in a `with` block)")
+        device = ref()
         try:
-            device.close()
+            (device or context).close()
         except Exception as exc:
             log.warning("closing the CUDA device at exit failed: %s", exc)
 
@@ -239,7 +243,7 @@ def _track_open(device: "CudaDevice") -> None:
 
         atexit.register(_close_left_open)  # after pycuda's import: runs before its clean-up
         _exit_hook = True
-    _left_open.append(device)
+    _left_open.append((weakref.ref(device), device.context))
 
 
 class CudaArray:
@@ -399,5 +403,4 @@ class CudaDevice:
             self._streams.clear()
         finally:
             self.context.close()
-            if self in _left_open:
-                _left_open.remove(self)
+            _left_open[:] = [entry for entry in _left_open if entry[1] is not self.context]

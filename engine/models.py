@@ -333,10 +333,14 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
             logger.warning("%s: %s was exported with labels %s, the spec says %s", spec.key, path, labels, list(spec.labels))
 
     _check_matches_spec(spec, info)
-    verified = False  # a dynamic-batch copy was checked against the original by make_batch_dynamic
-    if info.input.fixed_batch is not None:
+    # A copy made dynamic from a batch of 1 was checked at batch 2 against the original run
+    # image by image (make_batch_dynamic); from a larger fixed batch the original itself
+    # may mix its rows, so the copy is checked like any dynamic graph.
+    fixed = info.input.fixed_batch
+    verified = False
+    if fixed is not None:
         info = _with_dynamic_batch(spec, info, cache_dir)
-        verified = info.path != path
+        verified = info.path != path and fixed == 1
     info = _pinned_to_spec(spec, info)
     sha256 = None
     if info.input.fixed_batch is None and weights in (WeightsKind.USER_ONNX, WeightsKind.PUBLISHED):

@@ -521,11 +521,11 @@ def execute(
         inference = open_inference(stack)
         summary.backend = inference.backend
 
-        out_name, out_real = writer.out.name, os.path.realpath(writer.out)
+        out_names, out_real = {Path(config.out).name, writer.out.name}, os.path.realpath(writer.out)
 
         def todo() -> Iterator[Path]:
             for p in discovered:
-                if p.name == out_name and os.path.realpath(p) == out_real:
+                if p.name in out_names and os.path.realpath(p) == out_real:  # --out itself, or a link to it
                     log.info("%s is this run's output: not an input", p)  # an --out named like an image
                     continue
                 shown = display_path(p)

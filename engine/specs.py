@@ -448,18 +448,19 @@ def _coerce_pre(name: str, value: Any, where: str) -> Any:
         raise SpecError(f"{where}: preprocess.{name} must be a list of three numbers")
     if name == "std" and any(v <= 0 for v in value):
         raise SpecError(f"{where}: preprocess.std values must be positive")
-    # (x - mean) / std is computed in float32: a std near zero (or a value past float32's
-    # range) turns every image into inf/NaN. Real stds are ~0.2-0.5, means in [0, 1].
+    # (x - mean) / std is written as float32, or float16 on the GPU path (at most 65504):
+    # a std near zero (or a value past that range) turns pixels into inf/NaN. Real stds
+    # are ~0.2-0.5, means in [0, 1].
     if name == "std" and any(v < _MIN_STD for v in value):
         raise SpecError(f"{where}: preprocess.std values must be at least {_MIN_STD:g} (a std near zero "
-                        f"makes every pixel inf/NaN), got {list(value)}")
+                        f"makes pixels inf/NaN, in float16 below about 1.5e-5), got {list(value)}")
     if any(abs(v) > _MAX_NORM for v in value):
         raise SpecError(f"{where}: preprocess.{name} values must be at most {_MAX_NORM:g} in size "
                         f"(in the [0, 1] pixel unit), got {list(value)}")
     return tuple(float(v) for v in value)
 
 
-_MIN_STD = 1e-6
+_MIN_STD = 1e-4
 _MAX_NORM = 1e6
 
 

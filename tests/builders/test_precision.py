@@ -106,10 +106,12 @@ def test_calibration_folder_selection(tmp_path, calib_paths):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no images"):
         find_calibration_images(tmp_path / "empty")
-    # as `engine run` finds images: a symlinked folder is followed, a loop once
+    # as `engine run` finds images: a symlinked folder is followed, a loop skipped, and a
+    # file reached by two paths counts once
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "ep03").symlink_to(many / "ep01", target_is_directory=True)
+    (linked / "ep04").symlink_to(many / "ep01", target_is_directory=True)
     (linked / "loop").symlink_to(linked, target_is_directory=True)
     assert [p.name for p in find_calibration_images(linked)] == [f"f{i:03d}.jpg" for i in range(10)]
 

@@ -137,6 +137,15 @@ def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
         assert interrupted_status(caught.value) == status
     assert interrupted_status(KeyboardInterrupt()) == 130
     assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGHUP) is hup_before
+    # under nohup (SIGHUP ignored) the run must outlive the terminal: left ignored
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGHUP)  # nothing happens
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, hup_before)
     errors = []
 
     def off_main():

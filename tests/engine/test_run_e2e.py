@@ -309,12 +309,16 @@ def test_an_output_named_like_an_image_in_the_input_folder_is_not_an_input(model
     root.mkdir()
     for i in range(2):
         _image((40, 30), "RGB", i).save(root / f"{i}.png")
-    out = root / "results.png"
-    for _ in range(2):
-        assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
-    assert "images: 0 (0 errors), 2 already done from an earlier run" in capsys.readouterr().out
-    df = pl.read_parquet(out)
-    assert sorted(Path(p).name for p in df["path"]) == ["0.png", "1.png"] and df["error"].null_count() == 2
+    for out in (root / "results.png", root / "link.png"):  # the second a symlink to a file elsewhere
+        if out.name == "link.png":
+            out.symlink_to(tmp_path / "elsewhere.parquet")
+        for _ in range(2):
+            assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+        assert "images: 0 (0 errors), 2 already done from an earlier run" in capsys.readouterr().out
+        df = pl.read_parquet(out)
+        assert sorted(Path(p).name for p in df["path"]) == ["0.png", "1.png"] and df["error"].null_count() == 2
+        if out.name == "results.png":
+            out.unlink()
 
 
 def test_an_empty_folder_says_no_images_were_found(model_cache_dir, tmp_path, capsys, random_models):

@@ -145,6 +145,22 @@ def test_a_graph_declared_dynamic_that_does_not_batch_cleanly_runs_one_image_at_
     assert len(list((tmp_path / "cache" / "batching").glob("*.one-at-a-time"))) == 1  # checked once per file
 
 
+def _centred_over_the_batch(y):  # each row minus the batch's mean row: rows mix, shape kept
+    return [helper.make_node("ReduceMean", [y], ["mean_row"], axes=[0], keepdims=1),
+            helper.make_node("Sub", [y, "mean_row"], ["centred"])], [], "centred"
+
+
+def test_a_graph_pinned_at_batch_2_that_mixes_rows_runs_one_image_at_a_time(images, tmp_path, caplog):
+    """Made dynamic from a fixed batch of 2, the copy matches the original at batch 2 (it
+    mixes its rows alike), so that check proves nothing: the copy gets the batching check
+    of any dynamic graph."""
+    model = tiny(tmp_path / "mix2.onnx", in_shape=(2, 3, 224, 224), out_shape=(2, 2), post=_centred_over_the_batch,
+                 meta=LOGITS)
+    assert _run(images, tmp_path / "m.parquet", model, "--batch-size", "3") == 0
+    assert "it runs one image at a time" in caplog.text
+    np.testing.assert_allclose(_probs(tmp_path / "m.parquet"), 0.5, atol=1e-6)  # one row alone: centred to zero
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_a_model_pinned_to_a_batch_it_cannot_leave_prepares_with_calibration(images, tmp_path, precision):
     """fp16's agreement check and int8's calibration feed the graph at its own batch."""
