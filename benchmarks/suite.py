@@ -837,8 +837,8 @@ def main(args: argparse.Namespace) -> int:
         with sigterm_as_interrupt():
             doc = run_bench(cfg)
     except KeyboardInterrupt as exc:
-        print(f"benchmark interrupted: this run wrote no {cfg.out_dir / RESULTS_JSON} "
-              f"(one there is from an earlier run)", file=sys.stderr)
+        earlier = " (the one there is from an earlier run)" if (cfg.out_dir / RESULTS_JSON).is_file() else ""
+        print(f"benchmark interrupted: this run wrote no {cfg.out_dir / RESULTS_JSON}{earlier}", file=sys.stderr)
         return interrupted_status(exc)
     from benchmarks.report import headline_lines
 

@@ -263,8 +263,12 @@ def export_onnx(
         raise ModelError(f"opset must be {MIN_OPSET}..{MAX_OPSET}, got {opset!r}")
     out_path = Path(out_path)
     # before the export (a minute for caformer): where the file goes
+    if out_path.is_symlink():  # written through: the link stays, its target is replaced
+        out_path = Path(os.path.realpath(out_path))
     if out_path.is_dir():
         raise ModelError(f"{out_path} is a folder: name the ONNX file to write")
+    if out_path.exists() and not out_path.is_file():  # a device or FIFO: the rename would replace it
+        raise ModelError(f"{out_path} is not a regular file: name the ONNX file to write")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -229,6 +229,8 @@ def write_model_atomic(model, dst: Path) -> None:
     import onnx
 
     dst = Path(dst)
+    if dst.exists() and not dst.is_file():  # a device or FIFO (callers refuse it first): never replaced
+        raise ModelError(f"{dst} is not a regular file; not replacing it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     if model.ByteSize() < EXTERNAL_DATA_BYTES:
         with replacing(dst) as tmp:

@@ -65,6 +65,9 @@ class TensorRTUnavailable(DependencyError):
 # --------------------------------------------------------------------------- profile and options
 
 
+MAX_PROFILE_BATCH = 4096  # engine run's and the frames API's largest batch size
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     """Batch sizes the engine accepts (min..max) and is tuned for (opt)."""
@@ -78,6 +81,9 @@ class BatchProfile:
             raise ModelError("batch profile sizes must be integers")
         if not 1 <= self.min <= self.opt <= self.max:
             raise ModelError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        if self.max > MAX_PROFILE_BATCH:
+            raise ModelError(f"batch profile max {self.max} is above {MAX_PROFILE_BATCH}, the largest batch "
+                             f"`engine run` takes")
 
     @classmethod
     def parse(cls, text: str) -> "BatchProfile":

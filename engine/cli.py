@@ -383,8 +383,9 @@ def cmd_build(args) -> int:
         if task not in tasks and getattr(args, f"{task.value}_profile"):
             raise EngineError(f"--{task.value}-profile was given, but --only {args.only} builds no {task.value} engine")
     profiles_by_task = {t: BatchProfile.parse(text) for t in tasks if (text := getattr(args, f"{t.value}_profile"))}
-    if not math.isfinite(args.workspace_gb) or args.workspace_gb <= 0:
-        raise EngineError(f"--workspace-gb must be a positive number of GiB, got {args.workspace_gb}")
+    if not math.isfinite(args.workspace_gb) or not 0 < args.workspace_gb <= MAX_WORKSPACE_GB:
+        raise EngineError(f"--workspace-gb must be a number of GiB above 0 and at most {MAX_WORKSPACE_GB}, "
+                          f"got {args.workspace_gb}")
     options = BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level,
                            contexts=args.contexts)
     calib = None
@@ -435,6 +436,8 @@ def cmd_export(args) -> int:
     return 0
 
 
+MAX_WORKSPACE_GB = 1024
+
 COMMANDS = {"models": cmd_models, "run": cmd_run, "build": cmd_build, "bench": cmd_bench, "export": cmd_export}
 
 
@@ -446,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        with sigterm_as_interrupt():
+            return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:  # engine run and engine bench say more themselves
+        print(f"engine: {args.command} interrupted; the files it finished are kept (each is written whole)",
+              file=sys.stderr)
+        return interrupted_status(exc)
     except EngineError as exc:
         print(f"engine: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -405,6 +405,7 @@ def test_an_interrupted_bench_says_so_in_one_line_and_writes_nothing(tmp_path, m
     assert suite.main(parser.parse_args(["--out", str(tmp_path / "r"), "--frames", "1", "--crops", "0"])) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("benchmark interrupted: this run wrote no ")
+    assert "earlier run" not in err  # there is none
     assert not (tmp_path / "r" / "results.json").exists()
 
 

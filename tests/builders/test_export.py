@@ -250,3 +250,20 @@ def test_export_checks_its_output_and_opset_before_exporting(tmp_path, out, opse
     with pytest.raises(ModelError, match=message):
         export_onnx(spec, target, random_seed=0, opset=opset)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_export_never_replaces_a_device_or_fifo_and_writes_through_a_symlink(tmp_path):
+    import os
+
+    spec = SpecRegistry.builtin().get("gender")
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match="is not a regular file"):
+        export_onnx(spec, fifo, random_seed=0)
+    assert fifo.is_fifo()
+    link, target = tmp_path / "link.onnx", tmp_path / "models" / "real.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    assert export_onnx(spec, link, random_seed=0) == target
+    assert link.is_symlink() and inspect_onnx(link).input.shape[1:] == (3, 224, 224)

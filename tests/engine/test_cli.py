@@ -96,9 +96,11 @@ def test_build_contexts_option_defaults_to_the_executor_ring_and_refuses_nonsens
     [
         (["--only", "gender", "--quality-profile", "1,4,8"], "--quality-profile was given, but --only gender"),
         (["--gender-profile", "4,2,8"], "profile"),
-        (["--workspace-gb", "nan"], "--workspace-gb must be a positive number"),
-        (["--workspace-gb", "inf"], "--workspace-gb must be a positive number"),
-        (["--workspace-gb", "0"], "--workspace-gb must be a positive number"),
+        (["--gender-profile", "1,8,100000000"], "batch profile max 100000000 is above 4096"),
+        (["--workspace-gb", "nan"], "--workspace-gb must be a number of GiB above 0"),
+        (["--workspace-gb", "inf"], "--workspace-gb must be a number of GiB above 0"),
+        (["--workspace-gb", "0"], "--workspace-gb must be a number of GiB above 0"),
+        (["--workspace-gb", "1e308"], "at most 1024"),
     ],
 )
 def test_build_options_are_checked_before_any_model_work(extra, message, tmp_path, capsys):
@@ -106,6 +108,21 @@ def test_build_options_are_checked_before_any_model_work(extra, message, tmp_pat
     code = main(["build", "--precision", "fp16", "--no-download", "--cache-dir", str(tmp_path / "empty"), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("engine: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["build", "export", "models"])
+def test_ctrl_c_in_any_command_is_one_line(command, monkeypatch, capsys):
+    import engine.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    argv = {"build": ["build"], "export": ["export", "gender", "--random-weights", "--out", "x.onnx"],
+            "models": ["models"]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == f"engine: {command} interrupted; the files it finished are kept (each is written whole)\n"
 
 
 def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
