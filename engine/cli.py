@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
             "a model that runs a fixed batch f gets f,f,f)",
         )
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace limit in GiB (default 4)")
-    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level 0-5")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimisation level 0-5 (default 3, TensorRT's)")
     p.add_argument("--contexts", type=int, default=3, choices=range(1, 17), metavar="N",  # trt_build.DEFAULT_CONTEXTS, MAX_CONTEXTS
-                   help="execution contexts each engine serves at once, one optimisation profile each "
+                   help="execution contexts each engine serves at once, one optimisation profile each, 1-16 "
                    "(default 3: `engine run` keeps one per slot of its 3-slot ring and passes over engines with fewer)")
     p.add_argument("--strict", action="store_true", help="fail when the agreement with FP32 is out of bounds")
     p.add_argument("--force", action="store_true", help="redo preparation and build even if cached")
