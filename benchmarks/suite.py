@@ -780,7 +780,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = Tru
     g.add_argument("--warmup-batches", type=int, default=2, help="untimed batches before each figure (default 2)")
     g.add_argument("--workers", type=int, help="DataLoader workers of the reference (default: one per core, at most 16)")
     g.add_argument("--threads", type=int, help="intra-op and decode threads (default: all cores)")
-    g.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
+    g.add_argument("--out", type=_out_folder, default=Path("bench-results"), help="output folder (default bench-results)")
     g.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     if include_common:
         parser.add_argument("--cache-dir", type=Path, help="where exported models are kept")
@@ -820,6 +820,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         engine_run_check=not args.no_engine_run,
         plot=not args.no_plot,
     )
+
+
+def _out_folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder (an empty name would write into the current one)")
+    return Path(text)
 
 
 def _unique(values: Iterable[str] | None) -> list[str]:

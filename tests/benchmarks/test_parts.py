@@ -164,6 +164,8 @@ def test_cli_options_map_to_the_config():
     assert cfg.cache_dir == Path("/c") and cfg.out_dir == Path("/o")
     with pytest.raises(SystemExit):
         parser.parse_args(["--frame-size", "big"])
+    with pytest.raises(SystemExit):  # "" would be the current folder
+        parser.parse_args(["--out", ""])
 
 
 def test_cli_options_fit_a_parser_that_has_the_common_ones():
