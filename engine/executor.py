@@ -760,15 +760,15 @@ class _Lane:
         for i in range(config.depth):
             self.slots.append(self._make_slot(i))
 
+    def _shape(self, decl: TensorDecl) -> tuple[int, ...]:
+        """A slot buffer's shape for ``decl``: ``capacity`` rows."""
+        return (self.capacity, *self.rows[decl.name])
+
     def _make_slot(self, index: int) -> Slot:
-        dev, cap, timing = self.device, self.capacity, self.config.timing
-
-        def shape(decl: TensorDecl) -> tuple[int, ...]:
-            return (cap, *self.rows[decl.name])
-
+        dev, shape, timing = self.device, self._shape, self.config.timing
         return Slot(
             index=index,
-            capacity=cap,
+            capacity=self.capacity,
             stream=dev.stream(),
             host_inputs={},  # see _host_inputs
             host_outputs={d.name: dev.host_empty(shape(d), np.dtype(d.dtype)) for d in self.backend.outputs},
@@ -783,8 +783,8 @@ class _Lane:
     def _host_inputs(self, slot: Slot) -> dict[str, np.ndarray]:
         """The slot's pinned input buffers, allocated on first need (once per slot)."""
         if not slot.host_inputs:
-            slot.host_inputs.update({d.name: self.device.host_empty((self.capacity, *self.rows[d.name]),
-                                                                    np.dtype(d.dtype)) for d in self.backend.inputs})
+            slot.host_inputs.update({d.name: self.device.host_empty(self._shape(d), np.dtype(d.dtype))
+                                     for d in self.backend.inputs})
         return slot.host_inputs
 
     # set-up -----------------------------------------------------------------------
@@ -991,14 +991,13 @@ class _Lane:
         start = time.perf_counter()
         for k, (arrays, plan) in enumerate(pieces):
             slot = self.slots[k % len(self.slots)]
-            host_inputs = slot.host_inputs
             if stage == "host":
                 for name, array in arrays.items():
-                    np.copyto(host_inputs[name][: plan.rows], array, casting="same_kind")
+                    np.copyto(slot.host_inputs[name][: plan.rows], array, casting="same_kind")
                 continue
             dev.synchronize(slot.done)  # the slot's previous stage work
             if stage == "h2d":
-                for name, host in host_inputs.items():
+                for name, host in slot.host_inputs.items():
                     dev.h2d(slot.device_inputs[name], host[: plan.exec_rows], slot.stream)
             elif stage == "compute":
                 if plan.graph:
