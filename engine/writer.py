@@ -162,13 +162,18 @@ def check_output_name(out: Path | str) -> Path:
     return out
 
 
+def _written_path(out: Path | str) -> Path:
+    """The file the writer writes for ``out``: ``out``, or a symlink's target (written
+    through: the link stays, its target is replaced)."""
+    out = check_output_name(out)
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
 def check_output_target(out: Path | str) -> Path:
     """``out`` once it can be written as a result file (a regular file or none yet, in a
     writable folder, its parts folder not blocked), as the path the writer will write
     (a symlink's target). Cheap: checked before any model is loaded."""
-    out = check_output_name(out)
-    if out.is_symlink():  # write through the link: the link stays, its target is replaced
-        out = Path(os.path.realpath(out))
+    out = _written_path(out)
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"output folder does not exist: {parent}")
@@ -242,10 +247,7 @@ class ResultWriter:
         part_rows: int = 512,
         older_config: Mapping[str, object] | None = None,
     ) -> None:
-        out = check_output_name(out)
-        if out.is_symlink():  # write through the link: the link stays, its target is replaced
-            out = Path(os.path.realpath(out))
-        self.out = out
+        self.out = _written_path(out)
         self.schema = pl.Schema(schema)
         self.config_json = json.dumps(config, sort_keys=True)
         # The same configuration as the engine recorded it before paths were escaped
