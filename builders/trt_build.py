@@ -320,8 +320,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
-    dynamic = [network.get_input(i).name for i in range(network.num_inputs)
-               if any(int(d) < 0 for d in network.get_input(i).shape)]
+    dynamic = any(int(d) < 0 for i in range(network.num_inputs) for d in network.get_input(i).shape)
     if not dynamic:  # every context of a static engine runs on its one implicit profile
         logger.info("%s: every input shape is fixed; the engine needs no optimisation profiles", spec.key)
     for k in range(wanted.contexts if dynamic else 0):  # profile k serves one context in use at a time

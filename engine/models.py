@@ -343,11 +343,12 @@ def resolve_model(spec: ModelSpec, source: ModelSource | None = None, cache_dir:
         verified = info.path != path and fixed == 1
     info = _pinned_to_spec(spec, info)
     sha256 = None
+    # this engine's own exports batch by construction; users' and published files are checked
     if info.input.fixed_batch is None and weights in (WeightsKind.USER_ONNX, WeightsKind.PUBLISHED):
         from builders.manifest import onnx_sha256
 
         sha256 = onnx_sha256(info.path)
-        if not verified:  # this engine's own exports batch by construction
+        if not verified:
             info = _checked_batching(spec, info, cache_dir, sha256)
 
     resolved = ResolvedModel(
