@@ -36,6 +36,12 @@ def _fmt_stats(r: dict) -> str:
     return f"{s['median']:.2f} | {s['min']:.2f}-{s['max']:.2f} | {s['spread_pct']:.0f}%"
 
 
+def _reference_ran(doc: dict) -> bool:
+    """Whether a reference configuration (the one that has DataLoader workers) has results."""
+    ref = {c["id"] for c in doc["configs"] if c["pipeline"] == "reference"}
+    return any(r["config"] in ref for r in doc["results"])
+
+
 def markdown_summary(doc: dict) -> str:
     st = doc["settings"]
     img = doc["images"]
@@ -46,7 +52,7 @@ def markdown_summary(doc: dict) -> str:
         f"{img['total_bytes'] / 1e6:.1f} MB",
         f"- batch {st['batch_size']}, {st['repeats']} repeats x {st['rounds']} round(s) (alternating order) "
         f"after {st['warmup_batches']} warm-up batches, "
-        f"{st['threads']} threads, {st['workers']} DataLoader workers",
+        f"{st['threads']} threads" + (f", {st['workers']} DataLoader workers" if _reference_ran(doc) else ""),
         f"- engine {doc['suite']['engine_version']} ({doc['suite']['git_commit'] or 'unknown commit'}); "
         + ", ".join(f"{k} {v}" for k, v in doc["packages"].items() if v and k in ("torch", "onnxruntime", "nvidia-dali-cuda130", "tensorrt-cu13", "timm")),
         "- models: " + ", ".join(f"{m['key']} ({m['architecture']}, {m['weights']} weights)" for m in doc["models"]),

@@ -102,6 +102,18 @@ def test_engine_run_is_timed(gender_run):
     assert "| engine_run vs the reference's end_to_end | gender |" in markdown_summary(doc)  # not a like-for-like row
 
 
+def test_summary_names_dataloader_workers_only_where_the_reference_ran(gender_run):
+    import copy
+
+    from benchmarks.report import markdown_summary
+
+    _, doc = gender_run
+    assert f"{doc['settings']['workers']} DataLoader workers" in markdown_summary(doc)
+    engine_only = copy.deepcopy(doc)
+    engine_only["results"] = [r for r in doc["results"] if r["config"] != REFERENCE]
+    assert "DataLoader" not in markdown_summary(engine_only)
+
+
 def test_speedups_headline_and_agreement(gender_run):
     _, doc = gender_run
     e2e = {s["stage"]: s for s in doc["speedups"] if s["scenario"] in ("gender", None)}
