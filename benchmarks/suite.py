@@ -483,6 +483,41 @@ def run_bench(
     exports random-weight ONNX into the cache and the reference builds the same
     architectures with the same seed.
     """
+    # Every repetition of `engine run` resolves its models again; the random-weights
+    # warning is said once (the summary and the JSON notes say it too).
+    with _each_message_once(logging.getLogger("engine.models")):
+        return _run_bench(config, models=models, torch_models=torch_models)
+
+
+class _each_message_once(logging.Filter):
+    """Context manager: while it is open, ``logger`` passes each distinct message once."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._logger = logger
+        self._seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def __enter__(self) -> "_each_message_once":
+        self._logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeFilter(self)
+
+
+def _run_bench(
+    config: BenchConfig,
+    *,
+    models: Mapping[str, "ResolvedModel"] | None,
+    torch_models: Mapping[str, Any] | None,
+) -> dict:
     from benchmarks.machine import git_commit, machine_info, package_versions
     from builders.calibration import CalibrationImages
 

@@ -11,6 +11,7 @@ ONNX files come from the session's ``random_models``; each torch model is built 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,28 @@ def gender_run(tmp_path_factory, random_models, torch_gender):
         threads=2,
         cache_dir=out / "cache",
     )
-    doc = run_bench(config, models={"gender/alpha": random_models["gender/alpha"]}, torch_models={"gender/alpha": torch_gender})
+    gender = random_models["gender/alpha"]  # resolved (and its warning said) before the log is watched
+    handler = _ListHandler()
+    logger = logging.getLogger("engine.models")
+    logger.addHandler(handler)
+    try:
+        doc = run_bench(config, models={"gender/alpha": gender}, torch_models={"gender/alpha": torch_gender})
+    finally:
+        logger.removeHandler(handler)
+    GENDER_RUN_LOG[:] = [r.getMessage() for r in handler.records]
     return out, doc
+
+
+GENDER_RUN_LOG: list[str] = []  # what engine.models logged during gender_run
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _result(doc, config, stage, scenario=None, model=None):
@@ -131,6 +152,11 @@ def test_speedups_headline_and_agreement(gender_run):
     # The executor runs the same ONNX on the same DALI views: the same probabilities.
     assert agree[EXECUTOR]["images"] == 3
     assert agree[EXECUTOR]["max_abs_dp"] == pytest.approx(agree[ENGINE]["max_abs_dp"], abs=1e-5)
+
+
+def test_random_weights_warning_is_said_once(gender_run):
+    # `engine run` is timed twice (two rounds) and resolves its model each time
+    assert sum("RANDOM weights" in m for m in GENDER_RUN_LOG) == 1, "\n".join(GENDER_RUN_LOG)
 
 
 def test_random_weights_are_labelled(gender_run):
