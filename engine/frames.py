@@ -38,7 +38,7 @@ different probabilities (tests/engine/test_frames.py measures it).
 Paths:
 
 * ``device="cpu"`` (default): per batch, the NumPy reference per frame and view, ONNX
-  Runtime per model (:func:`engine.runner.open_cpu_backend`, the CPU path's own backend
+  Runtime per model (:func:`engine.backends.onnxruntime.open_cpu_backend`, the CPU path's own backend
   at ``precision``), :func:`engine.postprocess.classify`.
 * ``device="cpu", streamed=True``: the GPU path's loop on the streamed executor's host
   device (:class:`~engine.executor.HostDevice`, ONNX Runtime behind
@@ -648,7 +648,8 @@ def _gpu_plan(models: Sequence["ResolvedModel"], choices: Sequence[Any], precisi
         return engines, problem
 
     engines, problem = gpu_prerequisites(models, choices, precision, gpu_backend, engines_for,
-                                         sources_hint=" (FrameClassifier: pass sources=[ModelSource(checkpoint=...), ...])")
+                                         sources_hint=" (FrameClassifier: pass sources=[ModelSource(checkpoint=...), ...])",
+                                         dali=False)
     if problem is not None:
         raise EngineError(f"FrameClassifier(device='gpu'): {problem}")
     return PathPlan("gpu", "device='gpu'", precision, gpu_backend, engines)
@@ -748,7 +749,7 @@ class FrameClassifier:
     # set-up -------------------------------------------------------------------------
 
     def _cpu_backend(self, model: "ResolvedModel"):
-        from engine.runner import calibration_images, open_cpu_backend
+        from engine.backends.onnxruntime import calibration_images, open_cpu_backend
 
         if self._calibration is None and self.precision != "fp32":
             self._calibration = calibration_images(self._calib_dir)

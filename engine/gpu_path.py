@@ -71,15 +71,18 @@ def _missing_module(module: str) -> bool:
         return True
 
 
-def gpu_problem(gpu_backend: str, device_id: int = 0) -> str | None:
+def gpu_problem(gpu_backend: str, device_id: int = 0, *, dali: bool = True) -> str | None:
     """What keeps the GPU path from running here (device, packages), or None. Cheap: no
-    context is created, nothing heavy is imported except to ask torch about CUDA."""
+    context is created, nothing heavy is imported except to ask torch about CUDA.
+    ``dali``: whether DALI is needed (the frames API decodes nothing: its kernel does
+    the preprocessing)."""
     from engine.gpu import cuda_absent_reason
 
     reason = cuda_absent_reason(device_id)
     if reason is not None:
         return f"no GPU: {reason}"
-    missing = [pkg for pkg, module in (("nvidia-dali", "nvidia.dali"), ("pycuda", "pycuda")) if _missing_module(module)]
+    needed = ([("nvidia-dali", "nvidia.dali")] if dali else []) + [("pycuda", "pycuda")]
+    missing = [pkg for pkg, module in needed if _missing_module(module)]
     if gpu_backend == "tensorrt" and _missing_module("tensorrt"):
         missing.append("tensorrt")
     if missing:
@@ -208,14 +211,16 @@ def gpu_prerequisites(
     gpu_backend: str,
     engines_for: Callable[["BuildTarget"], tuple[dict[str, "CacheEntry"], str | None]],
     sources_hint: str = "",
+    *,
+    dali: bool = True,
 ) -> tuple[dict[str, "CacheEntry"], str | None]:
     """What the GPU path with ``gpu_backend`` needs, in order: the device and packages
     (:func:`gpu_problem`), then for torch checkpoints or random weights at fp32/fp16
     (:func:`torch_backend_problem`), for TensorRT a usable TensorRT and an engine per
     model (``engines_for(target)``: :func:`find_engines` or :func:`lookup_engines`).
-    ``sources_hint`` follows a torch-backend problem (how this caller names the weights).
-    Returns (engines, None) or ({}, the first problem)."""
-    problem = gpu_problem(gpu_backend)
+    ``sources_hint`` follows a torch-backend problem (how this caller names the weights);
+    ``dali``: as for :func:`gpu_problem`. Returns (engines, None) or ({}, the first problem)."""
+    problem = gpu_problem(gpu_backend, dali=dali)
     if problem is None and gpu_backend == "torch":
         problem = torch_backend_problem(models, choices, precision)
         if problem is not None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Collection, Iterator, Protocol, Sequ
 import numpy as np
 import polars as pl
 
+from engine.backends.onnxruntime import calibration_images, open_cpu_backend
 from engine.discovery import iter_images
 from engine.errors import EngineError, InputError
 from engine.models import ModelChoice, ResolvedModel, WeightsKind, resolve_model  # ModelChoice: re-exported
@@ -355,46 +356,6 @@ def _progress(enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=None, unit="img", desc="classifying", disable=not enabled, file=sys.stderr, smoothing=0.1)
-
-
-def calibration_images(calib_dir: Path | None, count: int | None = None) -> "CalibrationImages | None":
-    """A run's calibration images (found once; their hash read once, when first asked
-    for), or None without ``calib_dir``."""
-    if calib_dir is None:
-        return None
-    from builders.calibration import CalibrationImages
-
-    return CalibrationImages.find(calib_dir, count)
-
-
-def precision_graph(model: ResolvedModel, precision: str, cache_dir: Path,
-                    calibration: "CalibrationImages | None" = None) -> Path:
-    """The ONNX to run on the CPU: the model itself for fp32, else its prepared
-    fp16/int8 graph (made once by builders.precision and cached under ``cache_dir``;
-    FP32 inputs and outputs are kept; int8 is calibrated on ``calibration``, fp16 checked
-    on it)."""
-    if precision == "fp32":
-        return model.onnx_path
-    from builders.precision import prepare
-
-    if precision == "int8" and not calibration:
-        raise EngineError("int8 needs calibration images: a folder of typical frames "
-                          "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
-    prepared = prepare(
-        model.onnx_path, model.spec, precision, calibration, Path(cache_dir) / "prepared",
-        output_kind=model.output_kind, source_sha256=model.source_sha256,
-    )
-    return prepared.path
-
-
-def open_cpu_backend(model: ResolvedModel, precision: str, *, threads: int | None, cache_dir: Path,
-                     calibration: "CalibrationImages | None" = None):
-    """ONNX Runtime on the CPU for ``model`` at ``precision`` (its :func:`precision_graph`):
-    what the CPU path runs, also used by :mod:`engine.frames`."""
-    from engine.backends.onnxruntime import OrtBackend
-
-    return OrtBackend(precision_graph(model, precision, cache_dir, calibration), model.info.input, model.info.output,
-                      precision=precision, threads=threads)
 
 
 class Inference(Protocol):

@@ -20,7 +20,9 @@ from engine.backends.base import TensorDecl, zero_padded
 from engine.errors import EngineError, ModelError
 
 if TYPE_CHECKING:
+    from builders.calibration import CalibrationImages
     from engine.executor import HostGraph
+    from engine.models import ResolvedModel
 
 log = logging.getLogger(__name__)
 
@@ -342,3 +344,46 @@ class OrtDeviceBackend:
         self._bindings.clear()
         self._sessions.clear()
         self._session = None
+
+
+# --------------------------------------------------------------------------- per model
+# (here rather than in engine.runner, so that engine.frames opens its CPU backends
+# without importing polars or DALI)
+
+
+def calibration_images(calib_dir: Path | None, count: int | None = None) -> "CalibrationImages | None":
+    """A run's calibration images (found once; their hash read once, when first asked
+    for), or None without ``calib_dir``."""
+    if calib_dir is None:
+        return None
+    from builders.calibration import CalibrationImages
+
+    return CalibrationImages.find(calib_dir, count)
+
+
+def precision_graph(model: "ResolvedModel", precision: str, cache_dir: Path,
+                    calibration: "CalibrationImages | None" = None) -> Path:
+    """The ONNX to run on the CPU: the model itself for fp32, else its prepared
+    fp16/int8 graph (made once by builders.precision and cached under ``cache_dir``;
+    FP32 inputs and outputs are kept; int8 is calibrated on ``calibration``, fp16 checked
+    on it)."""
+    if precision == "fp32":
+        return model.onnx_path
+    from builders.precision import prepare
+
+    if precision == "int8" and not calibration:
+        raise EngineError("int8 needs calibration images: a folder of typical frames "
+                          "(--calib DIR for the engine commands, calib_dir= for engine.frames)")
+    prepared = prepare(
+        model.onnx_path, model.spec, precision, calibration, Path(cache_dir) / "prepared",
+        output_kind=model.output_kind, source_sha256=model.source_sha256,
+    )
+    return prepared.path
+
+
+def open_cpu_backend(model: "ResolvedModel", precision: str, *, threads: int | None, cache_dir: Path,
+                     calibration: "CalibrationImages | None" = None):
+    """ONNX Runtime on the CPU for ``model`` at ``precision`` (its :func:`precision_graph`):
+    what the CPU path runs, also used by :mod:`engine.frames`."""
+    return OrtBackend(precision_graph(model, precision, cache_dir, calibration), model.info.input, model.info.output,
+                      precision=precision, threads=threads)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -594,6 +595,56 @@ def test_the_gpu_side_imports_neither_polars_nor_cuda_packages_until_it_opens():
 
     if cuda_absent_reason() is not None:
         assert "REFUSED FrameClassifier(device='gpu'): no GPU" in proc.stdout
+
+
+def test_the_cpu_paths_run_without_polars_and_dali(random_models, model_cache_dir, tmp_path):
+    """The frames API needs neither polars (only FrameResults.to_polars does) nor DALI;
+    the GPU check kit's core tier runs it where neither is installed."""
+    model = random_models[GENDER]
+    frames = _mixed_frames()[-4:]  # two sizes of RGB, grey, RGBA
+    want = {s: _classify([model], frames, batch_size=2, streamed=s, cache_dir=model_cache_dir)[GENDER].probabilities
+            for s in (False, True)}
+    np.savez(tmp_path / "frames.npz", *frames)
+    code = (
+        "import sys, json\n"
+        "sys.modules['polars'] = None\n"
+        "sys.modules['nvidia.dali'] = None\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from engine.frames import FrameClassifier\n"
+        "from engine.models import ModelSource, resolve_model\n"
+        "from engine.specs import SpecRegistry\n"
+        "onnx, cache, saved = Path(sys.argv[1]), Path(sys.argv[2]), np.load(sys.argv[3])\n"
+        "frames = [saved[f'arr_{i}'] for i in range(len(saved.files))]\n"
+        "m = resolve_model(SpecRegistry.builtin().get('gender'), ModelSource(onnx=onnx), cache)\n"
+        "out = {}\n"
+        "for streamed in (False, True):\n"
+        "    with FrameClassifier([m], threads=2, batch_size=2, streamed=streamed, cache_dir=cache) as fc:\n"
+        "        out[str(streamed)] = fc.classify(frames)['gender'].probabilities.tolist()\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(model.onnx_path), str(model_cache_dir),
+                           str(tmp_path / "frames.npz")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for streamed in (False, True):
+        np.testing.assert_allclose(np.array(got[str(streamed)], np.float32), want[streamed], atol=1e-6, rtol=0)
+
+
+def test_the_frames_gpu_path_does_not_ask_for_dali(monkeypatch):
+    """`engine run`'s GPU path decodes with DALI; the frames API's does not (its kernel
+    preprocesses arrays), so a missing DALI is no reason to refuse it. The device check
+    is passed over here (no GPU) to reach the package check."""
+    import engine.gpu
+    import engine.gpu_path as gp
+
+    monkeypatch.setattr(engine.gpu, "cuda_absent_reason", lambda device_id=0: None)
+    monkeypatch.setattr(gp, "_missing_module", lambda module: True)
+    assert "(nvidia-dali, pycuda)" in gp.gpu_problem("torch")
+    assert "(pycuda)" in gp.gpu_problem("torch", dali=False)
+    m = type("M", (), {"spec": SpecRegistry.builtin().get("gender"), "is_random": True})()
+    with pytest.raises(EngineError, match=r"not installed \(pycuda\)"):
+        FrameClassifier([m], device="gpu", gpu_backend="torch")
 
 
 # --------------------------------------------------------------------------- GPU (not run yet)
