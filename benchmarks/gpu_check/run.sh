@@ -156,7 +156,7 @@ table() {
         grep -E '^(build_pycuda|full pack): built|^full pack:' "$LOG" | tail -2
         grep -E '^dali (cpu|gpu)' "$LOG" | tail -15
         grep -E '^overlap ' "$LOG" | tail -6
-        grep -E '^(speed|path|executor) ' "$LOG" | tail -4
+        grep -E '^(speed:|path:|executor )' "$LOG" | tail -4
     } | tee -a "$SUMMARY"
     rm -f "$STEPS"
 }

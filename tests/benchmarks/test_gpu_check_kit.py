@@ -243,3 +243,24 @@ def test_driver_link_dir_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setattr(build_pycuda.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no ldconfig")))
     with pytest.raises(SystemExit, match="no libcuda.so"):
         build_pycuda.driver_link_dir(root, tmp_path)
+
+
+def test_run_sh_summary_picks_the_engine_run_summary_lines(tmp_path):
+    """run.sh's closing table greps `engine run`'s summary out of the log: the pattern
+    must match the lines RunSummary prints (it once expected "speed " for "speed:")."""
+    import re
+    import subprocess
+
+    from engine.executor import LaneStats
+    from engine.runner import RunSummary
+    from engine.streamed_run import stats_lines
+
+    script = (KIT / "run.sh").read_text()
+    (pattern,) = re.findall(r"grep -E '(\^\(speed[^']*)' \"\$LOG\"", script)
+    summary = RunSummary(out=tmp_path / "r.parquet", images=3, errors=0, skipped=0, elapsed_s=1.5,
+                         backend="tensorrt", precision="fp16", path="GPU path (forced)",
+                         details=stats_lines({"gender/alpha": LaneStats(batches=1, images=3)}))
+    log = tmp_path / "log"
+    log.write_text("\n".join(["noise", *summary.lines()]) + "\n")
+    picked = subprocess.run(["grep", "-E", pattern, str(log)], capture_output=True, text=True).stdout.splitlines()
+    assert [line.split(":")[0].split(" ")[0] for line in picked] == ["speed", "path", "executor"], picked
