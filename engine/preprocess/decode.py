@@ -214,7 +214,8 @@ def _webp_header(data: bytes | memoryview) -> tuple[tuple[int, int] | None, bool
 def _png_chunks(data: bytes | memoryview) -> tuple[bool, bool]:
     """(has_alpha, complete) of a PNG from its chunk headers: alpha from the colour type
     (grey or RGB + alpha) or a tRNS chunk before the image data; complete when the chain
-    of chunks reaches IEND inside the file."""
+    of chunks reaches IEND, its CRC included, inside the file (libpng reports a cut CRC,
+    "PNG input buffer is incomplete", on stderr)."""
     if len(data) < 33 or bytes(data[12:16]) != b"IHDR":
         return False, False
     has_alpha = data[25] in (4, 6)
@@ -223,7 +224,7 @@ def _png_chunks(data: bytes | memoryview) -> tuple[bool, bool]:
     while pos + 8 <= n:
         length, ctype = struct.unpack(">I4s", bytes(data[pos : pos + 8]))
         if ctype == b"IEND":
-            return has_alpha, True
+            return has_alpha, pos + 12 + length <= n
         if ctype == b"tRNS" and not seen_data:
             has_alpha = True
         seen_data = seen_data or ctype == b"IDAT"
