@@ -429,6 +429,30 @@ def measure_cpu_speed(
 # --------------------------------------------------------------------------- INT8
 
 
+class _pre_process_advice_dropped(logging.Filter):
+    """While open: ONNX Runtime's quantiser's advice to run its pre-processing first (two
+    WARNING lines on the root logger per model, a URL each) is logged at DEBUG here
+    instead. That pre-processing is not run on purpose: it rewrites the graph with ONNX
+    Runtime's own optimiser, and this graph is also what TensorRT parses. (The engine's
+    own exports come out of torch with BatchNorm already folded into Conv; a user's ONNX
+    is quantised as given.)"""
+
+    PREFIX = "Please consider"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX) and "pre-processing" in message:
+            logger.debug("ONNX Runtime: %s", message.strip())
+            return False
+        return True
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
+
+
 def quantize_int8(
     source: onnx.ModelProto,
     out_path: Path,
@@ -458,32 +482,33 @@ def quantize_int8(
         qdq_path = Path(tmp) / "qdq.onnx"
         write_model_atomic(fold_identity_initializers(source), fp32_path)
         try:
-            quantize_static(
-                str(fp32_path),
-                str(qdq_path),
-                # one image per calibration run: ONNX Runtime keeps every calibrated tensor of
-                # a run alive (CAFormer-S36 at 384: ~2.5 GB per image in the batch)
-                ort_data_reader(calib, input_name, fixed or CALIBRATION_RUN_BATCH, dtype=feed_dtype,
-                                pad=fixed is not None),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(INT8_OPS),
-                per_channel=True,
-                reduce_range=False,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                calibration_providers=["CPUExecutionProvider"],
-                extra_options={
-                    "ActivationSymmetric": True,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": False,
-                    "UseQDQContribOps": False,
-                    "DedicatedQDQPair": False,
-                    # Q/DQ on the inputs of the quantised ops only, as TensorRT recommends:
-                    # outputs (logits included) stay in higher precision.
-                    "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
-                },
-            )
+            with _pre_process_advice_dropped():
+                quantize_static(
+                    str(fp32_path),
+                    str(qdq_path),
+                    # one image per calibration run: ONNX Runtime keeps every calibrated tensor of
+                    # a run alive (CAFormer-S36 at 384: ~2.5 GB per image in the batch)
+                    ort_data_reader(calib, input_name, fixed or CALIBRATION_RUN_BATCH, dtype=feed_dtype,
+                                    pad=fixed is not None),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(INT8_OPS),
+                    per_channel=True,
+                    reduce_range=False,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    calibration_providers=["CPUExecutionProvider"],
+                    extra_options={
+                        "ActivationSymmetric": True,
+                        "WeightSymmetric": True,
+                        "QuantizeBias": False,
+                        "UseQDQContribOps": False,
+                        "DedicatedQDQPair": False,
+                        # Q/DQ on the inputs of the quantised ops only, as TensorRT recommends:
+                        # outputs (logits included) stay in higher precision.
+                        "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
+                    },
+                )
         except (*ort_errors(), onnx.checker.ValidationError) as exc:
             # ONNX Runtime's quantiser rejects some graphs (old opsets it cannot convert,
             # shapes it cannot infer): a model problem, said in one line

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -338,10 +340,14 @@ def test_int8_resnet18_explicit_qdq_and_agreement(gender_int8):
     assert gender_int8.calibration_images == 6
 
 
-def test_int8_without_fp16_keeps_fp32_scales(gender, gender_calib, tmp_path):
+def test_int8_without_fp16_keeps_fp32_scales(gender, gender_calib, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="builders.precision")
     prepared = prepare(
         gender.onnx_path, gender.spec, Precision.INT8, None, tmp_path, calib=gender_calib, fp16_in_int8=False
     )
+    # ONNX Runtime's advice to pre-process is kept out of the user's warnings
+    advice = [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert advice and all(r.name == "builders.precision" and r.levelno == logging.DEBUG for r in advice), advice
     model = onnx.load(str(prepared.path))
     _check_int8_graph(model)
     assert not prepared.fp16_in_int8
@@ -349,6 +355,22 @@ def test_int8_without_fp16_keeps_fp32_scales(gender, gender_calib, tmp_path):
     scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert all(s.data_type == TensorProto.FLOAT for s in scales)
     assert prepared.agreement.argmax_agreement == 1.0 and prepared.agreement.max_abs_dp < 0.02
+
+
+def test_only_the_quantisers_advice_is_dropped():
+    code = (
+        "import logging\n"
+        "from builders.precision import _pre_process_advice_dropped\n"
+        "with _pre_process_advice_dropped():\n"
+        "    logging.warning('Please consider pre-processing before quantization. See x')\n"  # as ONNX Runtime does
+        "    logging.getLogger('builders.precision').warning('kept')\n"
+        "    logging.warning('other root warning')\n"
+        "logging.warning('Please consider pre-processing before quantization.')\n"  # outside: as before
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Please consider") == 1, proc.stderr
+    assert "kept" in proc.stderr and "other root warning" in proc.stderr
 
 
 def test_strict_bounds_fail_loudly(gender, gender_calib, tmp_path):
