@@ -871,7 +871,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the suite from parsed arguments and print the headline; 0 on success.
     User errors propagate as :class:`engine.errors.EngineError` for the CLI to print;
     Ctrl-C (or SIGTERM, SIGHUP) ends it with one line and 128 + the signal."""
-    from engine.cli import interrupted_status, sigterm_as_interrupt
+    from engine.signals import interrupted_status, sigterm_as_interrupt
 
     cfg = config_from_args(args)
     try:

@@ -137,13 +137,40 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
     assert proc.stderr == "" and proc.stdout.strip() == "141"
 
 
+@pytest.mark.parametrize("signame,status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_while_the_cli_is_still_importing_ends_it_in_one_line(signame, status):
+    """The console script's first instant: a real signal arrives while engine.cli is
+    being imported (sent by an import hook, so the moment is certain)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'engine.cli':\n"
+        f"            os.kill(os.getpid(), signal.{signame})\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "from engine.console import main\n"
+        "sys.exit(main(['models']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stderr == "engine: interrupted while starting; nothing was done\n" and proc.stdout == ""
+
+
+def test_the_console_script_runs_the_cli():
+    from engine.console import main
+
+    assert main(["models", "--json"]) == 0
+
+
 def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
     import signal
     import threading
 
-    from engine.cli import sigterm_as_interrupt
-
-    from engine.cli import interrupted_status
+    from engine.signals import interrupted_status, sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     hup_before = signal.getsignal(signal.SIGHUP)

@@ -1,0 +1,21 @@
+"""The ``engine`` console script. The CLI's imports take a few tenths of a second; a
+Ctrl-C, SIGTERM or SIGHUP in that time (or while the arguments are parsed) ends the
+command with one line and the usual status, as it does once a command runs, instead of
+a traceback or a silent exit."""
+
+from __future__ import annotations
+
+import sys
+
+from engine.signals import interrupted_status, sigterm_as_interrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        with sigterm_as_interrupt():
+            from engine.cli import main as cli_main
+
+            return cli_main(argv)
+    except KeyboardInterrupt as exc:  # a running command reports its own interrupt
+        print("engine: interrupted while starting; nothing was done", file=sys.stderr)
+        return interrupted_status(exc)
