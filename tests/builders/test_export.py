@@ -207,6 +207,16 @@ def test_a_text_file_as_checkpoint_is_a_one_line_cli_error(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "x.onnx").exists()
 
 
+def test_export_into_a_missing_folder_is_refused_and_makes_none(tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "typo" / "deeper" / "x.onnx"
+    assert main(["export", "gender", "--random-weights", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"engine: error: output folder does not exist: {out.parent}"
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_folder_given_as_checkpoint_says_so(tmp_path):
     with pytest.raises(ModelError, match="is a folder"):
         load_checkpoint(build_torch_model(Architecture.RESNET18, 2), tmp_path)
