@@ -1,288 +1,361 @@
-"""The kernels' own .cu sources, run on the CPU: each is compiled as C++ by the host
-compiler with the few CUDA builtins it uses shimmed (blockIdx/threadIdx, fp16 via
-_Float16, warp shuffles as 32 host threads meeting at a barrier), launched over the whole
-grid that kernels.launch computes, and compared with the NumPy reference.
+"""The real kernel sources, executed on the CPU and compared with the NumPy references.
 
-This checks indexing, tap positions, channel order, batch offsets, grid coverage and the
-warp reductions without a GPU. It does not check device code generation or device math
-(sinpif/expf accuracy, FMA contraction, __float2half_rn): the gpu-marked tests do.
+kernels/preprocess.cu and kernels/postprocess.cu are compiled unmodified by g++ as host
+C++ (tests/kernels/host_emulation: shim.h force-included, with the CUDA toolkit's own
+cuda_fp16.h for __half, and harness.cpp around the source). Each launch that
+kernels.launch builds is run over its whole grid and block, every thread, with the
+arguments exactly as launch.py packs them for pycuda; warp shuffles are emulated with
+the 32 lanes of a warp as fibers that meet at each shuffle. Outputs are NaN-filled first,
+so a match also proves every element was written, and the slots around the written one
+must stay NaN. The cases and tolerances are the GPU tests' (cases.py, test_gpu_kernels),
+on smaller images (this is a logic test: indexing, taps, bounds, reductions, packing).
+Each argument is checked against the kernel's own parameter types, and two broken
+copies of the sources are built to show that the comparison can fail.
+
+What this does NOT verify: device code generation (nvcc, ptxas); device math precision
+(sinpif/expf ulp error, FMA contraction, which the host build turns off); launch limits
+(block and grid sizes, registers, per-thread stack); memory coalescing or speed; and
+races between threads of different warps (blocks and warps run one after another here).
+The gpu-marked tests cover those.
 """
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
+import dataclasses
 
 import numpy as np
 import pytest
 
 import kernels
+from engine.specs import SpecRegistry
 from kernels.launch import FRAME_GEOM_DTYPE, postprocess_launch, preprocess_batch_launch, preprocess_launch
 from kernels.reference import (
+    CUBIC_A_PIL,
     Convention,
     Filter,
     Normalise,
     ResizeCrop,
+    pil_axis_bounds,
     postprocess_reference,
     preprocess_reference,
 )
-from tests.kernels.cases import opencv_specs, pil_long_filter_case, pil_specs, staged_batch
+from tests.kernels import host_emulation
+from tests.kernels.cases import opencv_specs, pil_specs, staged_batch
+from tests.kernels.test_gpu_kernels import tolerance
 
-CXX = shutil.which("g++") or shutil.which("clang++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++/clang++) to emulate the kernels")
+pytestmark = pytest.mark.skipif(host_emulation.absent_reason() is not None,
+                                reason=f"host emulation of the kernels: {host_emulation.absent_reason()}")
 
-_FP16_SHIM = """#pragma once
-typedef _Float16 __half;
-inline __half __float2half_rn(float v) { return (_Float16)v; }
-inline float __half2float(__half h) { return (float)h; }
-"""
-
-_COMMON = """#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <thread>
-#include <vector>
-using std::max;
-using std::min;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__ __restrict
-struct Dim3 { unsigned x, y, z; };
-static thread_local Dim3 blockIdx, threadIdx;
-static Dim3 blockDim;
-static inline float sinpif(float x) { return (float)std::sin(M_PI * (double)x); }
-static std::barrier<>* warp_barrier;
-static unsigned long long warp_slots[32];
-template <typename T> T __shfl_xor_sync(unsigned, T v, int off) {
-    const int lane = threadIdx.x % 32;
-    unsigned long long bits = 0;
-    std::memcpy(&bits, &v, sizeof(T));
-    warp_slots[lane] = bits;
-    warp_barrier->arrive_and_wait();
-    T out;
-    bits = warp_slots[lane ^ off];
-    std::memcpy(&out, &bits, sizeof(T));
-    warp_barrier->arrive_and_wait();
-    return out;
-}
-"""
-
-_PREPROCESS = """
-#include "preprocess.cu"
-extern "C" void run(int f16, const unsigned char* src, const int* ints, float cubic_a, const float* ms, void* out,
-                    int batch_index, int gx, int gy, int bx, int by) {
-    blockDim = {(unsigned)bx, (unsigned)by, 1};
-    for (int b = 0; b < gx * gy; ++b)
-        for (int t = 0; t < bx * by; ++t) {
-            blockIdx = {(unsigned)(b % gx), (unsigned)(b / gx), 0};
-            threadIdx = {(unsigned)(t % bx), (unsigned)(t / bx), 0};
-            if (f16)
-                preprocess_u8_to_f16(src, ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7],
-                                     ints[8], ints[9], cubic_a, ints[10], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
-                                     (__half*)out, batch_index);
-            else
-                preprocess_u8_to_f32(src, ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7],
-                                     ints[8], ints[9], cubic_a, ints[10], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5],
-                                     (float*)out, batch_index);
-        }
-}
-extern "C" void run_batch(int f16, const unsigned char* base, const void* frames, const int* ints, float cubic_a,
-                          const float* ms, void* out, int gx, int gy, int gz, int bx, int by) {
-    blockDim = {(unsigned)bx, (unsigned)by, 1};
-    for (int z = 0; z < gz; ++z)
-        for (int b = 0; b < gx * gy; ++b)
-            for (int t = 0; t < bx * by; ++t) {
-                blockIdx = {(unsigned)(b % gx), (unsigned)(b / gx), (unsigned)z};
-                threadIdx = {(unsigned)(t % bx), (unsigned)(t / bx), 0};
-                if (f16)
-                    preprocess_batch_u8_to_f16(base, (const FrameGeom*)frames, ints[0], ints[1], ints[2], cubic_a,
-                                               ints[3], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], (__half*)out);
-                else
-                    preprocess_batch_u8_to_f32(base, (const FrameGeom*)frames, ints[0], ints[1], ints[2], cubic_a,
-                                               ints[3], ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], (float*)out);
-            }
-}
-"""
-
-_POSTPROCESS = """
-#include "postprocess.cu"
-extern "C" void run(int f16, const void* in, float* probs, int* argmax, int rows, int classes, int pin, int gx,
-                    int bx) {
-    blockDim = {(unsigned)bx, 1, 1};
-    for (int b = 0; b < gx; ++b)
-        for (int w = 0; w < bx / 32; ++w) {  // one warp at a time, its 32 lanes as threads
-            std::barrier<> bar(32);
-            warp_barrier = &bar;
-            std::vector<std::thread> lanes;
-            for (int l = 0; l < 32; ++l)
-                lanes.emplace_back([=] {
-                    blockIdx = {(unsigned)b, 0, 0};
-                    threadIdx = {(unsigned)(w * 32 + l), 0, 0};
-                    if (f16)
-                        softmax_argmax_f16((const __half*)in, probs, argmax, rows, classes, pin);
-                    else
-                        softmax_argmax_f32((const float*)in, probs, argmax, rows, classes, pin);
-                });
-            for (auto& t : lanes) t.join();
-        }
-}
-"""
+_OUT = {"float32": np.float32, "float16": np.float16}
+MAX_SIZE = 64  # the specs' 224/384 views shrunk: same filters and crops, a fraction of the work
+SIZES = [(97, 131), (131, 97), (17, 23), (200, 300)]  # landscape, portrait, enlarged, shrunk ~3x
 
 
-@pytest.fixture(scope="module")
+def build_sources(tmp_path, texts: dict[str, str]) -> dict[str, host_emulation.Emulated]:
+    """Write each source text as <name>.cu under tmp_path and build its emulation."""
+    paths = []
+    for name, text in texts.items():
+        path = tmp_path / f"{name}.cu"
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return {name: host_emulation.Emulated(lib) for name, lib in host_emulation.build(paths, tmp_path).items()}
+
+
+@pytest.fixture(scope="session")
 def emulated(tmp_path_factory):
-    """name -> ctypes library of the emulated kernel source."""
-    root = tmp_path_factory.mktemp("kernel-emulation")
-    (root / "cuda_fp16.h").write_text(_FP16_SHIM)
-    libs = {}
-    for name, harness in (("preprocess", _PREPROCESS), ("postprocess", _POSTPROCESS)):
-        (root / f"{name}.cu").write_text(kernels.load_source(name))
-        (root / f"{name}_host.cpp").write_text(_COMMON + harness)
-        lib = root / f"lib{name}.so"
-        cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{root}", "-o", str(lib), str(root / f"{name}_host.cpp")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        assert proc.returncode == 0, f"host compile of {name}.cu failed:\n{proc.stderr}"
-        libs[name] = ctypes.CDLL(str(lib))
-    return libs
+    """name -> the emulation of kernels/<name>.cu, exactly the text pycuda compiles."""
+    return build_sources(tmp_path_factory.mktemp("kernel-host-emulation"),
+                         {name: kernels.load_source(name) for name in kernels.sources()})
 
 
-def emulate_preprocess(lib, launch) -> None:
-    a = launch.args
-    ints = np.array([int(x) for x in a[1:11]] + [int(a[12])], np.int32)
-    ms = np.array([float(x) for x in a[13:19]], np.float32)
-    p = ctypes.c_void_p
-    lib.run(
-        ctypes.c_int(launch.function.endswith("f16")), p(int(a[0])), ints.ctypes.data_as(p), ctypes.c_float(float(a[11])),
-        ms.ctypes.data_as(p), p(int(a[19])), ctypes.c_int(int(a[20])),
-        *(ctypes.c_int(v) for v in (launch.grid[0], launch.grid[1], launch.block[0], launch.block[1])),
-    )
+def small(pre):
+    return dataclasses.replace(pre, size=min(pre.size, MAX_SIZE))
+
+
+def image_of(hw, seed) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)
+
+
+def run_one(lib, image, geom, norm, out_dtype, pad=5, seed=0) -> np.ndarray:
+    """Launch the one-image kernel into batch slot 1 of 3 and return the whole (3, 3, S, S)
+    buffer. The source rows are `pad` bytes longer than the pixels and there are rows
+    above and below the image; all of that is random, so a read outside the image's
+    pixels shows up as a wrong value."""
+    h, w, _ = image.shape
+    pitch = 3 * w + pad
+    rng = np.random.default_rng(seed)
+    buf = rng.integers(0, 256, (h + 4, pitch), dtype=np.uint8)
+    buf[2 : 2 + h, : 3 * w] = image.reshape(h, 3 * w)
+    out = np.full((3, 3, geom.size, geom.size), np.nan, _OUT[out_dtype])
+    lib.run(preprocess_launch(buf[2:].ctypes.data, pitch, geom, norm, out.ctypes.data, 1, out_dtype))
+    return out
+
+
+def check_one(lib, image, geom, norm, out_dtype, **kwargs) -> None:
+    out = run_one(lib, image, geom, norm, out_dtype, **kwargs)
+    assert np.isnan(out[0]).all() and np.isnan(out[2]).all(), "wrote outside its batch slot"
+    assert not np.isnan(out[1]).any(), "some output elements were not written"
+    expected = preprocess_reference(image, geom, norm, np.float64)
+    np.testing.assert_allclose(out[1].astype(np.float64), expected, **tolerance(norm, out_dtype))
+
+
+# -- the emulation itself ----------------------------------------------------------------
+
+
+def test_every_entry_point_is_emulated(emulated):
+    for name in kernels.sources():
+        assert emulated[name].entry_points == host_emulation.entry_points(kernels.load_source(name))
+    assert set(emulated["preprocess"].entry_points) == {
+        "preprocess_u8_to_f32", "preprocess_u8_to_f16", "preprocess_batch_u8_to_f32", "preprocess_batch_u8_to_f16"}
+    assert set(emulated["postprocess"].entry_points) == {"softmax_argmax_f32", "softmax_argmax_f16"}
+
+
+def test_fp16_is_the_toolkits_round_to_nearest_even(emulated):
+    """The float16 outputs go through the toolkit's host __float2half_rn; NumPy's cast is
+    IEEE round-to-nearest-even too, so both must agree bit for bit (ties, subnormals,
+    overflow to inf included), and __half2float must be exact for every half."""
+    lib = emulated["preprocess"]
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    back = lib.half2float(every_half)
+    finite = ~np.isnan(every_half)
+    np.testing.assert_array_equal(back[finite], every_half[finite].astype(np.float32))
+    assert np.isnan(back[~finite]).all()
+    halves = every_half[np.isfinite(every_half)].astype(np.float64)
+    halves = np.unique(halves)
+    midpoints = ((halves[1:] + halves[:-1]) / 2).astype(np.float32)  # exact in float32: the ties
+    rng = np.random.default_rng(0)
+    x = np.concatenate([midpoints, np.nextafter(midpoints, np.float32(np.inf)), rng.standard_normal(20000) * 3e4,
+                        rng.standard_normal(20000) * 1e-5, [65504.0, 65519.99, 65520.0, 1e9, -1e9, np.inf, -np.inf]])
+    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # the values past 65504 are there to overflow
+        expected = x.astype(np.float16)
+    np.testing.assert_array_equal(lib.float2half_rn(x).view(np.uint16), expected.view(np.uint16))
+    assert np.isnan(lib.float2half_rn(np.array([np.nan], np.float32))).all()
+
+
+def test_sinpif_shim(emulated):
+    """Exact zeros at integers and +-1 at half-integers (as CUDA documents), within an ulp
+    of sin(pi x) elsewhere."""
+    lib = emulated["preprocess"]
+    ints = np.arange(-9, 10, dtype=np.float32)
+    assert (lib.sinpif(ints) == 0).all()
+    np.testing.assert_array_equal(lib.sinpif(ints + 0.5), np.where(ints.astype(int) % 2 == 0, 1.0, -1.0))
+    x = np.random.default_rng(1).uniform(-8, 8, 50000).astype(np.float32)
+    exact = np.sin(np.pi * x.astype(np.float64))
+    assert (np.abs(lib.sinpif(x) - exact) <= np.spacing(np.abs(exact).astype(np.float32))).all()
+
+
+def test_packing_is_checked_against_the_kernel_signature(emulated):
+    """An argument that pycuda would pack with the wrong size (a Python int is int64 to
+    NumPy) is refused, and so is a wrong argument count."""
+    geom = ResizeCrop(4, 4, 4, 4, 0, 0, 4)
+    norm = Normalise(Filter.BILINEAR, False, (0, 0, 0), (1, 1, 1))
+    src, out = np.zeros(48, np.uint8), np.zeros(48, np.float32)
+    good = preprocess_launch(src.ctypes.data, 12, geom, norm, out.ctypes.data, 0, "float32")
+    emulated["preprocess"].run(good)
+    bad = dataclasses.replace(good, args=(good.args[0], 4, *good.args[2:]))
+    with pytest.raises(host_emulation.EmulationError, match="argument 1 packed as i8"):
+        emulated["preprocess"].run(bad)
+    with pytest.raises(host_emulation.EmulationError, match="takes 21 arguments, got 20"):
+        emulated["preprocess"].run(dataclasses.replace(good, args=good.args[:-1]))
+
+
+# -- preprocess, one image -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("spec_name", list(opencv_specs()))
-@pytest.mark.parametrize("hw", [(97, 131), (17, 23), (1080, 1920)])
-def test_preprocess_source_matches_reference(emulated, spec_name, hw, out_dtype):
-    pre = opencv_specs()[spec_name]
-    h, w = hw
-    image = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    check_preprocess(emulated, image, ResizeCrop.from_preprocess(pre, h, w), Normalise.from_preprocess(pre), out_dtype)
-
-
-def check_preprocess(emulated, image, geom, norm, out_dtype) -> None:
-    """Run the emulated kernel into batch slot 1 of 3 (source rows padded) and compare it
-    with the reference; slots 0 and 2 must stay NaN and slot 1 must be fully written."""
-    h, w, _ = image.shape
-    pitch = 3 * w + 5
-    src = np.zeros((h, pitch), np.uint8)
-    src[:, : 3 * w] = image.reshape(h, 3 * w)
-    out = np.full((3, 3, geom.size, geom.size), np.nan, {"float32": np.float32, "float16": np.float16}[out_dtype])
-    emulate_preprocess(emulated["preprocess"], preprocess_launch(src.ctypes.data, pitch, geom, norm, out.ctypes.data, 1, out_dtype))
-    assert np.isnan(out[0]).all() and np.isnan(out[2]).all(), "wrote outside batch slot 1"
-    assert not np.isnan(out[1]).any(), "some output elements were not written"
-    expected = preprocess_reference(image, geom, norm, np.float64)
-    atol = 0.05 / 255.0 / min(norm.std)
-    if out_dtype == "float16":
-        np.testing.assert_allclose(out[1].astype(np.float64), expected, rtol=1e-3, atol=atol + 1e-3)
-    else:
-        np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=atol)
+@pytest.mark.parametrize("hw", SIZES)
+def test_preprocess_opencv_convention(emulated, spec_name, hw, out_dtype):
+    pre = small(opencv_specs()[spec_name])
+    image = image_of(hw, hw[0] * 1000 + hw[1])
+    norm = Normalise.from_preprocess(pre)
+    assert norm.convention is Convention.OPENCV
+    check_one(emulated["preprocess"], image, ResizeCrop.from_preprocess(pre, *hw), norm, out_dtype)
 
 
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("spec_name", list(pil_specs()))
-@pytest.mark.parametrize("hw", [(97, 131), (17, 23), (120, 100), (1080, 1920)])
-def test_preprocess_source_pil_convention_matches_reference(emulated, spec_name, hw, out_dtype):
-    """Up- and downscaling (17x23 and 120x100 -> 384 enlarge, 1080x1920 shrinks 2.8x)."""
-    pre = pil_specs()[spec_name]
-    h, w = hw
-    image = np.random.default_rng(h * 1000 + w + 1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+@pytest.mark.parametrize("hw", SIZES)
+def test_preprocess_pil_convention(emulated, spec_name, hw, out_dtype):
+    pre = small(pil_specs()[spec_name])
+    image = image_of(hw, hw[0] * 1000 + hw[1] + 1)
     norm = Normalise.from_preprocess(pre)
     assert norm.convention is Convention.PIL
-    check_preprocess(emulated, image, ResizeCrop.from_preprocess(pre, h, w), norm, out_dtype)
+    check_one(emulated["preprocess"], image, ResizeCrop.from_preprocess(pre, *hw), norm, out_dtype)
+
+
+@pytest.mark.parametrize("task", ["gender", "quality"])
+def test_preprocess_full_size_view_of_a_1080p_frame(emulated, task):
+    """The workload's own sizes once: the built-in spec's whole 224/384 view of a 1920x1080
+    frame (a grid of 14x14 or 24x24 blocks, filters shrinking ~5x or ~3x)."""
+    pre = SpecRegistry.builtin().get(task).preprocess
+    hw = (1080, 1920)
+    norm = Normalise.from_preprocess(pre)
+    check_one(emulated["preprocess"], image_of(hw, 7), ResizeCrop.from_preprocess(pre, *hw), norm, "float16")
 
 
 @pytest.mark.parametrize("filt", list(Filter), ids=["bilinear", "bicubic", "lanczos3"])
-@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
-def test_preprocess_source_pil_long_filters(emulated, filt, out_dtype):
-    """The shared long-filter case (tests/kernels/cases.py)."""
-    check_preprocess(emulated, *pil_long_filter_case(filt), out_dtype)
+@pytest.mark.parametrize("geom", [ResizeCrop(200, 300, 12, 18, 0, 6, 12), ResizeCrop(64, 3000, 4, 180, 0, 176, 4)],
+                         ids=["16x-both-axes", "17x-right-edge"])
+def test_preprocess_pil_filters_longer_than_the_weight_cache(emulated, filt, geom):
+    """The small-image counterpart of cases.pil_long_filter_case: shrinking ~16x makes
+    every filter longer than the kPilCache = 32 x weights a thread keeps, so the
+    recomputed-weight path runs too; the second window ends at the right edge."""
+    longest = pil_axis_bounds(geom.left, geom.size, geom.src_w, geom.resized_w, filt)[1].max()
+    assert longest > 32
+    norm = Normalise(filt, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), CUBIC_A_PIL, Convention.PIL)
+    for out_dtype in ("float32", "float16"):
+        check_one(emulated["preprocess"], image_of((geom.src_h, geom.src_w), 5), geom, norm, out_dtype, pad=3)
 
 
-def emulate_preprocess_batch(lib, launch) -> None:
-    a = launch.args
-    ints = np.array([int(a[2]), int(a[3]), int(a[4]), int(a[6])], np.int32)
-    ms = np.array([float(x) for x in a[7:13]], np.float32)
-    p = ctypes.c_void_p
-    lib.run_batch(
-        ctypes.c_int(launch.function.endswith("f16")), p(int(a[0])), p(int(a[1])), ints.ctypes.data_as(p),
-        ctypes.c_float(float(a[5])), ms.ctypes.data_as(p), p(int(a[13])),
-        *(ctypes.c_int(v) for v in (*launch.grid, launch.block[0], launch.block[1])),
-    )
+@pytest.mark.parametrize("convention", list(Convention), ids=lambda c: c.name.lower())
+@pytest.mark.parametrize("filt", list(Filter), ids=lambda f: f.name.lower())
+def test_preprocess_flat_and_extreme_images(emulated, filt, convention):
+    """All-0 and all-255 images (the clamps), and a one-pixel-wide strip enlarged (every
+    tap clamped to the same column, or dropped)."""
+    norm = Normalise(filt, True, (0.5, 0.25, 0.0), (0.5, 1.0, 2.0), convention.cubic_a, convention)
+    for value in (0, 255):
+        image = np.full((23, 31, 3), value, np.uint8)
+        check_one(emulated["preprocess"], image, ResizeCrop(23, 31, 40, 54, 3, 7, 37), norm, "float32")
+    check_one(emulated["preprocess"], image_of((60, 1), 9), ResizeCrop(60, 1, 33, 17, 0, 0, 17), norm, "float16")
+
+
+@pytest.mark.parametrize("spec", [*(("opencv", n) for n in opencv_specs()), *(("pil", n) for n in pil_specs())],
+                         ids="-".join)
+def test_float16_output_is_the_float32_one_rounded_to_nearest(emulated, spec):
+    """Both entry points compute the same float and only the store differs, so the half
+    output must be the float one rounded to nearest even, bit for bit: the reference
+    tolerance for float16 (1e-3 relative) is too loose to notice a wrong rounding mode."""
+    pre = small((opencv_specs() if spec[0] == "opencv" else pil_specs())[spec[1]])
+    image = image_of((131, 97), 3)
+    geom, norm = ResizeCrop.from_preprocess(pre, 131, 97), Normalise.from_preprocess(pre)
+    f32 = run_one(emulated["preprocess"], image, geom, norm, "float32")[1]
+    f16 = run_one(emulated["preprocess"], image, geom, norm, "float16")[1]
+    np.testing.assert_array_equal(f16.view(np.uint16), f32.astype(np.float16).view(np.uint16))
+
+
+# -- preprocess, batched --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("task", ["gender", "quality"])
-def test_batched_preprocess_writes_each_image_from_its_table_row(emulated, task, out_dtype):
-    """One launch for four images of different sizes and pitches at scattered offsets of
-    one staging buffer (as FrameProducer lays them out): image z lands in batch item z,
-    equal to the one-image kernel's reference; the rows past the batch stay untouched."""
-    from engine.specs import SpecRegistry
-
-    pre = SpecRegistry.builtin().get(task).preprocess
+def test_batched_preprocess(emulated, task, out_dtype):
+    """One launch over images of mixed sizes and pitches, scattered over one staging
+    buffer in reverse order (only the FrameGeom table says where each is), at an odd
+    view size: image z lands in batch item z and equals both the reference and the
+    one-image kernel; the items past the batch stay NaN."""
+    pre = dataclasses.replace(SpecRegistry.builtin().get(task).preprocess, size=45)
     norm = Normalise.from_preprocess(pre)
     rng = np.random.default_rng(7)
-    images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((97, 131), (17, 23), (300, 200), (64, 64))]
+    sizes = ((97, 131), (17, 23), (200, 300), (64, 64), (3, 190))
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes]
     staging, rows, table_at = staged_batch(images, pre, pitch_pad=7, start=4096, reverse=True)
     table = staging[table_at : table_at + len(images) * FRAME_GEOM_DTYPE.itemsize].view(FRAME_GEOM_DTYPE)
-    assert table["offset"].tolist() == [r[0] for r in rows] and table["offset"][0] > table["offset"][-1]  # reversed
-    out = np.full((6, 3, pre.size, pre.size), np.nan, {"float32": np.float32, "float16": np.float16}[out_dtype])
+    assert table["offset"].tolist() == [r[0] for r in rows] and table["offset"][0] > table["offset"][-1]
+    out = np.full((len(images) + 2, 3, pre.size, pre.size), np.nan, _OUT[out_dtype])
     launch = preprocess_batch_launch(staging.ctypes.data, staging.ctypes.data + table_at, len(images), pre.size, norm,
                                      out.ctypes.data, out_dtype)
-    assert launch.grid[2] == len(images)
-    emulate_preprocess_batch(emulated["preprocess"], launch)
+    emulated["preprocess"].run(launch)
     assert np.isnan(out[len(images):]).all(), "wrote past the batch"
-    atol = 0.05 / 255.0 / min(norm.std)
-    for z, (image, (_, _, geom)) in enumerate(zip(images, rows)):
+    for z, (image, (_, pitch, geom)) in enumerate(zip(images, rows)):
         assert not np.isnan(out[z]).any(), f"image {z}: some output elements were not written"
         expected = preprocess_reference(image, geom, norm, np.float64)
-        if out_dtype == "float16":
-            np.testing.assert_allclose(out[z].astype(np.float64), expected, rtol=1e-3, atol=atol + 1e-3)
-        else:
-            np.testing.assert_allclose(out[z], expected, rtol=1e-5, atol=atol)
+        np.testing.assert_allclose(out[z].astype(np.float64), expected, **tolerance(norm, out_dtype))
+        one = run_one(emulated["preprocess"], image, geom, norm, out_dtype, pad=pitch - 3 * image.shape[1])[1]
+        np.testing.assert_array_equal(out[z], one)  # the same code on the same host: bit for bit
+
+
+# -- softmax / argmax -----------------------------------------------------------------------
 
 
 def run_postprocess(lib, raw: np.ndarray, probabilities_input: bool = False):
     rows, classes = raw.shape
+    raw = np.ascontiguousarray(raw)
     probs = np.full((rows, classes), np.nan, np.float32)
     index = np.full(rows, -1, np.int32)
-    in_dtype = "float16" if raw.dtype == np.float16 else "float32"
-    launch = postprocess_launch(raw.ctypes.data, probs.ctypes.data, index.ctypes.data, rows, classes, in_dtype, probabilities_input)
-    a = launch.args
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.run(i(in_dtype == "float16"), p(int(a[0])), p(int(a[1])), p(int(a[2])), i(rows), i(classes), i(int(a[5])), i(launch.grid[0]), i(launch.block[0]))
+    in_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}[raw.dtype]
+    lib.run(postprocess_launch(raw.ctypes.data, probs.ctypes.data, index.ctypes.data, rows, classes, in_dtype,
+                               probabilities_input))
     return probs, index
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("shape", [(1, 2), (5, 4), (33, 7), (6, 1031)])
-def test_postprocess_source_matches_reference(emulated, shape, dtype):
-    raw = (np.random.default_rng(shape[0] * 7919 + shape[1]).standard_normal(shape) * 5).astype(dtype)
+@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("classes", [1, 2, 4, 7, 32, 33, 1000, 1024, 1031])
+def test_softmax_argmax(emulated, rows, classes, dtype):
+    """Rows not a multiple of the 4 per block (whole warps leave early), classes below,
+    at and above the warp's 32 lanes."""
+    raw = (np.random.default_rng(rows * 7919 + classes).standard_normal((rows, classes)) * 5).astype(dtype)
     probs, index = run_postprocess(emulated["postprocess"], raw)
     ref_probs, ref_index = postprocess_reference(raw)
-    assert not np.isnan(probs).any() and (index >= 0).all()
-    np.testing.assert_allclose(probs, ref_probs, rtol=2e-5, atol=1e-7)
-    assert (index == ref_index).all()
-    p, i = run_postprocess(emulated["postprocess"], ref_probs.astype(dtype), probabilities_input=True)
-    rp, ri = postprocess_reference(ref_probs.astype(dtype), probabilities_input=True)
-    assert (p == rp).all() and (i == ri).all()
+    assert not np.isnan(probs).any() and (index >= 0).all(), "some outputs were not written"
+    np.testing.assert_allclose(probs, ref_probs, rtol=2e-5, atol=1e-7)  # test_gpu_kernels' tolerance
+    np.testing.assert_array_equal(index, ref_index)  # float16 ties often: lowest index on both sides
 
 
-def test_postprocess_source_ties_and_nonfinite(emulated):
-    raw = np.array([[1, 3, 3, 0], [2, 2, 2, 2], [0, np.nan, 1, 0], [0, np.inf, 1, 0], [-np.inf, -np.inf, 5, -np.inf]], np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(9, 4), (6, 100)])
+def test_probabilities_input_is_copied_and_argmaxed(emulated, dtype, shape):
+    p = np.random.default_rng(3).random(shape)
+    raw = (p / p.sum(axis=1, keepdims=True)).astype(dtype)
+    probs, index = run_postprocess(emulated["postprocess"], raw, probabilities_input=True)
+    ref_probs, ref_index = postprocess_reference(raw, probabilities_input=True)
+    np.testing.assert_array_equal(probs, ref_probs)
+    np.testing.assert_array_equal(index, ref_index)
+
+
+def test_ties_and_nonfinite_rows(emulated):
+    """test_gpu_kernels' rows, and ties whose copies sit in different lanes or in the same
+    lane on different strides (the shuffle reduction must keep the lowest index)."""
+    raw = np.array(
+        [[1, 3, 3, 0], [2, 2, 2, 2], [0, np.nan, 1, 0], [0, np.inf, 1, 0], [-np.inf, -np.inf, 5, -np.inf]], np.float32
+    )
     probs, index = run_postprocess(emulated["postprocess"], raw)
     assert list(index[[0, 1, 3, 4]]) == [1, 0, 1, 2]
-    np.testing.assert_allclose(probs[1], 0.25)
+    np.testing.assert_allclose(probs[1], 0.25, rtol=1e-6)
     assert np.isnan(probs[2]).all() and np.isnan(probs[3]).all()
     np.testing.assert_array_equal(probs[4], [0, 0, 1, 0])
+
+    wide = np.zeros((4, 100), np.float32)
+    for row, at in enumerate(([99, 37, 5], [31, 63], [40, 8], [70, 71, 69])):
+        wide[row, at] = 4.0
+    probs, index = run_postprocess(emulated["postprocess"], wide)
+    assert index.tolist() == [5, 31, 8, 69]
+    np.testing.assert_allclose(probs, postprocess_reference(wide)[0], rtol=2e-5, atol=1e-7)
+
+
+# -- the check can fail ---------------------------------------------------------------------
+
+
+_MUTANTS = {
+    # OpenCV bicubic taps one pixel to the right.
+    "preprocess": ("        first = i0 - 1;\n", "        first = i0;\n"),
+    # The sum's butterfly skips its last step: each lane sums only half the warp.
+    "postprocess": ("for (int off = kWarp / 2; off > 0; off /= 2) sum +=",
+                    "for (int off = kWarp / 2; off > 1; off /= 2) sum +="),
+}
+
+
+@pytest.fixture(scope="module")
+def mutants(tmp_path_factory):
+    texts = {}
+    for name, (old, new) in _MUTANTS.items():
+        source = kernels.load_source(name)
+        assert source.count(old) == 1, f"{name}.cu changed: update the mutant"
+        texts[name] = source.replace(old, new)
+    return build_sources(tmp_path_factory.mktemp("kernel-host-emulation-mutants"), texts)
+
+
+def test_a_broken_preprocess_kernel_fails(mutants):
+    pre = small(opencv_specs()["quality-bicubic"])
+    image = image_of((97, 131), 1)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        check_one(mutants["preprocess"], image, ResizeCrop.from_preprocess(pre, 97, 131),
+                  Normalise.from_preprocess(pre), "float32")
+
+
+def test_a_broken_postprocess_kernel_fails(mutants):
+    raw = np.random.default_rng(0).standard_normal((5, 33)).astype(np.float32)
+    probs, _ = run_postprocess(mutants["postprocess"], raw)
+    assert not np.allclose(probs, postprocess_reference(raw)[0], rtol=2e-5, atol=1e-7)
