@@ -359,3 +359,53 @@ def test_a_broken_postprocess_kernel_fails(mutants):
     raw = np.random.default_rng(0).standard_normal((5, 33)).astype(np.float32)
     probs, _ = run_postprocess(mutants["postprocess"], raw)
     assert not np.allclose(probs, postprocess_reference(raw)[0], rtol=2e-5, atol=1e-7)
+
+
+# -- the frames API's GPU loop, with the real kernel -----------------------------------------
+
+
+class EmulatedLauncher:
+    """engine.frames' launcher interface (as KernelLauncher on a GPU) with the emulated
+    kernel: each batch's launch runs in stream order on the host device's stream, on the
+    addresses the producer packed (its staging buffer, geometry table and view buffers)."""
+
+    def __init__(self, lib: host_emulation.Emulated) -> None:
+        self._lib = lib
+        self.launches = 0
+
+    def __enter__(self) -> "EmulatedLauncher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, launch, stream, **_) -> None:
+        self.launches += 1
+        stream.submit(lambda: self._lib.run(launch))
+
+    def close(self) -> None:
+        pass
+
+
+def test_frames_streamed_path_with_the_real_kernel_matches_the_cpu_path(emulated, random_models, model_cache_dir,
+                                                                         monkeypatch):
+    """FrameClassifier's streamed path on the executor's host device, with the real
+    preprocess kernel (emulated) where a GPU run has KernelLauncher: frames staged with
+    their geometry table, one batched launch per view and batch, the executor and ONNX
+    Runtime behind it, a partial last batch, grey and RGBA frames. Against the plain CPU
+    path (the kernel's NumPy reference per frame); the kernel itself is within the
+    tolerances above of that reference."""
+    import engine.frames as frames_api
+
+    model = random_models["gender/alpha"]
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, hw + c, dtype=np.uint8) for hw, c in (
+        ((90, 160), (3,)), ((61, 47), (3,)), ((40, 40), ()), ((72, 96), (4,)), ((300, 200), (3,)))]
+    with frames_api.FrameClassifier([model], threads=2, batch_size=2, cache_dir=model_cache_dir) as fc:
+        want = fc.classify(frames)["gender"].probabilities
+    launcher = EmulatedLauncher(emulated["preprocess"])
+    monkeypatch.setattr(frames_api, "ReferenceLauncher", lambda: launcher)
+    with frames_api.FrameClassifier([model], threads=2, batch_size=2, streamed=True, cache_dir=model_cache_dir) as fc:
+        got = fc.classify(frames)["gender"].probabilities
+    assert launcher.launches == 3  # batches of 2, 2 and 1; one view
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
