@@ -145,6 +145,16 @@ def test_sinpif_shim(emulated):
     assert (np.abs(lib.sinpif(x) - exact) <= np.spacing(np.abs(exact).astype(np.float32))).all()
 
 
+def test_nvcc_include_lines_are_read_quoted_or_bare():
+    printed = ('#$ _NVVM_BRANCH_=nvvm\n'
+               '#$ INCLUDES="-I/opt/cuda/bin/../targets/x86_64-linux/include"  \n'
+               '#$ SYSTEM_INCLUDES="-isystem" "/opt/cuda/include/cccl"\n'
+               '#$ INCLUDES=-I/usr/local/cuda-13.0/include -I/usr/local/cuda-13.0/include\n'
+               'nvcc fatal   : not a line to read\n')
+    assert host_emulation.dryrun_include_dirs(printed) == [
+        "/opt/cuda/bin/../targets/x86_64-linux/include", "/opt/cuda/include/cccl", "/usr/local/cuda-13.0/include"]
+
+
 def test_packing_is_checked_against_the_kernel_signature(emulated):
     """An argument that pycuda would pack with the wrong size (a Python int is int64 to
     NumPy) is refused, and so is a wrong argument count."""

@@ -30,7 +30,7 @@ HARNESS = HERE / "harness.cpp"
 COMPILE_TIMEOUT_S = 120
 # No FP contraction, so the host result is plain IEEE float arithmetic, one rounding per
 # operation. The optimisation level is build()'s: compiling dominates a test run.
-CXX_FLAGS = ("-std=c++20", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas")
+CXX_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas")
 
 _ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 
@@ -60,15 +60,33 @@ def toolkit_include_dirs() -> list[str] | None:
     try:
         proc = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
                               capture_output=True, text=True, timeout=30, check=False)
+        printed = proc.stdout + proc.stderr
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        printed = ""
+    dirs = [d for d in dryrun_include_dirs(printed) if os.path.isdir(d)]
+    if any((Path(d) / "cuda_fp16.h").is_file() for d in dirs):
+        return dirs
+    # nvcc's own line did not name it: where toolkits and distribution packages put it
+    # (/usr/include is on g++'s own path: no flag, and -isystem on it would break
+    # libstdc++'s #include_next)
+    for d in (Path(nvcc).resolve().parent.parent / "include", Path("/usr/local/cuda/include")):
+        if (d / "cuda_fp16.h").is_file():
+            return [str(d)]
+    return [] if Path("/usr/include/cuda_fp16.h").is_file() else None
+
+
+def dryrun_include_dirs(printed: str) -> list[str]:
+    """The include folders named on the INCLUDES / SYSTEM_INCLUDES lines of ``nvcc
+    --dryrun``'s output, in order, each once: quoted ("-I/x" or "/x") or bare (-I/x), as
+    nvcc versions print them."""
     dirs = []
-    for line in (proc.stdout + proc.stderr).splitlines():
+    for line in printed.splitlines():
         if line.startswith("#$ INCLUDES=") or line.startswith("#$ SYSTEM_INCLUDES="):
-            dirs += [d for d in re.findall(r'"([^"]+)"', line) if not d.startswith("-")]
-            dirs += re.findall(r'"-I([^"]+)"', line)
-    dirs = [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
-    return dirs if any((Path(d) / "cuda_fp16.h").is_file() for d in dirs) else None
+            value = line.split("=", 1)[1]
+            dirs += [d for d in re.findall(r'"([^"]+)"', value) if not d.startswith("-")]
+            dirs += re.findall(r'"-I([^"]+)"', value)
+            dirs += re.findall(r'(?:^|\s)-I([^\s"]+)', value)
+    return list(dict.fromkeys(dirs))
 
 
 def absent_reason() -> str | None:
@@ -76,7 +94,8 @@ def absent_reason() -> str | None:
     if host_compiler() is None:
         return "g++ not found: cannot compile the kernel sources for the host"
     if toolkit_include_dirs() is None:
-        return "CUDA toolkit headers (cuda_fp16.h) not found: set CUDA_HOME or put nvcc on PATH"
+        where = "nvcc's include folders" if kernels.find_nvcc() else "no nvcc on PATH"
+        return f"CUDA toolkit headers (cuda_fp16.h) not found ({where}): set CUDA_HOME to the toolkit"
     return None
 
 

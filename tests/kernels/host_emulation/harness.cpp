@@ -1,7 +1,7 @@
 // Host launcher for one kernel source, built as a shared library and driven from Python
 // (tests/kernels/host_emulation/__init__.py) with ctypes.
 //
-//   g++ -std=c++20 -shared -fPIC -include shim.h
+//   g++ -std=c++17 -shared -fPIC -include shim.h
 //       -DEMU_KERNEL_SOURCE='"/path/preprocess.cu"'
 //       -DEMU_ENTRY_POINTS='EMU_ENTRY(preprocess_u8_to_f32) EMU_ENTRY(...)' harness.cpp
 //
