@@ -11,11 +11,16 @@ from engine.signals import interrupted_status, sigterm_as_interrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    handed_over = False
     try:
         with sigterm_as_interrupt():
             from engine.cli import main as cli_main
 
+            handed_over = True
             return cli_main(argv)
-    except KeyboardInterrupt as exc:  # a running command reports its own interrupt
-        print("engine: interrupted while starting; nothing was done", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A running command reports its own interrupt; what reaches here came before it
+        # ran, or after it had reported (a second Ctrl-C): nothing more to say then.
+        print("engine: interrupted" if handed_over else "engine: interrupted while starting; nothing was done",
+              file=sys.stderr)
         return interrupted_status(exc)

@@ -160,10 +160,22 @@ def test_a_signal_while_the_cli_is_still_importing_ends_it_in_one_line(signame, 
     assert proc.stderr == "engine: interrupted while starting; nothing was done\n" and proc.stdout == ""
 
 
-def test_the_console_script_runs_the_cli():
+def test_the_console_script_runs_the_cli(monkeypatch, capsys):
+    import engine.cli
     from engine.console import main
 
     assert main(["models", "--json"]) == 0
+    capsys.readouterr()
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    # a Ctrl-C in the command, then a second one while the CLI reports the first
+    monkeypatch.setitem(engine.cli.COMMANDS, "models", ctrl_c)
+    monkeypatch.setattr(engine.cli, "interrupted_status", ctrl_c)
+    assert main(["models"]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("engine: models interrupted") and err[1:] == ["engine: interrupted"], err
 
 
 def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
