@@ -490,7 +490,8 @@ def run_bench(
 
 
 class _each_message_once(logging.Filter):
-    """Context manager: while it is open, ``logger`` passes each distinct message once."""
+    """Context manager: while it is open, ``logger`` passes each distinct message once
+    (for the whole process: other threads' messages on that logger too)."""
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-from engine.errors import EngineError, OutputError
+from engine.errors import EngineError
 from engine.signals import interrupted_status, sigterm_as_interrupt
 from engine.specs import DEFAULT_VARIANTS, SpecRegistry, Task, spec_as_dict
 
@@ -382,9 +382,9 @@ def cmd_export(args) -> int:
 
     registry = SpecRegistry.load(args.spec_file)
     spec = registry.get(Task(args.model), args.variant)
-    folder = args.out.parent
-    if not folder.is_dir():  # as for `engine run --out`: a mistyped folder is not made
-        raise OutputError(f"output folder does not exist: {folder}")
+    from engine.writer import check_output_folder
+
+    check_output_folder(args.out)
     path = export_onnx(
         spec, args.out, checkpoint=args.checkpoint, random_seed=0 if args.random_weights else None, opset=args.opset
     )

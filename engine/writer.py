@@ -169,21 +169,28 @@ def _written_path(out: Path | str) -> Path:
     return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
+def check_output_folder(out: Path) -> Path:
+    """The folder ``out`` goes in, once it exists and is writable (a mistyped folder is
+    refused, not made): for every output file the commands write."""
+    parent = Path(out).parent
+    if not parent.is_dir():
+        raise OutputError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder is not writable: {parent}")
+    return parent
+
+
 def check_output_target(out: Path | str) -> Path:
     """``out`` once it can be written as a result file (a regular file or none yet, in a
     writable folder, its parts folder not blocked), as the path the writer will write
     (a symlink's target). Cheap: checked before any model is loaded."""
     out = _written_path(out)
-    parent = out.parent
-    if not parent.is_dir():
-        raise OutputError(f"output folder does not exist: {parent}")
+    check_output_folder(out)
     if out.is_dir():
         raise OutputError(f"output path is a folder: {out}")
     if out.exists() and not out.is_file():
         # a device, FIFO or socket: the final rename would replace it
         raise OutputError(f"output path is not a regular file: {out}")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder is not writable: {parent}")
     parts = out.with_name(out.name + ".parts")
     if parts.exists() and (parts.is_symlink() or not parts.is_dir()):
         raise OutputError(f"{parts} is in the way of the output's parts folder: move it away")

@@ -136,7 +136,7 @@ full() {
     # `engine run` itself on the GPU path (PyTorch backend: no TensorRT here), twice:
     # the first run exports the random-weight models; the second is the figure.
     for pass in 1 2; do
-        step "engine_run_gpu_$pass" 90 "$PY" -m engine.cli run /tmp/gpu_check_images --device gpu \
+        step "engine_run_gpu_$pass" 90 "$PY" -m engine run /tmp/gpu_check_images --device gpu \
             --gpu-backend torch --precision fp16 --random-weights --no-download --batch-size 32 \
             --no-progress --overwrite --cache-dir /tmp/gpu_check_cache --out /tmp/gpu_check_run.parquet
     done

@@ -5,6 +5,9 @@
 * :class:`OrtDeviceBackend`: an executor :class:`~engine.executor.DeviceBackend` that
   binds the slot's own buffers with ONNX Runtime's IOBinding (no copies through numpy),
   on the executor's host device or, with the CUDA execution provider, on CUDA slots.
+* :func:`open_cpu_backend` (with :func:`precision_graph`, :func:`calibration_images`):
+  the CPU path's backend for one resolved model at a precision, shared by `engine run`
+  and :mod:`engine.frames`.
 """
 
 from __future__ import annotations

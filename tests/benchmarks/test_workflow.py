@@ -23,7 +23,6 @@ VALUES = {
     "FRAMES": "64",
     "CROPS": "64",
     "ENGINE_CACHE_DIR": "/home/runner/.cache/anime-batch-engine-ci",
-    "GPU_SLUG": "nvidia-h200",
     "baseline": "benchmarks/baselines/nvidia-h200.json",
 }
 

@@ -1,5 +1,7 @@
-"""Kernel test cases shared by the GPU tests (test_gpu_kernels.py) and the host
-emulation of the same sources (test_host_emulation.py), so both check the same ground."""
+"""Kernel test cases of the GPU tests (test_gpu_kernels.py); the spec tables and
+staged_batch are shared with the host emulation of the same sources
+(test_host_emulation.py, which runs a smaller form of pil_long_filter_case), so both
+check the same ground."""
 
 from __future__ import annotations
 
