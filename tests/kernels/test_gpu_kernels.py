@@ -192,6 +192,29 @@ def test_preprocess_pil_convention_matches_reference(gpu, spec_name, hw, out_dty
     np.testing.assert_allclose(got.astype(np.float64), expected, **tolerance(norm, out_dtype))
 
 
+@pytest.mark.parametrize("spec", [*(("opencv", n) for n in opencv_specs()), *(("pil", n) for n in pil_specs())],
+                         ids="-".join)
+def test_float16_output_is_the_float32_one_rounded_to_nearest(gpu, spec):
+    """The half store must round to nearest even (the float16 reference tolerance is too
+    loose to see round-toward-zero; the host emulation checks this bit for bit). On the
+    device the two entry points may contract differently (an fp32 ulp apart), so a value
+    may round the other way only where the float one sits at a rounding tie."""
+    pre = (opencv_specs() if spec[0] == "opencv" else pil_specs())[spec[1]]
+    image = np.random.default_rng(3).integers(0, 256, (131, 97, 3), dtype=np.uint8)
+    geom, norm = ResizeCrop.from_preprocess(pre, 131, 97), Normalise.from_preprocess(pre)
+    f32 = run_preprocess(gpu, image, geom, norm, "float32")[0]
+    f16 = run_preprocess(gpu, image, geom, norm, "float16")[0]
+    assert not np.isnan(f16).any() and not np.isnan(f32).any()
+    nearest = f32.astype(np.float16)
+    differ = f16.view(np.uint16) != nearest.view(np.uint16)
+    # where they differ, the float value must sit (within a few of its ulps) halfway
+    # between the half written and the nearest one
+    tie = (f16[differ].astype(np.float64) + nearest[differ].astype(np.float64)) / 2
+    off_tie = np.abs(f32[differ].astype(np.float64) - tie) > 4 * np.spacing(np.abs(f32[differ]))
+    assert not off_tie.any(), f"{off_tie.sum()} of {f16.size} values not rounded to nearest"
+    assert differ.mean() < 1e-3
+
+
 @pytest.mark.parametrize("filt", list(Filter), ids=["bilinear", "bicubic", "lanczos3"])
 @pytest.mark.parametrize("out_dtype", ["float32", "float16"])
 def test_preprocess_pil_long_filters(gpu, filt, out_dtype):
