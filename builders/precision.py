@@ -435,9 +435,15 @@ class _pre_process_advice_dropped(logging.Filter):
     instead. That pre-processing is not run on purpose: it rewrites the graph with ONNX
     Runtime's own optimiser, and this graph is also what TensorRT parses. (The engine's
     own exports come out of torch with BatchNorm already folded into Conv; a user's ONNX
-    is quantised as given.)"""
+    is quantised as given.)
+
+    ONNX Runtime logs it with ``logging.warning``, which configures the root logger
+    (``basicConfig``) of a program that has not: an unconfigured root holds a
+    :class:`_LastResort` meanwhile, so the program's logging is left as it was and its
+    warnings still reach stderr as they would have."""
 
     PREFIX = "Please consider"
+    _stand_in: "logging.Handler | None" = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -446,11 +452,36 @@ class _pre_process_advice_dropped(logging.Filter):
             return False
         return True
 
-    def __enter__(self) -> None:
-        logging.getLogger().addFilter(self)
+    def __enter__(self) -> "_pre_process_advice_dropped":
+        root = logging.getLogger()
+        if not root.handlers:
+            self._stand_in = _LastResort()
+            root.addHandler(self._stand_in)
+        root.addFilter(self)
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger().removeFilter(self)
+        root = logging.getLogger()
+        root.removeFilter(self)
+        if self._stand_in is not None:
+            root.removeHandler(self._stand_in)
+            self._stand_in = None
+
+
+class _LastResort(logging.Handler):
+    """A root handler standing in for "no handler at all": a record that no other
+    handler on its way up takes goes to :data:`logging.lastResort`, as it would have."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        at = logging.getLogger(record.name)
+        root = logging.getLogger()
+        while at is not None and at is not root:
+            if at.handlers:
+                return  # handled on the way up: no last resort then
+            at = at.parent
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
 
 
 def quantize_int8(
