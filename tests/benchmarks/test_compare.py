@@ -267,3 +267,68 @@ def test_another_spec_of_a_model_is_another_workload():
     new["models"][0]["spec_sha256"] = "a" * 64
     assert compare(base, new).passed
     validate_results(new)
+
+
+def test_figures_of_two_models_in_one_stage_are_paired_apart():
+    """The inference stage has one figure per model: a regression of one model is not
+    hidden behind the other's figure."""
+    figures = {(ENGINE, "inference", None, "gender/alpha"): 60.0, (ENGINE, "inference", None, "quality/baseline"): 8.0}
+    base = make_doc(figures)
+    new = make_doc({**figures, (ENGINE, "inference", None, "gender/alpha"): 30.0})
+    result = compare(base, new)
+    assert result.compared == 2
+    assert [f.key for f in result.regressions] == [(ENGINE, "inference", None, "gender/alpha")]
+    assert _verdicts(result)[(ENGINE, "inference", None, "quality/baseline")] is Verdict.OK
+
+
+def test_another_number_of_usable_cpus_is_other_hardware():
+    """The same CPU model with other usable cores (a container's CPU limit) moves every
+    CPU figure."""
+    base, new = make_doc(), make_doc()
+    new["machine"]["usable_cpus"] = 8
+    result = compare(base, new)
+    assert not result.passed and result.machine_problems == ("CPU differs: baseline Test CPU x2, new Test CPU x8",)
+    assert compare(base, new, ignore_machine=True).passed
+
+
+# spelt out, not taken from compare.WORKLOAD_SETTINGS: a setting dropped there must fail here
+@pytest.mark.parametrize("key", ["batch_size", "device", "threads", "workers", "gender_variant", "quality_variant"])
+def test_every_workload_setting_is_compared(key):
+    base, new = make_doc(), make_doc()
+    base["settings"][key], new["settings"][key] = "before", "after"
+    result = compare(base, new)
+    assert result.workload_problems == (f"settings.{key}: baseline 'before', new 'after'",)
+    assert not result.passed and compare(base, new, ignore_workload=True).passed
+
+
+def test_cli_memory_tolerance_is_applied(tmp_path, capsys):
+    key = (ENGINE, "end_to_end", "gender", None)
+    base_path, new_path = tmp_path / "base.json", tmp_path / "new.json"
+    base_path.write_text(json.dumps(make_doc(memory={key: 1000.0})))
+    new_path.write_text(json.dumps(make_doc(memory={key: 1300.0})))
+    assert _run_cli([str(new_path), str(base_path)]) == 0  # not checked unless asked
+    assert _run_cli([str(new_path), str(base_path), "--memory-tolerance", "0.2"]) == cmp.EXIT_REGRESSION
+    assert "peak host memory 1000 -> 1300 MB" in capsys.readouterr().out
+    assert _run_cli([str(new_path), str(base_path), "--memory-tolerance", "0.5"]) == 0
+
+
+def test_memory_growth_boundary_is_inclusive():
+    """As for throughput: growth of exactly the tolerance passes."""
+    key = (ENGINE, "end_to_end", "gender", None)
+    base = make_doc(memory={key: 1000.0})
+    assert compare(base, make_doc(memory={key: 1200.0}), Tolerances(memory=0.2)).passed
+    assert not compare(base, make_doc(memory={key: 1201.0}), Tolerances(memory=0.2)).passed
+
+
+def test_a_gain_of_exactly_the_tolerance_is_not_yet_improved():
+    base = make_doc()
+    new = scaled(base, 1.25, stage="end_to_end")  # 40 -> 50 and 15 -> 18.75 images/s: +25% exactly
+    v = _verdicts(compare(base, new, Tolerances(throughput=0.10, per_stage={"end_to_end": 0.25})))
+    assert v[(ENGINE, "end_to_end", "gender", None)] is Verdict.OK
+    assert v[(REFERENCE, "end_to_end", "gender", None)] is Verdict.OK
+
+
+def test_a_zero_tolerance_is_allowed_and_fails_any_drop():
+    base = make_doc()
+    assert compare(base, base, Tolerances(throughput=0.0)).passed
+    assert not compare(base, scaled(base, 0.999, stage="inference"), Tolerances(throughput=0.0)).passed

@@ -271,3 +271,13 @@ def test_run_lookup_of_a_model_that_runs_a_fixed_batch(tmp_path):
         assert cache.find_for_run(_query(batch_size=batch)).entry.engine_path == ranged.engine_path
     big = cache.store(b"big", _manifest(profile=_profile(128, 128, 128)))
     assert cache.find_for_run(_query(batch_size=100)).entry.engine_path == big.engine_path  # padded beats 100 pieces
+
+
+def test_run_lookup_never_serves_an_engine_whose_source_onnx_is_not_recorded(tmp_path):
+    """A manifest without ``source_onnx_sha256`` (written by hand or by another tool) says
+    nothing of which model the engine computes: passed over, with the reason."""
+    cache = EngineCache(tmp_path)
+    cache.store(b"unknown-source", _manifest(source_onnx_sha256=""))
+    found = cache.find_for_run(_query())
+    assert found.entry is None
+    assert len(found.rejected) == 1 and "built from another ONNX (sha256 '?'" in found.rejected[0]

@@ -388,3 +388,85 @@ def test_a_run_reads_each_models_onnx_hash_once(folder, tmp_path, capsys, monkey
     calls.clear()
     assert main(args) == 0  # resumed: the record is compared, the prepared graph reused
     assert calls == ["user.onnx"] and "already done" in capsys.readouterr().out
+
+
+def test_an_error_row_inside_a_batch_does_not_shift_the_others():
+    """A batch [good, bad, good, good]: the model's rows are those of the files that
+    decoded (ok = [0, 2, 3]); each good file gets its own row's probabilities, label and
+    size, the bad one only its cause."""
+    from types import SimpleNamespace
+
+    from engine.models import WeightsKind
+    from engine.postprocess import classify
+    from engine.preprocess import PreprocessResult
+    from engine.runner import _Batch, _rows, result_schema
+    from engine.specs import OutputKind, SpecRegistry
+
+    model = SimpleNamespace(spec=SpecRegistry.builtin().get("gender"), weights=WeightsKind.RANDOM)
+    schema = result_schema([model])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32)
+    res = PreprocessResult(ok=[0, 2, 3], views={}, sizes=[(10, 20), (30, 40), (50, 60)], errors={1: "empty file (0 bytes)"})
+    batch = _Batch(["/d/a.png", "/d/b.png", "/d/c.png", "/d/d.png"], None, {}, res)
+    df = _rows(batch, [model], {"gender/alpha": classify(probs, OutputKind.PROBABILITIES, ("female", "male"), "g")}, schema)
+    assert df["path"].to_list() == batch.paths
+    assert df["error"].to_list() == [None, "empty file (0 bytes)", None, None]
+    assert df["gender_label"].to_list() == ["female", None, "male", "female"]
+    np.testing.assert_allclose(df["gender_p_male"].to_numpy(), [0.1, np.nan, 0.8, 0.4], equal_nan=True)
+    assert df["height"].to_list() == [10, None, 30, 50] and df["width"].to_list() == [20, None, 40, 60]
+
+
+def test_an_error_row_whose_file_is_gone_is_counted_as_kept(model_cache_dir, tmp_path, capsys, random_models):
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    _image((40, 30), "RGB", 0).save(root / "ok.png")
+    (root / "bad.png").write_bytes(b"")
+    out = tmp_path / "r.parquet"
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    (root / "bad.png").unlink()  # the file that failed is gone; its error row stays
+    capsys.readouterr()
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    text = capsys.readouterr().out
+    assert "images: 0 (0 errors), 1 already done from an earlier run" in text
+    assert f"kept: 1 rows of an earlier run whose files were not found under {root} this time" in text
+    assert pl.read_parquet(out).height == 2
+
+
+def test_an_input_that_only_shares_the_outputs_name_is_classified(model_cache_dir, tmp_path, random_models):
+    """--out elsewhere/same.png is not the input folder's same.png: only the output
+    itself (or a link to it) is left out."""
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, name in enumerate(("same.png", "other.png")):
+        _image((40, 30), "RGB", i).save(root / name)
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "elsewhere" / "same.png"
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    df = pl.read_parquet(out)
+    assert sorted(Path(p).name for p in df["path"]) == ["other.png", "same.png"] and df["error"].null_count() == 2
+
+
+def test_a_fully_resumed_run_does_not_warn_that_no_images_were_found(model_cache_dir, tmp_path, capsys, random_models):
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    _image((40, 30), "RGB", 0).save(root / "a.png")
+    out = tmp_path / "r.parquet"
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    capsys.readouterr()
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    text = capsys.readouterr().out
+    assert "images: 0 (0 errors), 1 already done from an earlier run" in text
+    assert "no images found" not in text
+
+
+def test_flush_every_one_writes_a_part_per_row(model_cache_dir, tmp_path, random_models):
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        _image((40, 30), "RGB", i).save(root / f"{i}.png")
+    out = tmp_path / "r.parquet"
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights", "--flush-every", "1")) == 0
+    assert pl.read_parquet(out).height == 3 and not (tmp_path / "r.parquet.parts").exists()

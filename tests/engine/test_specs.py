@@ -15,6 +15,7 @@ from engine.specs import (
     SpecRegistry,
     Task,
     spec_as_dict,
+    spec_work_sha256,
 )
 
 
@@ -182,3 +183,29 @@ def test_spec_as_dict_is_json():
     d = spec_as_dict(SpecRegistry.builtin().get("quality"))
     assert json.loads(json.dumps(d))["preprocess"]["interpolation"] == "bicubic"
     assert d["key"] == "quality/baseline" and d["unconfirmed"] == ["output"]
+
+
+@pytest.mark.parametrize("change", [
+    {"output": OutputKind.LOGITS},
+    {"labels": ("a", "b")},
+    {"architecture": Architecture.RESNET50},
+])
+def test_each_work_field_changes_the_spec_digest(change):
+    """The digest names the spec in the run record: a spec file that only corrects the
+    output kind (logits) makes another configuration, never resumed into the old rows."""
+    g = SpecRegistry.builtin().get("gender")
+    assert spec_work_sha256(dataclasses.replace(g, **change)) != spec_work_sha256(g)
+
+
+def test_a_single_label_is_refused(tmp_path):
+    f = tmp_path / "one.toml"
+    f.write_text("[gender.alpha]\nlabels = ['only']\n")
+    with pytest.raises(SpecError, match="at least two"):
+        SpecRegistry.load(f)
+
+
+@pytest.mark.parametrize("size", [8, 4096])
+def test_preprocess_size_bounds_are_inclusive(tmp_path, size):
+    f = tmp_path / "size.toml"
+    f.write_text(f"[gender.alpha.preprocess]\nsize = {size}\n")
+    assert SpecRegistry.load(f).get("gender").preprocess.size == size

@@ -340,3 +340,66 @@ def test_a_zombie_owner_is_dead_and_its_lock_is_taken_over(tmp_path):
         assert not lock.exists()
     finally:
         zombie.wait()
+
+
+def test_a_path_retried_in_an_unfinished_run_is_done_not_failed(tmp_path):
+    """b failed in a finished run, then decoded in a run killed before its merge: the
+    final file holds b's error row and a part holds its good row. b is done (skipped),
+    not failed as well (the run would count it as a row of a file gone)."""
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        w.add(rows(["a"]))
+        w.add(err_rows(["b"]))
+    with pytest.raises(KeyboardInterrupt):
+        with ResultWriter(out, SCHEMA, CONFIG, part_rows=100) as w:
+            assert w.failed == {"b"}
+            w.add(rows(["b"]))
+            raise KeyboardInterrupt
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        assert w.done == {"a", "b"} and w.failed == set()
+
+
+def test_an_older_record_output_with_a_name_ending_in_a_backslash_is_refused(tmp_path):
+    """A trailing backslash is a backslash the older record wrote as is (the new one
+    doubles it): its row cannot be matched to its file one to one."""
+    old, new = {"record": 2, **CONFIG}, {"record": 3, **CONFIG}
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, old) as w:
+        w.add(rows(["/d/a.png", "/d/ends-in-a-backslash\\"]))
+    with pytest.raises(OutputError, match=r"wrote a backslash in a path as is \(/d/ends-in-a-backslash\\\)"):
+        ResultWriter(out, SCHEMA, new, older_config=old).open()
+
+
+def test_a_refused_resume_names_another_variant_of_the_same_task(tmp_path):
+    """Another model in the same place of the list (say gender/beta for gender/alpha) is
+    named as such, not as another ONNX file of the stored model."""
+    model = {"weights": "random", "onnx_sha256": "o", "spec_sha256": "s"}
+    base = {"record": 3, "precision": "fp32", "calibration_sha256": None, "models": [{"spec": "g/a", **model}]}
+    out = tmp_path / "r.parquet"
+    with ResultWriter(out, SCHEMA, base) as w:
+        w.add(rows(["a"]))
+    other = {**base, "models": [{"spec": "g/b", **model, "onnx_sha256": "o2"}]}
+    with pytest.raises(OutputError, match=r"another configuration \(it holds g/a, this run g/b\)"):
+        ResultWriter(out, SCHEMA, other).open()
+
+
+def test_a_bare_pid_lock_naming_this_process_is_stale(tmp_path):
+    """An earlier version's lock (a bare pid) that names the pid this process now has
+    (pid 1 of a restarted container) is not this process's own: taken over."""
+    out = tmp_path / "r.parquet"
+    lock = tmp_path / "r.parquet.lock"
+    lock.write_text(str(os.getpid()))
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        assert f'"pid": {os.getpid()}' in lock.read_text()
+        w.add(rows(["a"]))
+    assert pl.read_parquet(out)["path"].to_list() == ["a"] and not lock.exists()
+
+
+def test_a_symlinked_parts_folder_is_refused(tmp_path):
+    """A link in place of the parts folder is refused like a file there: parts written
+    through it would be left behind elsewhere, and --overwrite could not clear them."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "r.parquet.parts").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="parts folder"):
+        ResultWriter(tmp_path / "r.parquet", SCHEMA, CONFIG).open()
+    assert list((tmp_path / "elsewhere").iterdir()) == []

@@ -223,3 +223,64 @@ def test_decode_failures_have_one_line_causes(data, cause):
         decode_rgba(data)
     assert str(info.value) == cause
     assert isinstance(info.value, EngineError)
+
+
+def _bmp32(rgba: np.ndarray, header_size: int, compression: int) -> bytes:
+    """A 32-bit BMP whose info header is ``header_size`` bytes, with an alpha mask: in the
+    header from V3 (56 bytes) on, after a 40-byte one (BI_ALPHABITFIELDS, compression 6)."""
+    h, w = rgba.shape[:2]
+    pixels = np.ascontiguousarray(rgba[::-1, :, [2, 1, 0, 3]]).tobytes()  # bottom-up BGRA
+    header = bytearray(header_size)
+    header[0:4] = header_size.to_bytes(4, "little")
+    header[4:8] = w.to_bytes(4, "little", signed=True)
+    header[8:12] = h.to_bytes(4, "little", signed=True)
+    header[12:14] = (1).to_bytes(2, "little")
+    header[14:16] = (32).to_bytes(2, "little")
+    header[16:20] = compression.to_bytes(4, "little")
+    header[20:24] = len(pixels).to_bytes(4, "little")
+    masks = b"".join(m.to_bytes(4, "little") for m in (0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000))
+    extra = b""
+    if header_size >= 56:
+        header[40:56] = masks
+    else:
+        extra = masks
+    offset = 14 + header_size + len(extra)
+    file_header = b"BM" + (offset + len(pixels)).to_bytes(4, "little") + b"\0\0\0\0" + offset.to_bytes(4, "little")
+    return file_header + bytes(header) + extra + pixels
+
+
+def test_a_bmp_v3_header_with_an_alpha_mask_has_alpha():
+    """BITMAPV3INFOHEADER (56 bytes, Adobe's): its alpha mask is read, so the file goes to
+    the host decoder, which keeps the alpha (DALI's RGB output would drop it)."""
+    data = _bmp32(RGBA, 56, 3)
+    info = probe(data)
+    assert info.has_alpha and not info.dali_decodable and info.size == (26, 18)
+    assert np.array_equal(decode_rgba(data), RGBA)
+
+
+def test_a_bmp_of_alpha_bitfields_has_alpha():
+    assert probe(_bmp32(RGBA, 40, 6)).has_alpha
+
+
+def test_a_top_down_bmp_declares_its_size_positive_and_is_held_to_the_limit():
+    data = bytearray(encode(RGB, "BMP"))
+    data[22:26] = (-18).to_bytes(4, "little", signed=True)  # negative height: rows stored top-down
+    assert header_size(bytes(data)) == (26, 18)
+    assert decode_rgba(bytes(data)).shape[:2] == (18, 26)
+    data[18:22] = (30000).to_bytes(4, "little", signed=True)
+    data[22:26] = (-30000).to_bytes(4, "little", signed=True)
+    assert probe(bytes(data)).too_large().startswith("image too large to decode safely (30000x30000")
+
+
+def test_the_size_limit_admits_exactly_max_pixels():
+    assert probe(_png_header(MAX_PIXELS, 1)).too_large() is None
+    assert probe(_png_header(MAX_PIXELS + 1, 1)).too_large() is not None
+
+
+def test_no_frame_header_is_looked_for_after_the_scan_starts():
+    """SOS (or EOI) before any SOF: what follows is entropy-coded data, where the bytes of
+    a frame header can occur by chance; the size is unknown, not read from there."""
+    fake_sof = _jpeg_header(30000, 30000)[22:]  # 0xFF 0xC0 ... then SOS
+    sos = b"\xff\xda" + (8).to_bytes(2, "big") + bytes(6)
+    assert header_size(b"\xff\xd8" + sos + b"\x12\x34" + fake_sof) is None
+    assert header_size(b"\xff\xd8" + b"\xff\xd9" + b"\x00\x02" + fake_sof) is None
