@@ -300,9 +300,8 @@ def cmd_run(args) -> int:
         device=args.device,
         gpu_backend=args.gpu_backend,
     )
-    try:
-        with sigterm_as_interrupt():
-            summary = run(config, announce=lambda text: print(f"engine: {text}", file=sys.stderr, flush=True))
+    try:  # SIGTERM and SIGHUP come as KeyboardInterrupt too (main() runs every command under sigterm_as_interrupt)
+        summary = run(config, announce=lambda text: print(f"engine: {text}", file=sys.stderr, flush=True))
     except KeyboardInterrupt as exc:
         print(
             f"engine: interrupted; finished rows are kept in {args.out}.parts/. "
@@ -379,11 +378,10 @@ def cmd_bench(args) -> int:
 
 def cmd_export(args) -> int:
     from builders.export import export_onnx
+    from engine.writer import check_output_folder
 
     registry = SpecRegistry.load(args.spec_file)
     spec = registry.get(Task(args.model), args.variant)
-    from engine.writer import check_output_folder
-
     check_output_folder(args.out)
     path = export_onnx(
         spec, args.out, checkpoint=args.checkpoint, random_seed=0 if args.random_weights else None, opset=args.opset
