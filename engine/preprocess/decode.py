@@ -229,8 +229,6 @@ def _png_chunks(data: bytes | memoryview) -> tuple[bool, bool]:
             has_alpha = True
         seen_data = seen_data or ctype == b"IDAT"
         pos += 12 + length  # length, type, data, CRC
-        if pos > n:
-            break
     return has_alpha, False
 
 
