@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.errors import EngineError
+from engine.errors import EngineError, no_room_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         from engine.cli import stdout_gone
 
         return stdout_gone()
+    except OSError as exc:  # a full disk: one line, as the engine CLI says it
+        message = no_room_message(exc)
+        if message is None:
+            raise
+        print(f"benchmarks: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from engine import __version__
-from engine.errors import EngineError
+from engine.errors import EngineError, no_room_message
 from engine.signals import interrupted_status, sigterm_as_interrupt
 from engine.specs import DEFAULT_VARIANTS, SpecRegistry, Task, spec_as_dict
 
@@ -414,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:  # `engine models | head`: the reader left; stop quietly
         return stdout_gone()
+    except OSError as exc:  # a full disk anywhere: one line too; any other OSError is a bug here
+        message = no_room_message(exc)
+        if message is None:
+            raise
+        print(f"engine: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

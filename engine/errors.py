@@ -6,6 +6,8 @@ non-zero. Anything else escaping is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class EngineError(Exception):
     """Base class of every user-facing error (bad input, missing model, ...)."""
@@ -39,3 +41,18 @@ class DependencyError(EngineError):
 
 class OutputError(EngineError):
     """The output file cannot be written, or holds results of another configuration."""
+
+
+# A write the system refused for want of room: a full disk, a quota, a file-size limit.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def no_room_message(exc: BaseException) -> str | None:
+    """One line for an OSError that says there is no room to write (None for any other
+    exception, which keeps its traceback). What the commands finish before is kept: the
+    results, models and engines are each written to a temp file and renamed when whole,
+    and the benchmark's image set is checked against its manifest when reused."""
+    if not isinstance(exc, OSError) or exc.errno not in _NO_ROOM:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}: make room and run the command again"

@@ -17,6 +17,7 @@ mode the umask allows (0644 under umask 022), not the 0600 of a private temp fil
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -150,8 +151,19 @@ def _owner_alive(owner: Mapping) -> bool:
 
 
 def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> None:
-    with replacing(dest) as tmp:
-        df.write_parquet(tmp, metadata=dict(metadata))
+    # Serialised in memory, then written by Python: a write the system refuses (a full
+    # disk, a quota, a file-size limit) raises OSError with its errno, where polars
+    # writing the file itself raises a ComputeError that names it only in its text.
+    buf = io.BytesIO()
+    df.write_parquet(buf, metadata=dict(metadata))
+    with replacing(dest) as tmp, open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's cause in words ("No space left on device"), without the file name
+    the message around it already gives."""
+    return exc.strerror or str(exc)
 
 
 def check_output_name(out: Path | str) -> Path:
@@ -271,6 +283,7 @@ class ResultWriter:
         self.done: set[str] = set()  # paths classified by an earlier run: skipped
         self.resumed_rows = 0
         self.failed: set[str] = set()  # paths that were only error rows: tried again
+        self._write_failed = False  # a part could not be written: not tried again on the way out
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> "ResultWriter":
@@ -298,8 +311,14 @@ class ResultWriter:
             if exc_type is None:
                 self.finish()
             else:
-                # Keep what is finished: the rows in memory become one more part.
-                self.flush()
+                # Keep what is finished: the rows in memory become one more part (unless
+                # writing a part is what failed). If that fails too, the run's own error
+                # is the one that goes on.
+                if not self._write_failed:
+                    try:
+                        self.flush()
+                    except OutputError as failed:
+                        log.error("%s", failed)
                 try:  # a run that failed before its first part leaves no empty folder
                     self.parts_dir.rmdir()
                 except OSError:
@@ -369,9 +388,17 @@ class ResultWriter:
         if not self._buffer:
             return
         df = pl.concat(self._buffer)
-        self.parts_dir.mkdir(exist_ok=True)
         part = self.parts_dir / f"part-{self._next_part:06d}.parquet"
-        _atomic_write(df, part, {CONFIG_KEY: self.config_json})
+        try:
+            self.parts_dir.mkdir(exist_ok=True)
+            _atomic_write(df, part, {CONFIG_KEY: self.config_json})
+        except OSError as exc:
+            self._write_failed = True
+            raise OutputError(
+                f"cannot write {part}: {_reason(exc)}. The rows written before it are kept in {self.parts_dir} "
+                f"({self.rows_written} from this run); the last {df.height} are not: run the same command again "
+                f"once that is fixed, and it resumes, classifying those again"
+            ) from None
         self._next_part += 1
         self.rows_written += df.height
         self._buffer.clear()
@@ -388,5 +415,12 @@ class ResultWriter:
             )
         else:
             merged = pl.DataFrame(schema=self.schema)
-        _atomic_write(merged, self.out, {CONFIG_KEY: self.config_json})
+        try:
+            _atomic_write(merged, self.out, {CONFIG_KEY: self.config_json})
+        except OSError as exc:
+            kept = f"every row is kept in {self.parts_dir}" if self.parts_dir.is_dir() else f"{self.out} is as it was"
+            raise OutputError(
+                f"cannot write {self.out}: {_reason(exc)}. Nothing is lost: {kept}; run the same command again "
+                f"once that is fixed, and it skips every image already classified and writes {self.out.name}"
+            ) from None
         shutil.rmtree(self.parts_dir, ignore_errors=True)

@@ -215,3 +215,31 @@ def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
     t.start()
     t.join()
     assert errors == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("module, args, prefix", [
+    ("engine", ["bench", "--frames", "1", "--crops", "0", "--scenario", "gender"], "engine"),
+    ("benchmarks", ["images", "--frames", "1", "--crops", "0"], "benchmarks"),
+])
+def test_no_room_to_write_is_one_line_from_either_entry_point(module, args, prefix, tmp_path):
+    """A write refused for want of room outside the result writer (here the benchmark's
+    first 1920x1080 frame, past a 100 KB file-size limit) is one line, not a traceback."""
+    from tests.file_limit import run_module_under_file_size_limit
+
+    r = run_module_under_file_size_limit(module, [*args, "--out", tmp_path / "bench"], 100_000, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"{prefix}: error: File too large: make room and run the command again"
+
+
+def test_no_room_message_names_the_file_and_only_takes_no_room_errors():
+    import errno
+
+    from engine.errors import no_room_message
+
+    assert no_room_message(OSError(errno.ENOSPC, "No space left on device", "/data/r.parquet")) == \
+        "No space left on device (/data/r.parquet): make room and run the command again"
+    assert no_room_message(OSError(errno.EDQUOT, "Disk quota exceeded")) == \
+        "Disk quota exceeded: make room and run the command again"
+    assert no_room_message(OSError(errno.EACCES, "Permission denied", "/data")) is None
+    assert no_room_message(ValueError("no room")) is None

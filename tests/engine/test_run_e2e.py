@@ -470,3 +470,27 @@ def test_flush_every_one_writes_a_part_per_row(model_cache_dir, tmp_path, random
     out = tmp_path / "r.parquet"
     assert main(_gender_args(root, out, model_cache_dir, "--random-weights", "--flush-every", "1")) == 0
     assert pl.read_parquet(out).height == 3 and not (tmp_path / "r.parquet.parts").exists()
+
+
+def test_a_run_whose_results_cannot_be_written_stops_with_one_line_and_resumes(model_cache_dir, tmp_path, capsys,
+                                                                                random_models):
+    """A part the system refuses to write (here a file-size limit; a full disk alike)
+    ends the run with one line naming what is kept, and the same command, rerun, resumes."""
+    from tests.file_limit import run_module_under_file_size_limit
+
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40 + i, 30), (40 * i, 90, 200)).save(root / f"{i}.png")
+    out = tmp_path / "r.parquet"
+    args = _gender_args(root, out, model_cache_dir, "--random-weights", "--batch-size", "2", "--flush-every", "2")
+    # every part is larger than 1000 bytes; the limit starts with the reader thread, once
+    # DALI has written its generated pipeline code to a temp file
+    r = run_module_under_file_size_limit("engine", args, 1000, from_call="engine.runner:FileReader.start")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"engine: error: cannot write {out}.parts/part-000001.parquet: File too large." in r.stderr
+    assert not out.exists() and not (tmp_path / "r.parquet.lock").exists()
+    assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
+    assert sorted(pl.read_parquet(out)["path"].to_list()) == [str(root / f"{i}.png") for i in range(6)]

@@ -403,3 +403,93 @@ def test_a_symlinked_parts_folder_is_refused(tmp_path):
     with pytest.raises(OutputError, match="parts folder"):
         ResultWriter(tmp_path / "r.parquet", SCHEMA, CONFIG).open()
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# A write the system refuses, for real: under a file-size limit (RLIMIT_FSIZE) write(2)
+# fails with EFBIG past it, the way a full disk fails with ENOSPC. It runs in a child
+# process so that the limit holds back nothing else. Paths are random hex, so a file's
+# size follows its row count: about 8 KB for a part of 4 rows, 14 KB for 8, 32 KB for 20.
+_UNDER_A_SIZE_LIMIT = r"""
+import logging, resource, signal, sys
+from pathlib import Path
+import numpy as np, polars as pl
+from engine.errors import OutputError
+from engine.writer import ResultWriter
+
+logging.basicConfig(level=logging.ERROR, format="LOG %(message)s")
+out, limit, chunks, interrupt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+schema = {"path": pl.String, "error": pl.String, "score": pl.Float32}
+rng = np.random.default_rng(0)
+done = 0
+try:
+    with ResultWriter(out, schema, {"models": ["m"], "precision": "fp32"}, part_rows=4) as w:
+        for n in map(int, chunks.split(",")):
+            names = [f"{done + i:03d}-" + rng.bytes(1500).hex() for i in range(n)]
+            done += n
+            w.add(pl.DataFrame({"path": names, "error": [None] * n, "score": [1.0] * n}, schema=schema))
+        if interrupt:
+            raise KeyboardInterrupt
+except OutputError as exc:
+    print(exc)
+    sys.exit(2)
+except KeyboardInterrupt:
+    print("interrupted")
+    sys.exit(130)
+"""
+
+
+def _write_under_limit(out, limit, chunks, interrupt=False):
+    return subprocess.run([sys.executable, "-c", _UNDER_A_SIZE_LIMIT, str(out), str(limit), chunks,
+                           "1" if interrupt else "0"], capture_output=True, text=True, timeout=120)
+
+
+def _no_temp_files(folder):
+    return [p.name for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_part_the_system_refuses_is_one_error_naming_what_is_kept(tmp_path):
+    out = tmp_path / "r.parquet"
+    # the first part (4 rows, ~8 KB) fits under 11 KB; the second (8 rows, ~14 KB) does not
+    r = _write_under_limit(out, 11_000, "4,8")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    msg = r.stdout.strip()
+    assert msg.startswith(f"cannot write {out}.parts/part-000002.parquet: File too large.")
+    assert "(4 from this run); the last 8 are not" in msg
+    assert _no_temp_files(tmp_path) == [] and not (tmp_path / "r.parquet.lock").exists()
+    # a rerun resumes from the part that was written, and finishes
+    with ResultWriter(out, SCHEMA, CONFIG) as w:
+        assert len(w.done) == 4
+    assert pl.read_parquet(out).height == 4
+
+
+def test_a_merge_the_system_refuses_keeps_every_part_for_the_rerun(tmp_path):
+    out = tmp_path / "r.parquet"
+    r = _write_under_limit(out, 16_000, "4,4,4,4,4")  # parts of ~8 KB fit, the ~32 KB merge does not
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    msg = r.stdout.strip()
+    assert msg.startswith(f"cannot write {out}: File too large. Nothing is lost: every row is kept in {out}.parts")
+    assert not out.exists() and _no_temp_files(tmp_path) == []
+    parts = sorted(out.with_name("r.parquet.parts").glob("part-*.parquet"))
+    assert [pl.read_parquet(p).height for p in parts] == [4] * 5
+
+
+def test_the_first_part_refused_leaves_no_parts_folder(tmp_path):
+    out = tmp_path / "r.parquet"
+    r = _write_under_limit(out, 4_000, "4")
+    assert r.returncode == 2, r.stderr
+    assert "(0 from this run); the last 4 are not" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_refused_write_on_the_way_out_does_not_hide_the_runs_own_error(tmp_path):
+    out = tmp_path / "r.parquet"
+    r = _write_under_limit(out, 4_000, "2", interrupt=True)  # 2 rows stay in memory, then Ctrl-C
+    assert r.returncode == 130, r.stderr
+    assert r.stdout.strip() == "interrupted"
+    assert f"LOG cannot write {out}.parts/part-000001.parquet: File too large." in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "r.parquet.lock").exists() and _no_temp_files(tmp_path) == []
