@@ -68,15 +68,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from engine.errors import EngineError, InputError
+from engine.errors import EngineError, InputError, OutputError, no_room_message
 from engine.gpu import cuda_absent_reason, stream_handle
 from engine.preprocess.decode import ImageDecodeError, decode_rgba, probe, undecodable_cause
 from engine.preprocess.result import PreprocessResult, ViewDecl
@@ -335,17 +336,29 @@ class DaliPreprocessor:
                 raise EngineError(
                     f"DALI preprocessing on device 'gpu' needs a usable NVIDIA GPU: {absent}; use device='cpu'"
                 )
-        pipe = define_pipeline(
-            self._views,
-            self._max_batch,
-            self._num_threads,
-            fused_crop=self._fused_crop,
-            device=self._device,
-            device_id=self._device_id,
-            output_dtype=self._dtype,
-            hw_decoder_load=self._hw_decoder_load,
-            jpeg_fancy_upsampling=self._fancy_upsampling,
-        )
+        try:
+            pipe = define_pipeline(
+                self._views,
+                self._max_batch,
+                self._num_threads,
+                fused_crop=self._fused_crop,
+                device=self._device,
+                device_id=self._device_id,
+                output_dtype=self._dtype,
+                hw_decoder_load=self._hw_decoder_load,
+                jpeg_fancy_upsampling=self._fancy_upsampling,
+            )
+        except TypeError as exc:
+            # DALI compiles the pipeline's `if` into generated code that it writes to a temp
+            # file first; when that write fails it runs the function as is, and the `if`
+            # fails on a DataNode. Say what failed instead.
+            refused = next((e for e in _exception_chain(exc) if no_room_message(e) is not None), None)
+            if refused is None:
+                raise
+            raise OutputError(
+                f"DALI cannot write its generated pipeline code to the temp folder {tempfile.gettempdir()}: "
+                f"{no_room_message(refused)} (or set TMPDIR to a folder with room)"
+            ) from None
         try:
             pipe.build()
         except RuntimeError as exc:
@@ -644,6 +657,15 @@ def _try_decode(data: np.ndarray) -> np.ndarray | ImageDecodeError:
         return decode_rgba(data)
     except ImageDecodeError as exc:
         return exc
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, innermost last."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _first_line(exc: BaseException) -> str:

@@ -494,3 +494,22 @@ def test_a_run_whose_results_cannot_be_written_stops_with_one_line_and_resumes(m
     assert not out.exists() and not (tmp_path / "r.parquet.lock").exists()
     assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
     assert sorted(pl.read_parquet(out)["path"].to_list()) == [str(root / f"{i}.png") for i in range(6)]
+
+
+def test_no_room_for_dalis_generated_code_is_one_line(model_cache_dir, tmp_path, random_models):
+    """DALI writes the pipeline's compiled `if` to a temp file; with no room for it DALI
+    ran the function as is and failed on a DataNode in a TypeError. One line instead."""
+    from tests.file_limit import run_module_under_file_size_limit
+
+    random_models["gender/alpha"]
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.new("RGB", (40, 30), (40, 90, 200)).save(root / "a.png")
+    out = tmp_path / "r.parquet"
+    r = run_module_under_file_size_limit("engine", _gender_args(root, out, model_cache_dir, "--random-weights"), 1000)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("engine: error: DALI cannot write its generated pipeline code to the temp folder ")
+    assert last.endswith(": File too large: make room and run the command again (or set TMPDIR to a folder with room)")
+    assert not out.exists() and not (tmp_path / "r.parquet.lock").exists()
