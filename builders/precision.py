@@ -195,16 +195,35 @@ def fold_identity_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
             keep.append(node)
     if not rename:
         return model
-    for node in keep:
+    del graph.node[:]
+    graph.node.extend(keep)
+    _rename_uses(graph, rename)
+    return model
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node carries as attributes (If branches, Loop and Scan bodies)."""
+    subs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            subs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            subs.extend(attr.graphs)
+    return subs
+
+
+def _rename_uses(graph: onnx.GraphProto, rename: Mapping[str, str]) -> None:
+    """Point every use of a name in ``rename`` at its new name, in ``graph`` and in the
+    subgraphs under it (which may use outer values by name); stale value_info goes."""
+    for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(keep)
+        for sub in _subgraphs(node):  # names are unique across scopes (SSA): none is shadowed
+            _rename_uses(sub, rename)
     stale = [vi for vi in graph.value_info if vi.name in rename]
     for vi in stale:
         graph.value_info.remove(vi)
-    return model
 
 
 def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -218,9 +237,8 @@ def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
     needs: list[set[str]] = []
     for node in nodes:
         names = set(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                names |= _outer_names(sub)
+        for sub in _subgraphs(node):
+            names |= _outer_names(sub)
         needs.append({n for n in names if n not in available and n in producers})
     consumers: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
     indegree = [0] * len(nodes)
@@ -247,10 +265,13 @@ def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """The names ``graph`` (a subgraph) and the subgraphs in it take from outer scopes."""
     local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     names: set[str] = set()
     for node in graph.node:
         names |= {n for n in node.input if n not in local}
+        for sub in _subgraphs(node):
+            names |= {n for n in _outer_names(sub) if n not in local}
         local |= set(node.output)
     return names
 

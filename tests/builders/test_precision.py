@@ -514,3 +514,295 @@ def test_int8_caformer_qdq_fp16_and_agreement(quality_prepared):
     assert a.argmax_agreement >= 0.75
     assert a.max_abs_dp < 0.08
     assert a.mean_kl < 5e-3
+
+
+# --------------------------------------------------------------------------- small graphs (seconds)
+
+
+def _tiny_calib(n: int = 5, size: int = 8, seed: int = 0) -> CalibrationSet:
+    """Preprocessed-looking tensors for the tiny classifier; image 3 is much brighter than
+    the others, so a range measured without it is visibly narrower."""
+    rng = np.random.default_rng(seed)
+    tensors = rng.uniform(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
+    tensors[min(3, n - 1)] *= 7.0
+    return CalibrationSet(tensors=tensors, paths=tuple(Path(f"/calib/{i}.png") for i in range(n)), skipped=(),
+                          sha256=f"{seed:064x}")
+
+
+@pytest.fixture()
+def tiny_model(tmp_path) -> Path:
+    from tests.model_fixtures import make_tiny_classifier
+
+    return make_tiny_classifier(tmp_path / "tiny.onnx", size=8, classes=2)
+
+
+def test_fp16_keeps_layernorm_and_softmax_fp32_and_the_matmul_fp16():
+    from builders.precision import convert_fp16
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "beta"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1),
+        helper.make_node("Softmax", ["n"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])], initializer=inits)
+    model = convert_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    types = _value_types(model)
+    assert _io_types(model) == {TensorProto.FLOAT}
+    ops = {n.op_type: n for n in model.graph.node}
+    assert types[ops["MatMul"].input[0]] == TensorProto.FLOAT16 and types[ops["MatMul"].input[1]] == TensorProto.FLOAT16
+    assert types[ops["LayerNormalization"].input[0]] == TensorProto.FLOAT
+    assert types[ops["Softmax"].input[0]] == TensorProto.FLOAT
+
+
+def test_topological_sort_counts_what_a_subgraph_takes_from_the_outer_graph():
+    then_branch = helper.make_graph([helper.make_node("Identity", ["a"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["a"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Relu", ["x"], ["a"], name="producer"),  # used only inside the branches
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    topological_sort(model)
+    assert [n.name for n in model.graph.node] == ["producer", "branch"]
+    onnx.checker.check_model(model)
+
+
+def test_topological_sort_counts_what_a_nested_subgraph_takes_from_the_outer_graph():
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [2])
+
+    inner = helper.make_node("If", ["cond"], ["n"],
+                             then_branch=helper.make_graph([helper.make_node("Neg", ["a"], ["n1"])], "n_then", [], [value("n1")]),
+                             else_branch=helper.make_graph([helper.make_node("Abs", ["a"], ["n2"])], "n_else", [], [value("n2")]))
+    then_branch = helper.make_graph([inner], "then", [], [value("n")])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [value("e")])
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Relu", ["x"], ["a"], name="producer"),  # used only two scopes down
+    ]
+    graph = helper.make_graph(nodes, "g", [value("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [value("y")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    topological_sort(model)
+    assert [n.name for n in model.graph.node] == ["producer", "branch"]
+    onnx.checker.check_model(model)
+
+
+def test_compare_outputs_kl_is_of_fp32_against_the_prepared_averaged_over_images():
+    reference = np.array([[2.0, 0.0, 0.0], [1.0, -1.0, 0.5], [0.0, 3.0, 1.0]], dtype=np.float32)
+    test = reference.copy()
+    test[0] = [0.0, 0.0, 1.0]  # one image's top class moved
+    a = compare_outputs(reference, test, OutputKind.LOGITS)
+
+    def softmax(v):
+        e = np.exp(v - v.max())
+        return e / e.sum()
+
+    p, q = softmax(reference[0].astype(np.float64)), softmax(test[0].astype(np.float64))
+    kl = float(np.sum(p * np.log(p / q)))  # KL(p_fp32 || p_prepared)
+    assert abs(kl - float(np.sum(q * np.log(q / p)))) > 0.05  # the reverse direction is another figure
+    assert a.max_kl == pytest.approx(kl, rel=1e-6)
+    assert a.mean_kl == pytest.approx(kl / 3, rel=1e-6)  # the mean over the three images, two of them exact
+    assert a.max_abs_dp == pytest.approx(float(np.abs(p - q).max()), rel=1e-6)  # on probabilities
+    assert a.max_abs_doutput == pytest.approx(2.0)  # on the raw logits
+    assert a.argmax_agreement == pytest.approx(2 / 3)
+
+
+def test_int8_activation_ranges_are_measured_on_every_calibration_image(tiny_model, tmp_path):
+    calib = _tiny_calib()
+    spec = SpecRegistry.builtin().get("gender")
+    prepared = prepare(tiny_model, spec, Precision.INT8, None, tmp_path / "out", calib=calib, fp16_in_int8=False,
+                       output_kind=OutputKind.LOGITS)
+    model = onnx.load(str(prepared.path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    dq = _producers(model)[gemm.input[0]]  # the pooled activation, dequantised
+    # MinMax, symmetric int8: max |x| over all images / 127; image 3 (the bright one) sets it
+    pooled = calib.tensors.mean(axis=(2, 3))
+    assert float(inits[dq.input[1]]) == pytest.approx(float(np.abs(pooled).max()) / 127, rel=1e-5)
+    assert prepared.calibration_images == 5 and prepared.agreement.images == 5
+
+
+def test_a_prepared_file_is_not_reused_for_another_preprocessing_or_fp16_setting(tiny_model, tmp_path):
+    import dataclasses
+
+    calib = _tiny_calib()
+    spec = SpecRegistry.builtin().get("gender")
+    out = tmp_path / "out"
+
+    def run(spec, precision=Precision.FP16, **kw):
+        return prepare(tiny_model, spec, precision, None, out, calib=calib, output_kind=OutputKind.LOGITS, **kw)
+
+    first = run(spec)
+    again = run(spec)
+    assert again.from_cache and again.calibration_images == first.calibration_images == 5
+    # the same images normalised otherwise (a spec file changed mean/std) are other tensors
+    other = dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess, mean=(0.5, 0.5, 0.5)))
+    assert not run(other).from_cache
+
+    int8 = run(spec, Precision.INT8)
+    assert not int8.from_cache and int8.fp16_in_int8
+    fp32_rest = run(spec, Precision.INT8, fp16_in_int8=False)  # same file name, other recipe
+    assert not fp32_rest.from_cache and not fp32_rest.fp16_in_int8
+    scales = [t for t in onnx.load(str(fp32_rest.path)).graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(t.data_type == TensorProto.FLOAT for t in scales)
+
+
+def test_cpu_speed_is_images_per_second_without_the_warm_up(monkeypatch):
+    import builders.precision as precision
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    runs = []
+
+    class Session:
+        def get_inputs(self):
+            return [SimpleNamespace(name="input")]
+
+        def run(self, _, feed):
+            runs.append(feed["input"].shape)
+            clock[0] += 10.0 if len(runs) == 1 else 0.5  # a slow first run, then 0.5 s a batch
+
+    monkeypatch.setattr(precision, "cpu_session", lambda path, threads=None: Session())
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock[0])
+    speed = measure_cpu_speed(Path("m.onnx"), 8, precision="fp16", batch_size=4, min_seconds=1.0, max_iterations=50)
+    assert runs == [(4, 3, 8, 8)] * 3  # the warm-up, then two timed batches reach min_seconds
+    assert speed.iterations == 2
+    assert speed.seconds_per_batch == pytest.approx(0.5)
+    assert speed.images_per_s == pytest.approx(8.0)  # 4 images a batch, not batches/s
+
+
+def test_the_calibration_reader_feeds_every_image_once_in_batches():
+    from builders.calibration import ort_data_reader
+
+    calib = _tiny_calib(n=5)
+    reader = ort_data_reader(calib, "input", 2)
+    batches = list(iter(reader.get_next, None))
+    assert [b["input"].shape[0] for b in batches] == [2, 2, 1] and len(reader) == 3
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), calib.tensors)
+    # a graph pinned to a batch of 2, fed in float16: the last batch is zero-padded
+    pinned = list(iter(ort_data_reader(calib, "input", 2, dtype=np.float16, pad=True).get_next, None))
+    assert [b["input"].shape[0] for b in pinned] == [2, 2, 2]
+    assert all(b["input"].dtype == np.float16 for b in pinned)
+    np.testing.assert_array_equal(pinned[-1]["input"][0], calib.tensors[4].astype(np.float16))
+    assert not pinned[-1]["input"][1].any()
+
+
+def test_run_cpu_at_a_pinned_batch_returns_one_row_per_image(tmp_path):
+    from tests.model_fixtures import make_tiny_classifier
+
+    pinned = make_tiny_classifier(tmp_path / "pinned.onnx", size=8, classes=2, batch=4)
+    dynamic = make_tiny_classifier(tmp_path / "dynamic.onnx", size=8, classes=2)  # same seed, same weights
+    tensors = _tiny_calib(n=6).tensors
+    out = run_cpu(pinned, tensors)
+    assert out.shape == (6, 2)
+    np.testing.assert_allclose(out, run_cpu(dynamic, tensors, batch_size=1), rtol=1e-5, atol=1e-6)
+
+
+def test_an_undecodable_first_image_does_not_shift_the_others(tmp_path):
+    from PIL import Image
+
+    spec = SpecRegistry.builtin().get("gender")
+    rng = np.random.default_rng(7)
+    (tmp_path / "a.png").write_bytes(b"broken")  # first in its chunk
+    for name in ("b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+    calib = load_calibration_set(sorted(tmp_path.glob("*.png")), spec)
+    good = [tmp_path / "b.png", tmp_path / "c.png"]
+    assert list(calib.paths) == good and len(calib.skipped) == 1 and "a.png" in calib.skipped[0]
+    assert calib.sha256 == calibration_set_sha256(good)
+    np.testing.assert_array_equal(calib.tensors, load_calibration_set(good, spec).tensors)
+
+
+def test_preprocessed_calibration_tensors_with_nan_are_refused(tmp_path):
+    spec = SpecRegistry.builtin().get("gender")
+    size = spec.preprocess.size
+    image = tmp_path / "a.png"
+    image.write_bytes(b"any bytes: the preprocessing is a stand-in")
+
+    def preprocess(blobs):
+        tensors = np.zeros((len(blobs), 3, size, size), np.float32)
+        tensors[0, 0, 0, 0] = np.nan
+        return list(range(len(blobs))), tensors, {}
+
+    with pytest.raises(InputError, match="contain NaN or Inf"):
+        load_calibration_set([image], spec, preprocess=preprocess)
+
+
+def test_identity_of_a_weight_is_folded_unless_it_is_a_graph_output():
+    from builders.precision import fold_identity_initializers
+
+    w = numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["w"], ["w_shared"], name="shared"),
+            helper.make_node("MatMul", ["x", "w_shared"], ["y"], name="mm"),
+            helper.make_node("Identity", ["w"], ["w_out"], name="exported"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [2, 2])],
+        initializer=[w],
+    )
+    model = fold_identity_initializers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.name for n in model.graph.node] == ["mm", "exported"]
+    assert list(model.graph.node[0].input) == ["x", "w"]
+    onnx.checker.check_model(model)
+
+
+def test_folding_a_weights_identity_rewires_its_uses_inside_subgraphs():
+    """An If branch (and an If nested in one) may use the Identity's output by name."""
+    import onnxruntime as ort
+
+    from builders.precision import fold_identity_initializers
+
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [2])
+
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [value(out)])
+
+    inner_if = helper.make_node("If", ["cond"], ["n"],
+                                then_branch=branch("n_then", [helper.make_node("Abs", ["w_shared"], ["n1"])], "n1"),
+                                else_branch=branch("n_else", [helper.make_node("Neg", ["w_shared"], ["n2"])], "n2"))
+    then_b = branch("then", [inner_if, helper.make_node("Add", ["x", "n"], ["t"])], "t")
+    else_b = branch("else", [helper.make_node("Sub", ["x", "w_shared"], ["e"])], "e")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_shared"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_b, else_branch=else_b)],
+        "g", [value("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], [value("y")],
+        initializer=[numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.array([3.0, -1.0], np.float32)
+
+    def run(m):
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [s.run(None, {"x": x, "cond": np.array(c)})[0] for c in (True, False)]
+
+    before = run(model)
+    folded = fold_identity_initializers(model)
+    assert [n.op_type for n in folded.graph.node] == ["If"]
+    onnx.checker.check_model(folded, full_check=True)
+    after = run(folded)
+    np.testing.assert_array_equal(after[0], x + np.array([1.0, 2.0], np.float32))  # nested If's then: |w|
+    np.testing.assert_array_equal(after[1], x - np.array([1.0, 2.0], np.float32))
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
