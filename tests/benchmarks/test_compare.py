@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import compare as cmp
 from benchmarks.compare import Tolerances, Verdict, compare
-from benchmarks.schema import SchemaError, validate_results
+from benchmarks.schema import SCHEMA_VERSION, SchemaError, validate_results
 from engine.errors import InputError
 from tests.benchmarks.docs import ENGINE, REFERENCE, make_doc, scaled
 
@@ -239,6 +239,53 @@ def test_schema_rejects_non_finite_numbers():
     with pytest.raises(SchemaError, match="not a finite number"):
         validate_results(doc)
 
+
+def _dup_result(doc):
+    doc["results"].append(dict(doc["results"][0]))
+
+
+def _headline(doc, **fields):
+    doc["headline"] = [dict({"scenario": "gender", "device": "cpu", "engine_config": ENGINE, "engine_images_per_s": 40.0,
+                             "reference_config": REFERENCE, "reference_images_per_s": 15.0, "ratio": 40 / 15}, **fields)]
+
+
+def _speedup(doc, **fields):
+    doc["speedups"] = [dict({"config": ENGINE, "reference": REFERENCE, "scenario": "gender", "stage": "end_to_end",
+                             "model": None, "ratio": 40 / 15}, **fields)]
+
+
+@pytest.mark.parametrize(
+    "defect, message",
+    [
+        (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "$.schema_version: expected 1"),
+        (lambda d: d["settings"].update(batch_size=4.0), "$.settings.batch_size: expected integer"),
+        (lambda d: d["settings"].update(repeats=True), "$.settings.repeats: expected integer"),
+        (lambda d: d["results"][0]["seconds"].__setitem__(0, 0.0), "$.results[0].seconds[0]: 0.0 must be > 0"),
+        (lambda d: d["results"][0].update(peak_host_delta_mb=-1.0), "$.results[0].peak_host_delta_mb: -1.0 < minimum 0"),
+        (lambda d: d["results"][0].update(peak_host_mb=float("inf")), "$.results[0].peak_host_mb: not a finite number"),
+        (lambda d: d.update(models=[]), "$.models: needs at least 1 item(s)"),
+        (lambda d: d["results"][0].pop("images"), "$.results[0]: missing 'images'"),
+        (lambda d: d["results"][0]["images_per_s"].update(min=1e6), "images_per_s not ordered"),
+        (_dup_result, "duplicate result"),
+        (lambda d: d["results"][0].update(scenario=None), "only inference results have no scenario"),
+        (lambda d: d["results"][1].update(model="quality/baseline"), "unknown model 'quality/baseline'"),
+        (lambda d: _headline(d, engine_config="engine/nothing/cpu/fp32"), "unknown engine_config 'engine/nothing/cpu/fp32'"),
+        (lambda d: _headline(d, reference_config="reference/x/cpu/fp32"), "unknown reference_config 'reference/x/cpu/fp32'"),
+        (lambda d: _speedup(d, reference="reference/x/cpu/fp32"), "$.speedups[0]: unknown reference 'reference/x/cpu/fp32'"),
+    ],
+    ids=["version", "float-integer", "bool-integer", "zero-seconds", "negative-delta", "infinite", "no-models",
+         "missing-field", "unordered-stats", "duplicate", "scenario-less", "unknown-model", "headline-engine",
+         "headline-reference", "speedup-reference"],
+)
+def test_schema_refuses_each_defect_on_its_own(defect, message):
+    doc = make_doc()
+    _headline(doc)
+    _speedup(doc)
+    validate_results(doc)  # valid with a headline and a speedup
+    defect(doc)
+    with pytest.raises(SchemaError) as info:
+        validate_results(doc)
+    assert any(message in p for p in info.value.problems), info.value.problems
 
 def test_two_folders_of_the_same_counts_are_another_workload():
     """A user's folder is named by its files (path, size), not only by its counts: a

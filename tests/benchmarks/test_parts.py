@@ -293,6 +293,133 @@ def test_memory_sampler_counts_child_processes():
         child.wait()
 
 
+def test_throughput_mean_and_sample_stdev():
+    import statistics
+
+    from benchmarks.measure import Throughput
+
+    stats = Throughput(images=12, seconds=(1.0, 2.0, 4.0)).as_dict()["images_per_s"]  # 12, 6 and 3 images/s
+    assert (stats["median"], stats["min"], stats["max"]) == (6.0, 3.0, 12.0)
+    assert stats["mean"] == pytest.approx(7.0)
+    assert stats["stdev"] == pytest.approx(statistics.stdev([12.0, 6.0, 3.0]))  # the sample stdev, sqrt(21)
+    assert stats["stdev"] == pytest.approx(21 ** 0.5)
+    assert stats["spread_pct"] == pytest.approx(150.0)
+
+
+def test_time_repeated_times_each_repetition_on_its_own(monkeypatch):
+    from benchmarks import measure
+
+    clock = [1000.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    steps = iter([1.0, 2.0, 4.0])
+
+    def once() -> int:
+        clock[0] += next(steps)  # this repetition's duration
+        return 8
+
+    tp = measure.time_repeated(once, 3)
+    assert tp.seconds == (1.0, 2.0, 4.0)  # not cumulative
+    assert tp.rates == [8.0, 4.0, 2.0]
+
+
+def _samples(values):
+    """A stand-in for a memory reading: ``values`` in turn, then the last one again."""
+    it = iter(values)
+    last = [values[-1]]
+
+    def read(*_):
+        last[0] = next(it, last[0])
+        return last[0]
+
+    return read
+
+
+def test_memory_sampler_keeps_the_peak_and_samples_on_close(monkeypatch):
+    from benchmarks import measure
+
+    # interval far beyond the test: the samples are the one on opening and the one on closing
+    monkeypatch.setattr(measure, "sample_host_mb", _samples([500.0, 100.0]))
+    with measure.MemorySampler(interval_s=3600) as mem:
+        pass
+    assert mem.peak_host_mb == 500.0  # the highest sample, not the last one
+    monkeypatch.setattr(measure, "sample_host_mb", _samples([100.0, 700.0]))
+    with measure.MemorySampler(interval_s=3600) as mem:
+        pass
+    assert mem.peak_host_mb == 700.0  # the level when the stage ends counts too
+
+
+def test_device_memory_is_the_peak_above_the_base_it_is_given(monkeypatch):
+    from benchmarks import measure
+
+    mib = 2**20
+
+    readings = [[1500 * mib, 1200 * mib], [1000 * mib, 1500 * mib, 1200 * mib]]
+
+    class FakeNvml:
+        def __init__(self):
+            self.used_bytes = _samples(readings.pop(0))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(measure, "_Nvml", FakeNvml)
+    monkeypatch.setattr(measure, "sample_host_mb", lambda: 10.0)
+    with measure.MemorySampler(interval_s=3600, device=True, device_base_bytes=1000 * mib) as mem:
+        pass
+    assert mem.peak_device_mb == pytest.approx(500.0)  # peak 1500 MiB above the given 1000 MiB
+    with measure.MemorySampler(interval_s=3600, device=True) as mem:  # base: the level on opening
+        pass
+    assert mem.peak_device_mb == pytest.approx(500.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process-tree memory is read from /proc")
+def test_memory_sampler_counts_grandchild_processes():
+    from benchmarks.measure import MemorySampler, sample_host_mb
+
+    base = sample_host_mb()
+    grandchild = "import sys; b = bytearray(300 * 2**20); print('ok', flush=True); sys.stdin.read()"
+    child = subprocess.Popen(  # a worker that starts workers of its own: its grandchild holds the memory
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        with MemorySampler(interval_s=0.01) as mem:
+            time.sleep(0.05)
+        assert mem.peak_host_mb > base + 250
+    finally:
+        child.stdin.close()  # the grandchild reads end of file and exits, then the child
+        child.wait(timeout=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process-tree memory is read from /proc")
+def test_memory_shared_with_a_forked_worker_counts_once():
+    import os
+
+    from benchmarks.measure import host_memory_metric, sample_host_mb
+
+    if host_memory_metric() != "pss_tree":
+        pytest.skip("no PSS on this kernel: RSS counts shared pages in every process")
+    buffer = bytearray(200 * 2**20)  # written (zeroed): resident, and shared with a forked worker
+    before = sample_host_mb()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: waits, touching nothing, until the test closes the pipe
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    try:
+        time.sleep(0.2)
+        after = sample_host_mb()
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+    assert len(buffer) and after - before < 100  # RSS would count the 200 MiB (and the rest) twice
+
+
 # -- derived figures --------------------------------------------------------------------------
 
 
@@ -312,6 +439,58 @@ def test_speedups_and_headline_pair_same_device_figures():
     assert ratios == {(ENGINE, "end_to_end"): pytest.approx(4.0), (ENGINE, "engine_run"): pytest.approx(3.0)}
     (headline,) = compute_headline(doc["configs"], doc["results"])  # no CUDA reference: no CUDA headline
     assert headline["engine_config"] == ENGINE and headline["ratio"] == pytest.approx(4.0)
+
+
+def test_the_headline_takes_the_fastest_end_to_end_figures():
+    from benchmarks.derive import compute_headline
+
+    doc = make_doc(
+        {
+            (ENGINE, "end_to_end", "gender", None): 40.0,
+            (ENGINE, "engine_run", "gender", None): 90.0,  # `engine run` itself: not a pipeline figure
+            ("engine/onnxruntime-executor/cpu/fp32", "end_to_end", "gender", None): 60.0,
+            (REFERENCE, "end_to_end", "gender", None): 10.0,
+            ("reference/torch/cpu/fp16", "end_to_end", "gender", None): 20.0,
+        }
+    )
+    for r in doc["results"]:  # a skewed spread: the mean is not the median
+        r["images_per_s"]["mean"] = r["images_per_s"]["median"] * (1.5 if r["config"].startswith("reference") else 1.0)
+    (headline,) = compute_headline(doc["configs"], doc["results"])
+    assert headline["engine_config"] == "engine/onnxruntime-executor/cpu/fp32"
+    assert headline["reference_config"] == "reference/torch/cpu/fp16"
+    assert headline["engine_images_per_s"] == pytest.approx(60.0)
+    assert headline["reference_images_per_s"] == pytest.approx(20.0)
+    assert headline["ratio"] == pytest.approx(3.0)
+
+
+def test_agreement_pairs_images_by_index_against_the_fp32_reference():
+    import numpy as np
+
+    from benchmarks.derive import compute_agreement
+
+    configs = make_doc(
+        {
+            ("engine/tensorrt/cuda/fp16", "end_to_end", "gender", None): 1.0,
+            ("reference/torch/cuda/fp32", "end_to_end", "gender", None): 1.0,
+            ("reference/torch/cuda/fp16", "end_to_end", "gender", None): 1.0,
+            ("reference/torch/cpu/fp32", "end_to_end", "gender", None): 1.0,
+        }
+    )["configs"]
+    # image 1 failed on the engine side, image 2 on the reference side: images 0, 3 and 4 are compared
+    engine = {"gender/alpha": np.array([[0.9, 0.1], [0.5, 0.5], [0.6, 0.4], [0.2, 0.8]])}
+    reference = {"gender/alpha": np.array([[0.8, 0.2], [0.0, 1.0], [0.4, 0.6], [0.3, 0.7]]), "other/x": np.ones((4, 2))}
+    outputs = {
+        ("engine/tensorrt/cuda/fp16", "gender"): (engine, [0, 2, 3, 4]),
+        ("reference/torch/cuda/fp32", "gender"): (reference, [0, 1, 3, 4]),
+        ("reference/torch/cuda/fp16", "gender"): (reference, [0, 1, 3, 4]),
+        ("reference/torch/cpu/fp32", "gender"): (reference, [0, 1, 3, 4]),
+    }
+    (agree,) = compute_agreement(configs, outputs)  # the fp32 reference on the same device only
+    assert (agree["config"], agree["reference"], agree["model"]) == (
+        "engine/tensorrt/cuda/fp16", "reference/torch/cuda/fp32", "gender/alpha")
+    assert agree["images"] == 3
+    assert agree["argmax_agreement"] == pytest.approx(2 / 3)  # image 3: class 0 against class 1
+    assert agree["max_abs_dp"] == pytest.approx(0.2)
 
 
 def test_stored_results_follow_the_schema():
@@ -498,3 +677,79 @@ def test_generator_options_with_a_folder_are_refused_not_ignored(tmp_path):
     cfg = config_from_args(parser.parse_args(["--out", str(tmp_path)]))
     assert (cfg.frames, cfg.crops, cfg.frame_size, cfg.seed) == (32, 32, (1920, 1080), 0)  # the defaults
     assert config_from_args(parser.parse_args(["--out", str(tmp_path), "--images", str(tmp_path)])).images == tmp_path
+
+
+# -- the suite's bookkeeping ------------------------------------------------------------------
+
+
+def test_rounds_are_pooled_into_one_figure(tmp_path):
+    from benchmarks.suite import _Recorder
+    from tests.benchmarks.docs import result
+
+    rec = _Recorder(BenchConfig(out_dir=tmp_path, repeats=3, rounds=2), device_memory=False)
+    first = result(ENGINE, "end_to_end", "gender", None, 40.0, peak_host_mb=900.0)
+    second = result(ENGINE, "end_to_end", "gender", None, 20.0, peak_host_mb=700.0)
+    first.update(peak_host_delta_mb=100.0, peak_device_mb=500.0)
+    second.update(peak_host_delta_mb=250.0, peak_device_mb=300.0)
+    other = result(REFERENCE, "end_to_end", "gender", None, 10.0)
+    rec.results = [first, other, second]
+    rec.merge_rounds()
+    merged, kept = rec.results
+    assert kept == other
+    assert merged["seconds"] == pytest.approx(first["seconds"] + second["seconds"], rel=1e-4)
+    rates = sorted(16 / s for s in first["seconds"] + second["seconds"])  # 19.6, 20, 20.2, 39.2, 40, 40.4
+    stats = merged["images_per_s"]
+    assert stats["median"] == pytest.approx((rates[2] + rates[3]) / 2, rel=1e-4)
+    assert (stats["min"], stats["max"]) == pytest.approx((rates[0], rates[-1]), rel=1e-4)
+    # memory: the highest of the rounds, each figure on its own
+    assert (merged["peak_host_mb"], merged["peak_host_delta_mb"], merged["peak_device_mb"]) == (900.0, 250.0, 500.0)
+
+
+def test_a_stage_is_warmed_up_once_untimed_and_its_memory_counted_from_the_opening(tmp_path, monkeypatch):
+    from benchmarks import measure, suite
+    from benchmarks.config import Stage
+
+    monkeypatch.setattr(suite, "sample_host_mb", _samples([400.0, 850.0]))  # opening, then any later reading
+    monkeypatch.setattr(measure, "sample_host_mb", lambda: 900.0)  # the stage's samples
+    clock = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    calls = []
+    steps = iter([1.0, 2.0, 4.0])
+
+    def warmup():
+        calls.append("warmup")
+        clock[0] += 100.0  # slow first batches: allocations, kernel selection
+
+    def once() -> int:
+        calls.append("once")
+        clock[0] += next(steps)
+        return 8
+
+    rec = suite._Recorder(BenchConfig(out_dir=tmp_path, repeats=3, warmup_batches=1), device_memory=False)
+    rec.opening(ENGINE)
+    record = rec.stage(ENGINE, Stage.PREPROCESS, Scenario.GENDER, None, once, warmup)
+    assert calls == ["warmup", "once", "once", "once"]
+    assert record["seconds"] == [1.0, 2.0, 4.0]  # the warm-up is not timed
+    assert record["images"] == 8 and record["images_per_s"]["median"] == 4.0 and record["images_per_s"]["max"] == 8.0
+    assert record["peak_host_mb"] == 900.0 and record["peak_host_delta_mb"] == 500.0  # above the opening level
+    calls.clear()
+    steps = iter([1.0])
+    cold = suite._Recorder(BenchConfig(out_dir=tmp_path, repeats=1, warmup_batches=0), device_memory=False)
+    cold.stage(ENGINE, Stage.PREPROCESS, Scenario.GENDER, None, once, warmup)
+    assert calls == ["once"]  # --warmup-batches 0: no warm-up
+
+
+def test_rounds_alternate_the_order_of_the_configurations(tmp_path, monkeypatch):
+    from benchmarks import suite
+
+    order = []
+
+    def units(rec, cfg, device, specs, paths, torch_models):
+        return [(cid, lambda cid=cid: order.append(cid)) for cid in ("reference/a", "reference/b")]
+
+    monkeypatch.setattr(suite, "_reference_units", units)
+    cfg = BenchConfig(out_dir=tmp_path / "out", frames=0, crops=1, frame_size=(64, 36), pipelines=(Pipeline.REFERENCE,),
+                      scenarios=(Scenario.GENDER,), device="cpu", rounds=3, plot=False)
+    with pytest.raises(InputError, match="nothing was measured"):  # the stand-ins record no figure
+        suite.run_bench(cfg)
+    assert order == ["reference/a", "reference/b", "reference/b", "reference/a", "reference/a", "reference/b"]

@@ -277,3 +277,69 @@ def test_export_never_replaces_a_device_or_fifo_and_writes_through_a_symlink(tmp
     link.symlink_to(target)
     assert export_onnx(spec, link, random_seed=0) == target
     assert link.is_symlink() and inspect_onnx(link).input.shape[1:] == (3, 224, 224)
+
+
+class _TinyNet(torch.nn.Module):
+    """A stand-in for the architecture: a convolution, pooling and a linear head."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+@pytest.fixture()
+def tiny_architecture(monkeypatch):
+    """export_onnx on a tiny network in place of the real one: seconds, not a minute."""
+    import builders.export as export
+
+    def build(architecture, num_classes, seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _TinyNet(num_classes).eval()
+
+    monkeypatch.setattr(export, "build_random_model", build)
+    return build
+
+
+@pytest.mark.parametrize("opset", [13, 20])  # the oldest and the newest an export may ask for
+def test_export_honours_the_opset_and_keeps_input_and_output_batch_dynamic(tmp_path, tiny_architecture, opset):
+    spec = SPECS.get("gender", "alpha")
+    out = export_onnx(spec, tmp_path / "tiny.onnx", random_seed=3, opset=opset)
+    info = inspect_onnx(out)
+    assert info.opset == opset
+    assert info.input.shape == (None, 3, 224, 224) and info.output.shape == (None, spec.num_classes)
+    x = _images(3, 224, seed=1)
+    np.testing.assert_allclose(_ort_run(out, x), _torch_run(tiny_architecture(None, spec.num_classes, 3), x),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_fixed_batch_export_is_refused_as_an_exporter_regression(tmp_path, tiny_architecture, monkeypatch):
+    import builders.export as export
+
+    def fixed_batch_export(torch, module, dummy, opset):
+        import io
+        import warnings
+
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(module, (dummy,), buffer, input_names=["input"], output_names=["output"],
+                              opset_version=opset, dynamo=False)  # no dynamic axes: batch pinned at 1
+        return buffer.getvalue()
+
+    monkeypatch.setattr(export, "_torchscript_export", fixed_batch_export)
+    with pytest.raises(RuntimeError, match="produced a fixed batch"):
+        export_onnx(SPECS.get("gender", "alpha"), tmp_path / "fixed.onnx", random_seed=0)
+
+
+def test_load_checkpoint_strips_nested_wrapper_prefixes(tmp_path, resnet18_state):
+    _, state = resnet18_state
+    ckpt = tmp_path / "wrapped_ddp.pt"  # a training wrapper ("model.") around DistributedDataParallel ("module.")
+    torch.save({"model.module." + k: v for k, v in state.items()}, ckpt)
+    fresh = build_random_model(Architecture.RESNET18, 2, seed=999)
+    load_checkpoint(fresh, ckpt)
+    assert torch.equal(fresh.fc.weight, state["fc.weight"])

@@ -209,3 +209,64 @@ def test_make_batch_dynamic_with_fixed_batch_of_four(tmp_path):
     x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
     ref = _run(src, np.concatenate([x, x]))[:2]
     np.testing.assert_allclose(_run(dst, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_reads_the_default_domain_opset_whatever_the_order(tmp_path):
+    # A graph that also imports a vendor domain (listed first): the opset is the ONNX one.
+    path = make_tiny_classifier(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    default = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("com.microsoft", 1), *default])
+    onnx.save_model(model, str(path))
+    assert inspect_onnx(path).opset == 17
+
+
+def test_inspect_treats_a_zero_batch_dim_as_dynamic(tmp_path):
+    # Some exporters write dim_value 0 for an unknown dimension: not a batch pinned to 0.
+    path = make_tiny_classifier(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_value = 0
+    onnx.save_model(model, str(path))
+    info = inspect_onnx(path)
+    assert info.input.shape == (None, 3, 8, 8) and info.input.fixed_batch is None
+    assert info.output.fixed_batch is None
+
+
+def test_make_batch_dynamic_drops_shapes_inferred_at_the_fixed_batch(tmp_path):
+    src = tmp_path / "fixed.onnx"
+    make_tiny_classifier(src, batch=1)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
+    assert inferred.graph.value_info  # intermediate shapes recorded at batch 1
+    onnx.save_model(inferred, str(src))
+    dst = tmp_path / "dyn.onnx"
+    assert make_batch_dynamic(src, dst) is True
+    stale = [
+        vi.name
+        for vi in onnx.load(str(dst)).graph.value_info
+        if vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+    ]
+    assert stale == []  # they would contradict the symbolic batch (TensorRT, ORT's output check)
+
+
+def test_make_batch_dynamic_refuses_a_constant_graph_that_returns_one_row(tmp_path):
+    # Output independent of the input and the batch baked in: at batch 2 it returns one row
+    # whose values match every sample's; the row count alone tells it is wrong.
+    shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")
+    zero = numpy_helper.from_array(np.zeros((1, 1), dtype=np.float32), "zero")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+            helper.make_node("ReduceMean", ["flat"], ["m"], axes=[1], keepdims=1),
+            helper.make_node("Mul", ["m", "zero"], ["output"]),
+        ],
+        "constant",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1])],
+        initializer=[shape, zero],
+    )
+    src = _save(graph, tmp_path / "constant.onnx")
+    dst = tmp_path / "dyn.onnx"
+    assert make_batch_dynamic(src, dst) is False
+    assert not dst.exists()
