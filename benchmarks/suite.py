@@ -322,11 +322,14 @@ def _measure_engine_run(
     cid = ec.config_id
     on_gpu = ec.entry.device == "cuda"
     torch_backend = ec.entry.run_backend == "torch"
+    skip_id = f"{cid} engine_run"  # the rest of the configuration still runs
+    if rec.is_skipped(skip_id):
+        return  # said in the first round
     if image_set.source == "folder" and cfg.max_images is not None:
-        rec.skip(f"{cid} engine_run", "`engine run` takes a whole folder; --max-images limits the benchmark set")
+        rec.skip(skip_id, "`engine run` takes a whole folder; --max-images limits the benchmark set")
         return
     if image_set.excluded:
-        rec.skip(f"{cid} engine_run", f"`engine run` takes the whole folder, and {len(image_set.excluded)} of its "
+        rec.skip(skip_id, f"`engine run` takes the whole folder, and {len(image_set.excluded)} of its "
                  "files do not decode (left out of every other figure)")
         return
     scenarios = [Scenario.BOTH] if Scenario.BOTH in cfg.scenarios else list(cfg.scenarios)

@@ -232,6 +232,7 @@ def test_user_folder_with_an_undecodable_file(tmp_path, random_models, torch_gen
         device="cpu",
         batch_size=2,
         repeats=1,
+        rounds=2,  # the skip below is said once, not once per round
         warmup_batches=0,
         workers=0,  # the reference loads in the main process: also a supported setting
         engine_run_check=True,  # skipped, with the reason: engine run would take the bad file too
