@@ -693,6 +693,213 @@ def test_onnxruntime_backend_through_the_host_executor(tmp_path):
         np.testing.assert_allclose(g, a, rtol=1e-6, atol=1e-6)  # padded vs unpadded batch: same rows
 
 
+def test_padding_rows_of_a_device_batch_are_zero_not_stale_data():
+    """submit_device pads a short batch up to the graph's batch with zeros, not with what
+    the slot's buffer held from its previous batch."""
+    seen = []
+
+    class Spy(NumpyModel):
+        def run(self, batch):
+            seen.append(batch.copy())
+            return super().run(batch)
+
+    data = batches(4, 4, last=1, seed=16)
+    with HostDevice() as dev:
+        staging = dev.device_empty((4, 3, 8, 8), np.float32)
+        with StreamedExecutor({"m": HostBackend(Spy())}, dev, ExecutorConfig(4)) as ex:
+            got = []
+            for b in data:
+                staging.array[: len(b)] = b
+                done, consumed = ex.submit_device({"m": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
+                got += done
+                consumed.synchronize()
+            got += ex.drain()
+            assert ex.stats["m"].padded_batches == 1
+    # The last batch reuses slot 0, whose buffer still holds the first batch's rows.
+    (last,) = [s for s in seen if np.array_equal(s[0], data[-1][0])]
+    assert len(last) == 4 and (last[1:] == 0).all()
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+
+
+def test_device_copies_read_only_the_rows_of_the_producers_batch():
+    """A short piece padded up to its model's batch is copied for its own rows only: the
+    producer's buffer may end there (a DALI output of that many rows), and reading past
+    it reads memory that is not the batch's."""
+
+    class Recording(HostDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads: list[tuple[int, int]] = []
+
+        def d2d(self, dst_ptr, src_ptr, nbytes, stream):
+            self.reads.append((int(src_ptr), int(nbytes)))
+            super().d2d(dst_ptr, src_ptr, nbytes, stream)
+
+    data = batches(3, 5, last=3, seed=17)
+    with Recording() as dev:
+        staging = dev.device_empty((5, 3, 8, 8), np.float32)
+        backends = {"pinned": HostBackend(NumpyModel(fixed_batch=2)), "dynamic": HostBackend(NumpyModel(seed=4))}
+        with StreamedExecutor(backends, dev, ExecutorConfig(5)) as ex:  # graphs: the short pieces are padded
+            got = []
+            for b in data:
+                staging.array[: len(b)] = b
+                dev.reads.clear()
+                done, consumed = ex.submit_device({"pinned": DeviceView(staging.ptr, b.shape, np.dtype(np.float32)),
+                                                   "dynamic": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
+                got += done
+                consumed.synchronize()
+                end = staging.ptr + b.nbytes
+                assert dev.reads and all(staging.ptr <= src and src + n <= end for src, n in dev.reads)
+                assert sum(n for _, n in dev.reads) == 2 * b.nbytes  # each model copies each row once
+            got += ex.drain()
+            assert ex.stats["pinned"].padded_batches == 3 and ex.stats["dynamic"].padded_batches == 1
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("pinned"), run_alone(NumpyModel(fixed_batch=None), b))
+        np.testing.assert_array_equal(c.output("dynamic"), run_alone(NumpyModel(seed=4), b))
+
+
+def test_consumed_covers_the_device_copies_however_slow_they_are():
+    """Consumed.synchronize returns only once the slot's copies out of the producer's
+    buffer are done, so the producer may overwrite it at once, even when the copies
+    themselves take a while (a copy engine busy with other work)."""
+
+    class SlowCopies(HostDevice):
+        def d2d(self, dst_ptr, src_ptr, nbytes, stream):
+            stream.submit(lambda: time.sleep(0.02))
+            super().d2d(dst_ptr, src_ptr, nbytes, stream)
+
+    data = batches(4, 4, last=2, seed=18)
+    with SlowCopies() as dev:
+        staging = dev.device_empty((4, 3, 8, 8), np.float32)
+        with StreamedExecutor({"m": HostBackend(NumpyModel())}, dev, ExecutorConfig(4)) as ex:
+            got = []
+            for b in data:
+                staging.array[: len(b)] = b
+                done, consumed = ex.submit_device({"m": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
+                got += done
+                consumed.synchronize()
+                staging.array[:] = np.nan  # the producer's next batch
+            got += ex.drain()
+    assert len(got) == len(data)
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+
+
+def test_an_error_collecting_a_full_ring_waits_for_the_copies_queued_before_it():
+    """Model b's earlier batches failed on their streams. The next submit_device queues
+    a's copy out of the producer's buffer (behind the producer's still busy stream),
+    then collects b's oldest batch to make room and meets its error: the error reaches
+    the caller only once a's copy is done, so the producer's buffer may go at once."""
+    import threading
+
+    class Armed(NumpyModel):
+        armed = False
+
+        def run(self, batch):
+            if self.armed:
+                raise FloatingPointError("bad batch")
+            return super().run(batch)
+
+    b_model = Armed(seed=3)
+    gate = threading.Event()
+    gate_when_raised = []
+    with HostDevice() as dev:
+        producer = dev.stream()
+        staging = dev.device_empty((4, 3, 8, 8), np.float32)
+        view = DeviceView(staging.ptr, (4, 3, 8, 8), np.dtype(np.float32))
+        opener = threading.Timer(0.3, gate.set)
+        try:
+            with pytest.raises(RuntimeError, match="bad batch"):  # again from close(): b's streams are poisoned
+                with StreamedExecutor({"a": HostBackend(NumpyModel()), "b": HostBackend(b_model)}, dev,
+                                      ExecutorConfig(4, graphs=False)) as ex:
+                    b_model.armed = True
+                    for _ in range(3):  # both rings full; b's batches fail on their streams
+                        assert ex.submit_device({"a": view, "b": view})[0] == []
+                    producer.submit(gate.wait)  # the producer is still writing
+                    opener.start()
+                    try:
+                        ex.submit_device({"a": view, "b": view}, producer=producer)
+                    finally:
+                        gate_when_raised.append(gate.is_set())
+        finally:
+            gate.set()
+            opener.cancel()
+    assert gate_when_raised == [True]
+
+
+def test_a_pinned_model_runs_its_pieces_through_graphs_captured_at_its_own_batch():
+    model = NumpyModel(fixed_batch=2)
+    data = batches(3, 5, last=3, seed=19)
+    with make_executor({"m": model}, batch_size=5) as ex:
+        assert ex.graph_batch("m") == 2
+        got = list(ex.run({"m": b} for b in data))
+        stats = ex.stats["m"]
+    assert set(model.calls) == {2}
+    # pieces of 2, 2, 1 rows for each 5-row batch, 2 and 1 for the last one
+    assert stats.batches == stats.graph_batches == 8 and stats.padded_batches == 3
+    for c, b in zip(got, data):
+        np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
+
+
+def test_lane_stats_put_each_stage_time_in_its_own_place():
+    delay, n = 0.03, 4
+    with make_executor({"m": NumpyModel(delay_s=delay)}, graphs=False) as ex:
+        list(ex.run({"m": b} for b in batches(n, 4)))
+        s = ex.stats["m"]
+    assert s.batches == n and s.compute_ms >= 0.9 * 1e3 * delay * n
+    assert s.h2d_ms < s.compute_ms / 4 and s.d2h_ms < s.compute_ms / 4  # a 3 KB copy vs a 30 ms model
+
+
+def test_a_stage_timed_alone_waits_for_its_last_batches():
+    delay = 0.05
+    with make_executor({"m": NumpyModel(delay_s=delay)}, graphs=False) as ex:
+        assert ex.time_stage("m", "compute", batches(3, 4)) >= delay  # one batch per slot: all at once
+
+
+def test_close_waits_for_the_batches_still_in_flight():
+    finished = []
+
+    class Slow(NumpyModel):
+        def run(self, batch):
+            out = super().run(batch)
+            finished.append(len(batch))
+            return out
+
+    with HostDevice() as dev:  # the caller's device: its streams outlive the executor
+        with StreamedExecutor({"m": HostBackend(Slow(delay_s=0.05))}, dev, ExecutorConfig(4, graphs=False)) as ex:
+            warm = len(finished)
+            for b in batches(3, 4):
+                assert ex.submit({"m": b}) == []
+        # closed without draining: every queued batch ran to its end before its buffers went
+        assert len(finished) == warm + 3
+
+
+def test_a_failed_open_releases_the_device_it_made():
+    import threading
+
+    class WrongRows(NumpyModel):
+        def run(self, batch):
+            return super().run(batch)[:1]
+
+    before = set(threading.enumerate())
+    ex = StreamedExecutor({"m": HostBackend(WrongRows())}, "host", ExecutorConfig(4, graphs=False))
+    with pytest.raises(ModelError, match="output shape"):
+        ex.open()  # the warm-up run fails
+    assert ex.device is None
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("host-stream")] == []
+
+
+def test_a_device_batch_of_another_dtype_is_refused_before_any_copy():
+    with HostDevice() as dev:
+        staging = dev.device_empty((4, 3, 8, 8), np.float16)
+        with StreamedExecutor({"m": HostBackend(NumpyModel())}, dev, ExecutorConfig(4)) as ex:
+            with pytest.raises(ValueError, match="is float16, the model takes float32"):
+                ex.submit_device({"m": DeviceView(staging.ptr, (4, 3, 8, 8), np.dtype(np.float16))})
+            assert ex.drain() == []
+            assert ex.stats["m"].batches == 0
+
+
 def test_importing_the_executor_imports_no_gpu_package():
     code = (
         "import sys, engine.executor, engine.gpu, engine.backends.tensorrt, engine.backends.torch_cuda\n"

@@ -19,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 from pathlib import Path
 
@@ -340,6 +341,80 @@ def test_producer_on_the_host_device_writes_the_reference_views_and_grows_stagin
             producer(batch)
 
 
+def _gender_view():
+    return FrameView.of(type("M", (), {"spec": SpecRegistry.builtin().get("gender")})(), "rgb")
+
+
+def test_producer_aligns_every_frame_and_geometry_table_in_staging():
+    """Each frame's pixels and each view's geometry table (8-byte fields, read as structs
+    by the kernel) start at a multiple of STAGING_ALIGN from the staging buffer's start,
+    whatever the frames' sizes."""
+    from kernels.launch import FRAME_GEOM_DTYPE
+
+    class Recording(ReferenceLauncher):
+        def __init__(self) -> None:
+            self.launches = []
+
+        def __call__(self, launch, stream, *, src, norm, out):
+            self.launches.append((launch, src))
+            super().__call__(launch, stream, src=src, norm=norm, out=out)
+
+    reg = SpecRegistry.builtin()
+    views = [FrameView.of(type("M", (), {"spec": reg.get(t)})(), "rgb") for t in ("gender", "quality")]
+    frames = [_picture(13, 7, 3, 1), _picture(9, 11, 4, 2), _picture(5, 3, 1, 3)]  # no size a multiple of 256
+    launcher = Recording()
+    with HostDevice() as dev:
+        producer = FrameProducer(dev, [(views[0], np.float32), (views[1], np.float32)], 4, launcher)
+        (chunk,) = frame_batches(frames, views, 4)
+        producer(chunk.frames)
+        dev.synchronize_stream(producer.stream)
+        assert len(launcher.launches) == 2
+        for launch, src in launcher.launches:
+            table_at = int(launch.args[1]) - src.ptr
+            assert int(launch.args[0]) == src.ptr and table_at % frames_mod.STAGING_ALIGN == 0
+            table = src.array[table_at: table_at + len(frames) * FRAME_GEOM_DTYPE.itemsize].view(FRAME_GEOM_DTYPE)
+            assert len(set(table["offset"].tolist())) >= 3  # the frames' own pixels, and a composite
+            assert (table["offset"] % frames_mod.STAGING_ALIGN == 0).all()
+        producer.close()
+
+
+def test_producer_staging_grows_by_a_factor_and_exactly_when_a_batch_needs_more():
+    """A batch needing a little more than the staging holds reallocates it (never writes
+    past it), at least STAGING_GROWTH times larger, so slowly growing frames do not
+    reallocate every batch."""
+    view = _gender_view()
+    with HostDevice() as dev:
+        producer = FrameProducer(dev, [(view, np.float32)], 1, ReferenceLauncher())
+        need = []
+        for width in (16, 17, 22):  # 16 rows of 3 * width bytes: 1 KiB, then just over, then 1280 bytes
+            frame = _picture(16, width, 3, width)
+            (chunk,) = frame_batches([frame], [view], 1)
+            produced = producer(chunk.frames)
+            dev.synchronize_stream(producer.stream)
+            need.append(producer.stats.staging_bytes)
+            got = produced.views[view.key].tensors.array[0]
+            np.testing.assert_array_equal(got, reference_view(chunk.frames[0], 0, view))
+        # 768 + a 40-byte table -> 1024; 816 + 40 -> 1280 > 1024: grown to 1.5 x 1024; 1056 + 40 -> 1536 fits
+        assert need == [1024, 1536, 1536] and producer.stats.staging_allocations == 2
+        producer.close()
+
+
+def test_closing_the_producer_waits_for_its_queued_work():
+    class Slow(ReferenceLauncher):
+        def __call__(self, launch, stream, **kw):
+            stream.submit(lambda: time.sleep(0.2))  # the kernel of a big batch, still running
+            super().__call__(launch, stream, **kw)
+
+    view = _gender_view()
+    frame = _picture(40, 30, 3, 5)
+    with HostDevice() as dev:
+        producer = FrameProducer(dev, [(view, np.float32)], 2, Slow())
+        (chunk,) = frame_batches([frame], [view], 2)
+        out = producer(chunk.frames).views[view.key].tensors.array
+        producer.close()  # its buffers go now: the work reading and writing them is done
+        np.testing.assert_array_equal(out[0], reference_view(chunk.frames[0], 0, view))
+
+
 def test_producer_refuses_a_dtype_the_kernel_cannot_write():
     from engine.specs import SpecRegistry
 
@@ -474,6 +549,18 @@ def test_one_call_at_a_time_and_an_abandoned_iterator_frees_the_classifier(rando
         it.close()  # abandoned mid-run: queued batches are finished and dropped
         again = fc.classify(frames)
     np.testing.assert_array_equal(again[GENDER].probabilities, whole[GENDER].probabilities)
+
+
+def test_an_abandoned_streamed_iterator_leaves_nothing_queued(random_models, model_cache_dir):
+    """Closing iter_classify mid-run finishes and drops the batches still in flight: none
+    is handed to the next call as one of its own."""
+    model = random_models[GENDER]
+    frames = _mixed_frames(61)  # 9 frames: 5 batches of 2, up to 3 in flight
+    with FrameClassifier([model], batch_size=2, streamed=True, threads=2, cache_dir=model_cache_dir) as fc:
+        it = fc.iter_classify(frames)
+        assert len(next(it)) == 2
+        it.close()
+        assert fc.executor.drain() == []
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
@@ -693,6 +780,32 @@ def test_batches_close_early_at_the_byte_budget_and_a_huge_frame_goes_alone():
     assert [(b.start, b.count) for b in batches] == [(0, 2), (2, 1), (3, 1), (4, 2)]
     # Without a budget in reach, only the batch size splits.
     assert [b.count for b in frame_batches(frames, [view], 4, max_bytes=10**9)] == [4, 2]
+
+
+def test_a_later_batchs_error_rows_sit_within_that_batch(random_models, model_cache_dir):
+    """iter_classify with on_error="row": a part starting at frame 3 masks, writes and
+    joins its own bad frame at its row (1), not at the frame's input index (4)."""
+    model = random_models[GENDER]
+    good = [_picture(30, 40, 3, i) for i in range(5)]
+    frames = good[:4] + [np.zeros((8, 8, 3), np.float32)] + good[4:]
+    with FrameClassifier([model], batch_size=3, threads=2, cache_dir=model_cache_dir) as fc:
+        parts = list(fc.iter_classify(frames, on_error="row"))
+    assert [(p.first, len(p)) for p in parts] == [(0, 3), (3, 3)]
+    second = parts[1]
+    assert sorted(second.errors) == [4] and second.ok.tolist() == [True, False, True]
+    assert np.isnan(second[GENDER].probabilities[1]).all() and second[GENDER].labels[1] is None
+    df = second.to_polars()
+    assert df["frame"].to_list() == [3, 4, 5]
+    assert df["error"].is_not_null().to_list() == [False, True, False]
+    assert df["gender_label"].is_null().to_list() == [False, True, False]
+    tail = frames_mod.FrameResults.concat(fc.models, parts[1:])
+    assert tail.first == 3 and len(tail) == 3 and tail.ok.tolist() == [True, False, True]
+
+
+def test_a_batch_may_hold_exactly_its_byte_budget():
+    frames = [np.zeros((10, 10, 3), np.uint8) for _ in range(4)]  # 300 bytes each
+    assert [b.count for b in frame_batches(frames, [_gender_view()], 4, max_bytes=600)] == [2, 2]
+    assert [b.count for b in frame_batches(frames, [_gender_view()], 4, max_bytes=599)] == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["cpu", "streamed"])
