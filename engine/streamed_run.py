@@ -145,16 +145,26 @@ class StreamedInference:
     def _classify(self, raw: Mapping[str, np.ndarray]) -> dict[str, Classified]:
         return {m.spec.key: classify(raw[m.spec.key], m.output_kind, m.spec.labels, m.spec.key) for m in self._models}
 
-    def _complete(self, done) -> None:
+    def _complete(self, done) -> Exception | None:
+        """Classify the completed submissions, in order. A non-finite output stops there
+        and comes back (naming its files) rather than raised, so that the caller first
+        hands out the batches finished before it: their rows are written, not redone."""
         for c in done:
             try:
                 c.tag.outputs = self._classify({m.spec.key: c.output(m.spec.key) for m in self._models})
             except NonFiniteOutput as exc:
                 batch = c.tag.batch
                 paths = getattr(batch, "paths", None)
-                if paths is None:
-                    raise
-                raise naming_files(exc, paths, batch.result.ok) from None
+                return exc if paths is None else naming_files(exc, paths, batch.result.ok)
+        return None
+
+    def _finish(self, done) -> Iterator[tuple[Any, dict[str, Classified]]]:
+        """Classify ``done`` and yield every batch ready in order; then raise the error
+        that stopped the classification, if any."""
+        failed = self._complete(done)
+        yield from self._ready()
+        if failed is not None:
+            raise failed
 
     def _ready(self) -> Iterator[tuple[Any, dict[str, Classified]]]:
         while self._order and self._order[0].outputs is not None:
@@ -184,15 +194,14 @@ class StreamedInference:
                     done, consumed = self._executor.submit_device(inputs, producer=produced.cuda_stream, tag=entry)
                     copying.hold(produced, consumed)
                     inputs = None  # only ``copying`` keeps the batch alive
-                    self._complete(done)
                 else:  # nothing decoded: error rows only, kept in order behind earlier batches
+                    done = ()
                     entry.outputs = self._classify(
                         {m.spec.key: np.zeros((0, m.spec.num_classes), np.float32) for m in self._models})
                 produced = None
-                yield from self._ready()
+                yield from self._finish(done)
             copying.wait()
-            self._complete(self._executor.drain())
-            yield from self._ready()
+            yield from self._finish(self._executor.drain())
         finally:
             copying.abandon()  # ended early (an error, the caller stopped)
 

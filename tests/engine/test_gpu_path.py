@@ -32,6 +32,7 @@ from engine.streamed_run import HostProducer, StreamedInference
 
 no_gpu = pytest.mark.skipif(cuda_absent_reason() is None, reason="checks the behaviour on a machine without a GPU")
 
+GENDER_KEY = "gender/alpha"
 H100 = BuildTarget("NVIDIA H100 80GB HBM3", "9.0", "11.4.0.1")
 
 
@@ -205,6 +206,127 @@ def test_find_engines_for_a_run_or_the_command_that_builds_them(tmp_path):
     assert "GPU: engine built on 'NVIDIA H100 80GB HBM3', this is 'NVIDIA A100-SXM4-80GB'" in problem
 
 
+def test_plan_path_takes_the_gpu_path_when_nothing_is_missing(tmp_path, monkeypatch):
+    import engine.gpu_path as gp
+
+    monkeypatch.setattr(gp, "gpu_prerequisites", lambda *a, **k: ({"gender/alpha": "its engine"}, None))
+    auto = plan_path(_config(tmp_path), [])
+    assert (auto.device, auto.precision, auto.gpu_backend) == ("gpu", "fp16", "tensorrt")
+    assert auto.engines == {"gender/alpha": "its engine"}
+    assert auto.reason == "a GPU, the GPU packages and the engines are here"
+    asked = plan_path(_config(tmp_path, device="gpu", precision="int8", gpu_backend="torch"), [])
+    assert (asked.device, asked.reason, asked.precision, asked.gpu_backend) == ("gpu", "--device gpu", "int8", "torch")
+    assert asked.describe().startswith("GPU path (DALI on the GPU, streamed executor, PyTorch on CUDA, int8)")
+
+
+def test_gpu_prerequisites_check_the_torch_weights_and_add_the_callers_hint(monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.gpu_path as gp
+    from engine.gpu_path import gpu_prerequisites
+
+    monkeypatch.setattr(gp, "gpu_problem", lambda backend, device_id=0, *, dali=True: None)
+    model = SimpleNamespace(spec=SpecRegistry.builtin().get(Task.GENDER))
+    published = ModelChoice(Task.GENDER, None, ModelSource())
+    random = ModelChoice(Task.GENDER, None, ModelSource(random_weights=True))
+
+    def no_engines(target):
+        raise AssertionError("the torch backend looks for no engine")
+
+    engines, problem = gpu_prerequisites([model], [published], "fp16", "torch", no_engines, " (pass --weights)")
+    assert engines == {} and "needs --gender-checkpoint or --random-weights" in problem
+    assert problem.endswith("TensorRT runs ONNX (pass --weights)")
+    assert gpu_prerequisites([model], [random], "fp16", "torch", no_engines) == ({}, None)
+
+
+def test_gpu_problem_says_when_torch_sees_no_cuda_device(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import engine.gpu
+    import engine.gpu_path as gp
+
+    monkeypatch.setattr(engine.gpu, "cuda_absent_reason", lambda device_id=0: None)
+    monkeypatch.setattr(gp, "_missing_module", lambda module: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gp.gpu_problem("torch") == "PyTorch sees no CUDA device (a CPU-only torch build?)"
+    assert gp.gpu_problem("tensorrt") is None  # TensorRT's path does not ask torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gp.gpu_problem("torch") is None
+
+
+def test_view_dtype_is_the_one_input_dtype_every_model_takes():
+    from types import SimpleNamespace
+
+    from engine.backends.base import TensorDecl
+    from engine.gpu_path import view_dtype
+
+    def backend(dtype):
+        return SimpleNamespace(inputs=(TensorDecl("input", (None, 3, 8, 8), np.dtype(dtype)),))
+
+    assert view_dtype({"a": backend(np.float16), "b": backend(np.float16)}) == np.float16
+    assert view_dtype({"a": backend(np.float32)}) == np.float32
+    with pytest.raises(EngineError, match="different input dtypes"):
+        view_dtype({"a": backend(np.float32), "b": backend(np.float16)})
+    with pytest.raises(EngineError, match="take int8 input; DALI writes float32 or float16"):
+        view_dtype({"a": backend(np.int8)})
+
+
+def test_build_command_profile_bounds_calibration_and_random_weights(tmp_path):
+    registry = SpecRegistry.builtin()
+    config = _config(tmp_path, tasks=(Task.GENDER,))
+    gender = registry.get(Task.GENDER)
+    from builders.trt_build import default_profile
+
+    top = default_profile(gender).max  # resnet18: 1..256
+    for batch, asked in ((top, False), (top + 1, True), (1, False)):
+        run = dataclasses.replace(config, batch_size=batch)
+        cmd = shlex.split(build_command(run, [(config.models[0], gender)], "fp16"))
+        assert ("--gender-profile" in cmd) == asked, batch
+    int8 = shlex.split(build_command(dataclasses.replace(config, calib_count=16), [(config.models[0], gender)], "int8"))
+    assert int8[int8.index("--calib") + 1] == "DIR_OF_TYPICAL_FRAMES" and int8[int8.index("--calib-count") + 1] == "16"
+    # one model on random weights, the other from its checkpoint: the build needs --random-weights
+    mixed = (ModelChoice(Task.GENDER, None, ModelSource(random_weights=True)),
+             ModelChoice(Task.QUALITY, None, ModelSource(checkpoint=tmp_path / "q.safetensors")))
+    specs = [registry.get(c.task) for c in mixed]
+    cmd = shlex.split(build_command(dataclasses.replace(config, models=mixed), list(zip(mixed, specs)), "fp16"))
+    assert "--random-weights" in cmd and "--no-download" not in cmd
+
+
+def test_a_fixed_batch_model_passes_over_an_engine_of_other_batch_sizes(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.gpu_path import lookup_engines
+
+    onnx = _tiny_onnx(tmp_path / "g.onnx", 224, 2)
+    spec = SpecRegistry.builtin().get(Task.GENDER)
+
+    def model(fixed):
+        return SimpleNamespace(spec=spec, source_sha256=onnx_sha256(onnx),
+                               info=SimpleNamespace(input=SimpleNamespace(fixed_batch=fixed)))
+
+    _store_engine(tmp_path, spec.key, onnx, "fp16", H100, 224)  # batch profile 1..64
+    found, problem = lookup_engines([model(None)], "fp16", H100, tmp_path, 16)
+    assert problem is None and list(found) == [spec.key]
+    found, problem = lookup_engines([model(1)], "fp16", H100, tmp_path, 16)
+    assert found == {} and "is not the fixed batch 1" in problem
+
+
+def test_every_missing_models_passed_over_engines_are_named(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.gpu_path import lookup_engines
+
+    registry = SpecRegistry.builtin()
+    g_onnx, q_onnx = _tiny_onnx(tmp_path / "g.onnx", 224, 2), _tiny_onnx(tmp_path / "q.onnx", 384, 4)
+    models = [SimpleNamespace(spec=registry.get(t), source_sha256=onnx_sha256(o),
+                              info=SimpleNamespace(input=SimpleNamespace(fixed_batch=None)))
+              for t, o in ((Task.GENDER, g_onnx), (Task.QUALITY, q_onnx))]
+    g = _store_engine(tmp_path, models[0].spec.key, q_onnx, "fp16", H100, 224)  # each from the other's ONNX
+    q = _store_engine(tmp_path, models[1].spec.key, g_onnx, "fp16", H100, 384)
+    _, problem = lookup_engines(models, "fp16", H100, tmp_path, 16)
+    assert f"{g.engine_path.name}: built from another ONNX" in problem
+    assert f"{q.engine_path.name}: built from another ONNX" in problem
+
+
 # --------------------------------------------------------------------------- the streamed loop
 
 
@@ -347,6 +469,144 @@ def test_a_submission_failing_part_way_waits_for_the_copies_it_queued(monkeypatc
         gate.set()
         opener.cancel()
         producer_stream.close()
+
+
+def _gender_model():
+    from types import SimpleNamespace
+
+    from engine.specs import OutputKind
+
+    return SimpleNamespace(spec=SpecRegistry.builtin().get(Task.GENDER), output_kind=OutputKind.LOGITS)
+
+
+def test_a_non_finite_output_in_the_streamed_loop_names_the_file_of_its_row():
+    """Row r of a batch's outputs is file paths[ok[r]]: with the second file unreadable,
+    the model's NaN on row 1 is the third file's, and the error names that file."""
+    from types import SimpleNamespace
+
+    from engine.errors import ModelError
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    class NanOnMarked(NumpyModel):
+        def run(self, batch):
+            out = super().run(batch)
+            out[batch[:, 0, 0, 0] > 100] = np.nan
+            return out
+
+    def produce(payload):
+        ok = tuple(i for i, p in enumerate(payload) if p)
+        array = np.zeros((len(ok), 3, 8, 8), np.float32)
+        for row, i in enumerate(ok):
+            array[row, 0, 0, 0] = 1000.0 if payload[i] == b"nan" else 1.0
+        view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
+        errors = {i: "cannot decode" for i in range(len(payload)) if i not in ok}
+        return DeviceBatch(ok=ok, sizes=((8, 8),) * len(ok), errors=errors, views={GENDER_KEY: view}, device_id=0,
+                           cuda_stream=None)
+
+    read = [SimpleNamespace(paths=["x.png", "y.png", "z.png"], payload=[b"x", b"y", b"z"]),
+            SimpleNamespace(paths=["a.png", "b.png", "c.png"], payload=[b"x", b"", b"nan"])]
+    with StreamedExecutor({GENDER_KEY: HostBackend(NanOnMarked(size=8, classes=2))}, "host",
+                          ExecutorConfig(3, graphs=False)) as executor:
+        handed_out = []
+        with pytest.raises(ModelError, match="NaN or infinity for 1 of 2") as info:
+            for batch, _ in StreamedInference([_gender_model()], executor, produce).batches(iter(read)):
+                handed_out.append(batch.paths)
+    # the batch finished before the bad one is handed out first (its rows get written)
+    assert handed_out == [["x.png", "y.png", "z.png"]]
+    message = str(info.value)
+    assert "c.png" in message and "a.png" not in message and "b.png" not in message
+    assert [b.payload for b in read] == [None, None]  # the files' bytes are let go of once produced
+
+
+def test_an_error_mid_loop_waits_for_the_copies_of_the_batch_before_it():
+    """With a producer whose outputs outlive its next call, batch 2 is produced before the
+    host waits for batch 1's copies; if producing batch 2 fails, the loop still waits
+    for those copies (queued behind the producer's busy stream) before the error goes
+    on, so the producer's buffers may be dropped at once."""
+    import threading
+    from types import SimpleNamespace
+
+    from engine.executor import HostStream
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    gate = threading.Event()
+    producer_stream = HostStream("producer")
+
+    class Producer:
+        outputs_outlive_next_call = True
+        calls = 0
+
+        def __call__(self, payload):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("decoder failed")
+            producer_stream.submit(gate.wait)  # the producer's device work, still running
+            array = np.full((2, 3, 8, 8), 7.0, np.float32)
+            view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
+            return DeviceBatch(ok=(0, 1), sizes=((8, 8),) * 2, errors={}, views={GENDER_KEY: view}, device_id=0,
+                               cuda_stream=producer_stream)
+
+    opener = threading.Timer(0.3, gate.set)
+    gate_when_raised = []
+    try:
+        with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host",
+                              ExecutorConfig(2, graphs=False)) as executor:
+            loop = StreamedInference([_gender_model()], executor, Producer()).batches(
+                iter([SimpleNamespace(payload=[b"x"] * 2) for _ in range(2)]))
+            opener.start()
+            with pytest.raises(RuntimeError, match="decoder failed"):
+                try:
+                    next(loop)
+                finally:
+                    gate_when_raised.append(gate.is_set())
+    finally:
+        gate.set()
+        opener.cancel()
+        producer_stream.close()
+    assert gate_when_raised == [True]
+
+
+def test_the_streamed_loop_keeps_every_batch_one_submission_completes():
+    """A model pinned to batch 1 runs each batch in pieces of one row, a slot each: the
+    4th batch (3 rows) hands back the three 1-row batches before it in one call, and
+    every one of them gets its own outputs, in order."""
+    from types import SimpleNamespace
+
+    from engine.postprocess import classify
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    rng = np.random.default_rng(21)
+    made = []
+
+    def produce(payload):
+        array = rng.standard_normal((len(payload), 3, 8, 8)).astype(np.float32)
+        made.append(array)
+        view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
+        return DeviceBatch(ok=tuple(range(len(payload))), sizes=((8, 8),) * len(payload), errors={},
+                           views={GENDER_KEY: view}, device_id=0, cuda_stream=None)
+
+    model = _gender_model()
+    read = [SimpleNamespace(payload=[b"x"] * n) for n in (1, 1, 1, 3)]
+    with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2, fixed_batch=1))}, "host",
+                          ExecutorConfig(3, graphs=False)) as executor:
+        got = list(StreamedInference([model], executor, produce).batches(iter(read)))
+    assert [batch for batch, _ in got] == read
+    for (_, outputs), x in zip(got, made):
+        want = classify(NumpyModel(size=8, classes=2).run(x), model.output_kind, model.spec.labels, GENDER_KEY)
+        np.testing.assert_array_equal(outputs[GENDER_KEY].probabilities, want.probabilities)
+
+
+def test_stats_lines_report_each_model_that_ran_and_none_that_did_not():
+    from engine.executor import LaneStats
+    from engine.streamed_run import stats_lines
+
+    ran = LaneStats(batches=4, images=10, padded_batches=1, graph_batches=3, host_fill_s=0.002, host_enqueue_s=0.002,
+                    h2d_ms=4.0, compute_ms=8.0, d2h_ms=4.0)
+    assert stats_lines({GENDER_KEY: ran, "quality/baseline": LaneStats()}) == [
+        f"executor {GENDER_KEY}: 4 batches (3 as graphs, 1 padded), host 1.00 ms/batch, device 4.00 ms/batch"]
 
 
 def test_stream_handle_takes_every_stream_form_dali_takes():
