@@ -160,12 +160,6 @@ def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> 
         fh.write(buf.getbuffer())
 
 
-def _reason(exc: OSError) -> str:
-    """An OSError's cause in words ("No space left on device"), without the file name
-    the message around it already gives."""
-    return exc.strerror or str(exc)
-
-
 def check_output_name(out: Path | str) -> Path:
     """``out`` as a Path, once it names a file (not "", "." or "..")."""
     out = Path(out)
@@ -395,7 +389,7 @@ class ResultWriter:
         except OSError as exc:
             self._write_failed = True
             raise OutputError(
-                f"cannot write {part}: {_reason(exc)}. The rows written before it are kept in {self.parts_dir} "
+                f"cannot write {part}: {exc.strerror or exc}. The rows written before it are kept in {self.parts_dir} "
                 f"({self.rows_written} from this run); the last {df.height} are not: run the same command again "
                 f"once that is fixed, and it resumes, classifying those again"
             ) from None
@@ -420,7 +414,7 @@ class ResultWriter:
         except OSError as exc:
             kept = f"every row is kept in {self.parts_dir}" if self.parts_dir.is_dir() else f"{self.out} is as it was"
             raise OutputError(
-                f"cannot write {self.out}: {_reason(exc)}. Nothing is lost: {kept}; run the same command again "
+                f"cannot write {self.out}: {exc.strerror or exc}. Nothing is lost: {kept}; run the same command again "
                 f"once that is fixed, and it skips every image already classified and writes {self.out.name}"
             ) from None
         shutil.rmtree(self.parts_dir, ignore_errors=True)

@@ -352,12 +352,12 @@ class DaliPreprocessor:
             # DALI compiles the pipeline's `if` into generated code that it writes to a temp
             # file first; when that write fails it runs the function as is, and the `if`
             # fails on a DataNode. Say what failed instead.
-            refused = next((e for e in _exception_chain(exc) if no_room_message(e) is not None), None)
-            if refused is None:
+            no_room = next(filter(None, map(no_room_message, _exception_chain(exc))), None)
+            if no_room is None:
                 raise
             raise OutputError(
                 f"DALI cannot write its generated pipeline code to the temp folder {tempfile.gettempdir()}: "
-                f"{no_room_message(refused)} (or set TMPDIR to a folder with room)"
+                f"{no_room} (or set TMPDIR to a folder with room)"
             ) from None
         try:
             pipe.build()
