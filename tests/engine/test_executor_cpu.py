@@ -226,6 +226,22 @@ def make_executor(models: dict, batch_size=4, **config):
     return StreamedExecutor(backends, "host", ExecutorConfig(batch_size=batch_size, **config))
 
 
+def submit_through_staging(ex, staging, data, keys=("m",), after=None) -> list:
+    """Each batch of ``data`` written into ``staging`` (the producer's device buffer) and
+    submitted from there, one view of it per model in ``keys``; ``after(b, consumed)``
+    runs once the batch's copies out of ``staging`` are done. The completions, drained."""
+    got = []
+    for b in data:
+        staging.array[: len(b)] = b
+        view = DeviceView(staging.ptr, b.shape, np.dtype(np.float32))
+        done, consumed = ex.submit_device({key: view for key in keys})
+        got += done
+        consumed.synchronize()
+        if after is not None:
+            after(b, consumed)
+    return got + ex.drain()
+
+
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("depth", [3, 5])
 def test_outputs_equal_each_batch_alone_in_submission_order(graphs, depth):
@@ -361,16 +377,11 @@ def test_a_pinned_model_and_a_dynamic_one_share_submissions_from_device_memory()
         staging = dev.device_empty((5, 3, 8, 8), np.float32)
         backends = {"pinned": HostBackend(pinned), "dynamic": HostBackend(dynamic)}
         with StreamedExecutor(backends, dev, ExecutorConfig(5, graphs=False)) as ex:
-            got = []
-            for b in data:
-                staging.array[: len(b)] = b
-                view = DeviceView(staging.ptr, b.shape, np.dtype(np.float32))
-                done, consumed = ex.submit_device({"pinned": view, "dynamic": view})
-                got += done
+            def after(b, consumed):
                 assert len(consumed.events) == -(-len(b) // 2) + 1  # every piece's copy
-                consumed.synchronize()
                 staging.array[:] = np.nan  # the executor holds its own copies now
-            got += ex.drain()
+
+            got = submit_through_staging(ex, staging, data, ("pinned", "dynamic"), after)
     assert set(pinned.calls) == {2}
     for c, b in zip(got, data):
         np.testing.assert_array_equal(c.output("pinned"), run_alone(NumpyModel(seed=0), b))
@@ -491,13 +502,7 @@ def test_a_lane_fed_from_device_memory_allocates_no_pinned_input_buffers():
         staging = dev.device_empty((4, 3, 8, 8), np.float32)
         with StreamedExecutor({"m": HostBackend(model)}, dev, ExecutorConfig(4, graphs=False)) as ex:
             opened = ex.allocations
-            got = []
-            for b in data:
-                staging.array[: len(b)] = b
-                done, consumed = ex.submit_device({"m": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
-                got += done
-                consumed.synchronize()
-            got += ex.drain()
+            got = submit_through_staging(ex, staging, data)
             assert ex.allocations == opened == 1 + 3 * 3
     for c, b in zip(got, data):
         np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
@@ -707,13 +712,7 @@ def test_padding_rows_of_a_device_batch_are_zero_not_stale_data():
     with HostDevice() as dev:
         staging = dev.device_empty((4, 3, 8, 8), np.float32)
         with StreamedExecutor({"m": HostBackend(Spy())}, dev, ExecutorConfig(4)) as ex:
-            got = []
-            for b in data:
-                staging.array[: len(b)] = b
-                done, consumed = ex.submit_device({"m": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
-                got += done
-                consumed.synchronize()
-            got += ex.drain()
+            got = submit_through_staging(ex, staging, data)
             assert ex.stats["m"].padded_batches == 1
     # The last batch reuses slot 0, whose buffer still holds the first batch's rows.
     (last,) = [s for s in seen if np.array_equal(s[0], data[-1][0])]
@@ -741,18 +740,13 @@ def test_device_copies_read_only_the_rows_of_the_producers_batch():
         staging = dev.device_empty((5, 3, 8, 8), np.float32)
         backends = {"pinned": HostBackend(NumpyModel(fixed_batch=2)), "dynamic": HostBackend(NumpyModel(seed=4))}
         with StreamedExecutor(backends, dev, ExecutorConfig(5)) as ex:  # graphs: the short pieces are padded
-            got = []
-            for b in data:
-                staging.array[: len(b)] = b
-                dev.reads.clear()
-                done, consumed = ex.submit_device({"pinned": DeviceView(staging.ptr, b.shape, np.dtype(np.float32)),
-                                                   "dynamic": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
-                got += done
-                consumed.synchronize()
+            def after(b, consumed):
                 end = staging.ptr + b.nbytes
                 assert dev.reads and all(staging.ptr <= src and src + n <= end for src, n in dev.reads)
                 assert sum(n for _, n in dev.reads) == 2 * b.nbytes  # each model copies each row once
-            got += ex.drain()
+                dev.reads.clear()  # the next batch's copies
+
+            got = submit_through_staging(ex, staging, data, ("pinned", "dynamic"), after)
             assert ex.stats["pinned"].padded_batches == 3 and ex.stats["dynamic"].padded_batches == 1
     for c, b in zip(got, data):
         np.testing.assert_array_equal(c.output("pinned"), run_alone(NumpyModel(fixed_batch=None), b))
@@ -773,14 +767,10 @@ def test_consumed_covers_the_device_copies_however_slow_they_are():
     with SlowCopies() as dev:
         staging = dev.device_empty((4, 3, 8, 8), np.float32)
         with StreamedExecutor({"m": HostBackend(NumpyModel())}, dev, ExecutorConfig(4)) as ex:
-            got = []
-            for b in data:
-                staging.array[: len(b)] = b
-                done, consumed = ex.submit_device({"m": DeviceView(staging.ptr, b.shape, np.dtype(np.float32))})
-                got += done
-                consumed.synchronize()
+            def after(b, consumed):
                 staging.array[:] = np.nan  # the producer's next batch
-            got += ex.drain()
+
+            got = submit_through_staging(ex, staging, data, after=after)
     assert len(got) == len(data)
     for c, b in zip(got, data):
         np.testing.assert_array_equal(c.output("m"), run_alone(NumpyModel(), b))
