@@ -840,14 +840,16 @@ class FrameClassifier:
         once every frame before it is classified; no frame after its batch is read. The error's
         ``partial`` holds the results of the frames before it, so no work is lost; so
         does an exception raised by ``frames`` itself (a failing decoder), raised once
-        the frames it gave are classified. ``on_error="row"``: a bad frame keeps its
-        place with its cause in :attr:`FrameResults.errors` (see :class:`FrameResults`)
-        and the rest go on."""
+        the frames it gave are classified. A KeyboardInterrupt (Ctrl-C) goes on at once:
+        its ``partial`` holds the batches handed out before it, not the frames waiting for
+        their batch nor the batches still in the streamed ring. ``on_error="row"``: a bad
+        frame keeps its place with its cause in :attr:`FrameResults.errors` (see
+        :class:`FrameResults`) and the rest go on."""
         parts: list[FrameResults] = []
         try:
             for part in self.iter_classify(frames, on_error=on_error):
                 parts.append(part)
-        except Exception as exc:
+        except BaseException as exc:
             try:
                 exc.partial = FrameResults.concat(self._models, parts)  # type: ignore[attr-defined]
             except (AttributeError, TypeError):  # an exception type that takes no attributes

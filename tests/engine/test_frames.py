@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import subprocess
@@ -532,6 +533,21 @@ def test_iter_classify_yields_each_batch_and_a_failing_source_loses_nothing(rand
         np.testing.assert_allclose(info.value.partial[GENDER].probabilities, whole[GENDER].probabilities[:6],
                                    atol=1e-6, rtol=0)
         assert len(fc.classify(frames)) == 9
+
+        def interrupted():  # Ctrl-C while a decoder reads its 34th frame
+            yield from itertools.chain(frames, frames, frames, frames[:6])
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            fc.classify(interrupted())
+        # prompt: the frame waiting for batch 9 is dropped, and so are the batches still in
+        # the streamed executor's ring (3 deep: batch k is handed out once k + 3 is queued)
+        kept = stopped.value.partial
+        assert kept.first == 0 and len(kept) % 4 == 0
+        assert (20 <= len(kept) <= 32) if streamed else len(kept) == 32
+        expected = np.concatenate([whole[GENDER].probabilities] * 4)[:len(kept)]
+        np.testing.assert_allclose(kept[GENDER].probabilities, expected, atol=1e-6, rtol=0)
+        assert len(fc.classify(frames)) == 9  # and the classifier goes on
         with pytest.raises(EngineError, match="on_error must be one of raise, row"):
             fc.classify(frames, on_error="skip")
 
