@@ -7,10 +7,12 @@ One bar colour per configuration; reference configurations hatched.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 from engine.errors import DependencyError
+from engine.fileio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ def plot_results(doc: dict, path: Path) -> Path:
     )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())  # a failed write leaves no half a PNG behind
     log.info("plot written to %s", path)
     return path

@@ -635,7 +635,7 @@ def _run_bench(
     write_json(doc, cfg.out_dir / RESULTS_JSON)
     from benchmarks.report import markdown_summary
 
-    (cfg.out_dir / RESULTS_SUMMARY).write_text(markdown_summary(doc), encoding="utf-8")
+    write_bytes_atomic(cfg.out_dir / RESULTS_SUMMARY, markdown_summary(doc).encode("utf-8"))
     log.info("benchmark finished in %.1f s; results in %s", doc["duration_s"], cfg.out_dir)
     return doc
 

@@ -11,6 +11,7 @@ ONNX files come from the session's ``random_models``; each torch model is built 
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from benchmarks.config import BenchConfig, Pipeline, Scenario
 from benchmarks.schema import validate_results
-from benchmarks.suite import RESULTS_JSON, RESULTS_SUMMARY, load_results, run_bench
+from benchmarks.suite import RESULTS_JSON, RESULTS_PLOT, RESULTS_SUMMARY, load_results, run_bench
 
 pytest.importorskip("torch", reason="the reference pipeline needs torch")
 pytest.importorskip("cv2", reason="the gender card's preprocessing uses OpenCV")
@@ -39,6 +40,9 @@ def torch_gender():
 @pytest.fixture(scope="module")
 def gender_run(tmp_path_factory, random_models, torch_gender):
     out = tmp_path_factory.mktemp("bench-gender")
+    for name in (RESULTS_SUMMARY, RESULTS_PLOT):  # an earlier run's, also linked from elsewhere
+        (out / name).write_bytes(b"an earlier run's " + name.encode())
+        os.link(out / name, out.parent / f"{out.name}-earlier-{name}")
     config = BenchConfig(
         out_dir=out,
         frames=1,
@@ -166,6 +170,19 @@ def test_random_weights_are_labelled(gender_run):
     assert any("RANDOM weights" in n for n in doc["notes"])
     summary = (out / RESULTS_SUMMARY).read_text()
     assert "random weights" in summary and "| gender | cpu |" in summary
+
+
+def test_outputs_replace_the_earlier_files_instead_of_writing_into_them(gender_run):
+    # written to a temporary file and renamed over the old one: a write that fails part-way
+    # (no room) leaves the earlier file whole, and a link to it keeps the earlier content
+    out, doc = gender_run
+    names = [RESULTS_SUMMARY] + ([RESULTS_PLOT] if doc["outputs"]["plot"] else [])
+    for name in names:
+        earlier = out.parent / f"{out.name}-earlier-{name}"
+        assert earlier.read_bytes() == b"an earlier run's " + name.encode()
+        assert (out / name).read_bytes() != earlier.read_bytes()
+    if not doc["outputs"]["plot"]:
+        assert not (out / RESULTS_PLOT).exists()  # no plot this run: the earlier one is not kept either
 
 
 def test_plot_or_reason(gender_run):
