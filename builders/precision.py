@@ -276,12 +276,39 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def name_nodes_uniquely(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node without a name, or with a name an earlier node has, a name of its
+    own (``<op>_<n>``), in the main graph and in every subgraph; in place, returned.
+
+    ONNX does not ask node names to be unique, but ONNX Runtime's float16 converter up to
+    1.23 (the last release for Python 3.10) names the Casts it puts around a kept-FP32 node
+    after that node: two unnamed ones made two Casts with the same output, a cycle."""
+    graphs = [model.graph]
+    seen: set[str] = set()
+    for graph in graphs:
+        for node in graph.node:
+            seen.add(node.name)
+            graphs.extend(_subgraphs(node))
+    taken: set[str] = set()
+    count = 0
+    for graph in graphs:
+        for node in graph.node:
+            if node.name and node.name not in taken:
+                taken.add(node.name)
+                continue
+            while f"{node.op_type}_{count}" in seen or f"{node.op_type}_{count}" in taken:
+                count += 1
+            node.name = f"{node.op_type}_{count}"
+            taken.add(node.name)
+    return model
+
+
 def convert_fp16(model: onnx.ModelProto, keep_fp32_ops: frozenset[str] = FP32_OPS) -> onnx.ModelProto:
     """Mixed precision: FP16 everywhere except graph I/O and ``keep_fp32_ops``."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(
-        model,
+        name_nodes_uniquely(model),
         keep_io_types=True,
         op_block_list=sorted(keep_fp32_ops),
         disable_shape_infer=False,

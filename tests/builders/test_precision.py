@@ -336,7 +336,7 @@ def test_int8_resnet18_explicit_qdq_and_agreement(gender_int8):
     assert a is not None and a.images == 6 and a.nonfinite == 0
     assert a.argmax_agreement == 1.0
     assert a.max_abs_dp < 0.02
-    assert a.mean_kl < 2e-4
+    assert a.mean_kl < 5e-4  # ONNX Runtime 1.32: below 2e-4; 1.23 (Python 3.10): 2.7e-4
     assert gender_int8.calibration_images == 6
 
 
@@ -555,10 +555,38 @@ def test_fp16_keeps_layernorm_and_softmax_fp32_and_the_matmul_fp16():
     model = convert_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     types = _value_types(model)
     assert _io_types(model) == {TensorProto.FLOAT}
+    names = [n.name for n in model.graph.node]
+    assert all(names) and len(set(names)) == len(names), names  # see the next test
     ops = {n.op_type: n for n in model.graph.node}
     assert types[ops["MatMul"].input[0]] == TensorProto.FLOAT16 and types[ops["MatMul"].input[1]] == TensorProto.FLOAT16
     assert types[ops["LayerNormalization"].input[0]] == TensorProto.FLOAT
     assert types[ops["Softmax"].input[0]] == TensorProto.FLOAT
+
+
+def test_nodes_get_unique_names_before_the_fp16_converter_names_its_casts_after_them():
+    # ONNX Runtime's converter up to 1.23 (Python 3.10's last) named the Casts around the
+    # unnamed LayerNormalization and Softmax of the test above alike: a cycle
+    from builders.precision import name_nodes_uniquely
+
+    body = helper.make_graph([helper.make_node("Neg", ["a"], ["t"]), helper.make_node("Neg", ["t"], ["u"], name="Relu_0")],
+                             "then", [], [helper.make_tensor_value_info("u", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"], name="Relu_1"),
+        helper.make_node("Relu", ["b"], ["c"], name="Relu_1"),  # ONNX allows a name twice
+        helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = name_nodes_uniquely(helper.make_model(graph))
+    named = [n.name for n in model.graph.node]
+    for node in model.graph.node:
+        for sub in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+            named += [n.name for n in sub.node]
+    assert all(named) and len(set(named)) == len(named) == 8, named
+    assert named[1] == "Relu_1" and named[2] != "Relu_1"  # the first of a name keeps it
+    assert "Relu_0" in named[4:]  # the subgraph's own name is kept: no other node took it
 
 
 def test_topological_sort_counts_what_a_subgraph_takes_from_the_outer_graph():

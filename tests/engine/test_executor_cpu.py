@@ -686,7 +686,9 @@ def test_onnxruntime_backend_through_the_host_executor(tmp_path):
         initializer=[helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())],
     )
     path = tmp_path / "tiny.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every ONNX Runtime this project allows reads
+    onnx.save(model, path)
     in_decl = TensorDecl("input", (None, 3, 8, 8), np.dtype(np.float32))
     out_decl = TensorDecl("output", (None, 5), np.dtype(np.float32))
     data = batches(5, 4, last=3)
