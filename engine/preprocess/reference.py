@@ -20,6 +20,7 @@ imported only when used.
 from __future__ import annotations
 
 import io
+import struct
 from typing import Literal
 
 import numpy as np
@@ -122,7 +123,9 @@ def _pil_resized_rgb(data: bytes, pre: Preprocess) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             rgb_image = _pil_rgb(im, pre.alpha)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+    except Image.DecompressionBombError as exc:  # as decode_rgba says it
+        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         raise ImageDecodeError(undecodable_cause(data)) from None
     out_h, out_w = pre.resized_shape(rgb_image.height, rgb_image.width)
     resample = {

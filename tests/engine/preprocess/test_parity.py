@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 
 from engine.preprocess.reference import REFERENCE_LIBRARY, reference_view
-from engine.specs import SpecRegistry, Task
+from engine.specs import AlphaMode, ChannelOrder, CropPosition, Interpolation, Preprocess, ResizeRule, SpecRegistry, Task
 from tests.engine.preprocess import bmp_with_alpha, encode, frame_1080p, photo, with_alpha
 
 GENDER = SpecRegistry.builtin().get(Task.GENDER)
@@ -186,3 +186,101 @@ def test_gender_view_with_antialias_departs_from_opencv(name):
         assert mean <= GENDER_UPSCALED_MEAN and worst <= GENDER_UPSCALED_MAX, (name, mean, worst)
     else:
         assert mean <= GENDER_SHRUNK_MEAN and worst <= GENDER_SHRUNK_MAX, (name, mean, worst)
+
+
+# -- the reference paths on files with alpha ---------------------------------------------
+# The gender card's OpenCV path composites only for a spec that asks for it (the built-in
+# gender spec keeps the stored colour); these use small images at their own size (SQUASH to
+# the same size: neither library resamples), so the values are the composite's alone.
+
+ALPHA_COLOUR, ALPHA = (200, 30, 60), 128
+
+
+def _same_size_spec(size: int, alpha: AlphaMode) -> Preprocess:
+    return Preprocess(size=size, resize=ResizeRule.SQUASH, crop=CropPosition.TOP_LEFT,
+                      interpolation=Interpolation.BILINEAR, channel_order=ChannelOrder.RGB,
+                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), alpha=alpha)
+
+
+def _on(background: int, colour, alpha: int) -> np.ndarray:
+    return np.array([round((c * alpha + background * (255 - alpha)) / 255) for c in colour], np.float64)
+
+
+def _as_pixels(view: np.ndarray) -> np.ndarray:
+    return np.round(view.astype(np.float64) * 255.0, 3)
+
+
+@pytest.mark.parametrize("library", ["opencv", "pil"])
+@pytest.mark.parametrize("alpha_mode, background", [(AlphaMode.WHITE, 255), (AlphaMode.BLACK, 0)])
+def test_references_composite_an_rgba_png_over_the_spec_background(library, alpha_mode, background):
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = ALPHA_COLOUR, ALPHA
+    rgba[:, 4:, 3] = 255  # the right half opaque
+    view = _as_pixels(reference_view(encode(rgba, "PNG"), _same_size_spec(8, alpha_mode), library))
+    assert np.array_equal(view[:, :, 0], np.broadcast_to(_on(background, ALPHA_COLOUR, ALPHA)[:, None], (3, 8)))
+    assert np.array_equal(view[:, :, 7], np.broadcast_to(np.array(ALPHA_COLOUR, np.float64)[:, None], (3, 8)))
+    dropped = _as_pixels(reference_view(encode(rgba, "PNG"), _same_size_spec(8, AlphaMode.DROP), library))
+    assert np.array_equal(dropped[:, 0, 0], ALPHA_COLOUR)
+
+
+@pytest.mark.parametrize("library", ["opencv", "pil"])
+def test_references_composite_grey_with_alpha(library):
+    from PIL import Image
+
+    la = np.dstack([np.full((5, 5), 90, np.uint8), np.full((5, 5), 64, np.uint8)])
+    data = encode(Image.fromarray(la, "LA"), "PNG")
+    view = _as_pixels(reference_view(data, _same_size_spec(5, AlphaMode.WHITE), library))
+    assert np.array_equal(view[:, 2, 2], _on(255, (90, 90, 90), 64))
+
+
+def test_opencv_reference_scales_16_bit_rgba_to_8_bit_by_rounding():
+    """Sixteen-bit samples become round(v * 255 / 65535), as the host decoder does
+    (511 -> 2, where keeping the high byte would give 1)."""
+    cv2 = pytest.importorskip("cv2")
+    deep = np.zeros((4, 4, 4), np.uint16)
+    deep[..., 0], deep[..., 1], deep[..., 2], deep[..., 3] = 511, 40000, 65535, 65535  # B, G, R, A
+    ok, buf = cv2.imencode(".png", deep)
+    assert ok
+    view = _as_pixels(reference_view(buf.tobytes(), _same_size_spec(4, AlphaMode.WHITE), "opencv"))
+    assert list(view[:, 0, 0]) == [255.0, 156.0, 2.0]  # R, G, B
+
+
+def test_pil_reference_composites_a_palette_image_with_a_transparent_index():
+    """A palette PNG whose transparency is a tRNS chunk (no alpha band in its mode)."""
+    from PIL import Image
+
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([200, 30, 60, 10, 20, 30] + [0] * 762)
+    image.putpixel((3, 3), 1)
+    data = encode(image, "PNG", transparency=1)
+    view = _as_pixels(reference_view(data, _same_size_spec(4, AlphaMode.BLACK), "pil"))
+    assert list(view[:, 0, 0]) == [200.0, 30.0, 60.0] and list(view[:, 3, 3]) == [0.0, 0.0, 0.0]
+
+
+def test_an_unknown_reference_library_is_refused():
+    with pytest.raises(ValueError, match="unknown reference library 'skimage'"):
+        reference_view(encode(np.zeros((4, 4, 3), np.uint8), "PNG"), _same_size_spec(4, AlphaMode.DROP), "skimage")
+
+
+def test_pil_reference_refuses_a_decompression_bomb_as_an_image_decode_error():
+    """A 20 kB JPEG whose header claims 30000 x 30000: PIL refuses to open it, and the
+    reference says so as the host decoder does (an ImageDecodeError, which the benchmark's
+    reference dataset turns into a failed row) instead of letting PIL's own error out."""
+    from engine.preprocess.decode import ImageDecodeError
+
+    data = bytearray(encode(photo("chelsea"), "JPEG"))
+    at = data.index(b"\xff\xc0")
+    data[at + 5 : at + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    with pytest.raises(ImageDecodeError, match="image too large to decode safely"):
+        reference_view(bytes(data), QUALITY.preprocess, "pil")
+
+
+@pytest.mark.parametrize("library", ["opencv", "pil"])
+def test_references_refuse_a_truncated_file_as_an_image_decode_error(library):
+    from engine.preprocess.decode import ImageDecodeError
+
+    png = encode(photo("chelsea"), "PNG")
+    with pytest.raises(ImageDecodeError):
+        reference_view(png[: len(png) // 2], QUALITY.preprocess, library)
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        reference_view(b"", QUALITY.preprocess, library)
