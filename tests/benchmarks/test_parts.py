@@ -115,6 +115,90 @@ def test_user_folder_leaves_out_files_that_do_not_decode(tmp_path):
         folder_image_set(tmp_path / "bad")
 
 
+def test_image_set_spec_bounds_are_inclusive():
+    for size in ((32, 32), (8192, 8192), (32, 8192)):
+        ImageSetSpec(frames=1, crops=0, frame_size=size, seed=0)
+    ImageSetSpec(frames=100_000, crops=100_000, frame_size=(64, 36), seed=2**63 - 1)
+    ImageSetSpec(frames=0, crops=1, frame_size=(64, 36), seed=0)
+    for kwargs, message in (
+        ({"frame_size": (31, 32)}, "frame size"),
+        ({"frame_size": (32, 8193)}, "frame size"),
+        ({"crops": 100_001}, "at most 100000"),
+        ({"seed": 2**63}, "seed must be"),
+        ({"frames": -1, "crops": 2}, "cannot be negative"),
+    ):
+        settings = {"frames": 1, "crops": 0, "frame_size": (64, 36), "seed": 0, **kwargs}
+        with pytest.raises(InputError, match=message):
+            ImageSetSpec(**settings)
+
+
+def test_each_generated_image_has_its_own_generator_seeded_from_seed_kind_and_index(tmp_path):
+    """Frame i and crop i are different draws ((seed, 0, i) and (seed, 1, i)), so no two
+    images of a set share a generator; a crop draws its size from its generator first."""
+    import numpy as np
+
+    from benchmarks.images import ImageKind, _crop_size, draw_image, encode
+
+    s = generate_image_set(tmp_path, ImageSetSpec(frames=1, crops=2, frame_size=(96, 54), seed=11))
+    frame_rng = np.random.default_rng([11, 0, 0])
+    assert s.paths[0].read_bytes() == encode(draw_image(frame_rng, 96, 54, ImageKind.FRAME), "png")
+    crop_rng = np.random.default_rng([11, 1, 1])
+    w, h = _crop_size(crop_rng)
+    assert s.paths[2].read_bytes() == encode(draw_image(crop_rng, w, h, ImageKind.CROP), "jpg")
+
+
+def test_user_folder_records_by_path_under_the_root_and_by_size(tmp_path):
+    """Counts by lower-case extension; a file left out is named by its path under the
+    folder; the listing digest tells apart two folders whose files differ only in size."""
+    import shutil
+
+    generate_image_set(tmp_path / "a" / "sub", ImageSetSpec(frames=0, crops=1, frame_size=(64, 36), seed=0))
+    (tmp_path / "a" / "sub" / MANIFEST_NAME).unlink()
+    shutil.copy(tmp_path / "a" / "sub" / "crop_00000.png", tmp_path / "a" / "LOUD.PNG")
+    (tmp_path / "a" / "sub" / "cut.png").write_bytes(PNG)
+    s = folder_image_set(tmp_path / "a")
+    assert s.counts == {"png": 2}
+    assert s.excluded == {"sub/cut.png": "cannot decode: corrupt or unsupported PNG header"}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert folder_image_set(tmp_path / "b").listing_sha256() == s.listing_sha256()
+    with open(tmp_path / "b" / "LOUD.PNG", "ab") as f:
+        f.write(b"trailing bytes")  # still decodes
+    assert folder_image_set(tmp_path / "b").listing_sha256() != s.listing_sha256()
+
+
+def test_a_replacement_stopped_half_way_still_owns_the_earlier_sets_files(tmp_path, monkeypatch):
+    """Redrawing a set as a smaller one and stopping before the end leaves the earlier
+    set's extra files behind: the folder is still the benchmark's, and the next run
+    finishes the new set and removes them."""
+    import benchmarks.images as images
+
+    root = tmp_path / "images"
+    generate_image_set(root, ImageSetSpec(frames=1, crops=2, frame_size=(64, 36), seed=0))
+
+    def stopped(arr, fmt):
+        raise KeyboardInterrupt
+
+    smaller = ImageSetSpec(frames=1, crops=0, frame_size=(64, 36), seed=1)
+    monkeypatch.setattr(images, "encode", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        generate_image_set(root, smaller)
+    monkeypatch.undo()
+    assert (root / "crop_00001.jpg").is_file()
+    s = generate_image_set(root, smaller)
+    assert sorted(p.name for p in root.iterdir()) == ["frame_00000.png", MANIFEST_NAME] and len(s) == 1
+
+
+def test_a_folder_put_where_a_generated_image_was_is_the_users(tmp_path):
+    root = tmp_path / "images"
+    generate_image_set(root, ImageSetSpec(frames=0, crops=1, frame_size=(64, 36), seed=0))
+    (root / "crop_00000.png").unlink()
+    (root / "crop_00000.png").mkdir()
+    (root / "crop_00000.png" / "mine.png").write_bytes(b"user data")
+    with pytest.raises(InputError, match=r"did not generate \(crop_00000.png/\)"):
+        generate_image_set(root, ImageSetSpec(frames=0, crops=1, frame_size=(64, 36), seed=0))
+    assert (root / "crop_00000.png" / "mine.png").read_bytes() == b"user data"
+
+
 # -- config and CLI options -----------------------------------------------------------------
 
 
@@ -753,3 +837,56 @@ def test_rounds_alternate_the_order_of_the_configurations(tmp_path, monkeypatch)
     with pytest.raises(InputError, match="nothing was measured"):  # the stand-ins record no figure
         suite.run_bench(cfg)
     assert order == ["reference/a", "reference/b", "reference/b", "reference/a", "reference/a", "reference/b"]
+
+
+# -- the engine pipeline's loop ---------------------------------------------------------------
+
+
+def test_read_batches_keeps_an_unreadable_file_in_its_place(tmp_path):
+    from benchmarks.engine_pipeline import read_batches
+
+    paths = [tmp_path / f"{i}.bin" for i in range(5)]
+    for i, p in enumerate(paths):
+        if i != 1:
+            p.write_bytes(bytes([i]))
+    (tmp_path / "3.bin").unlink()
+    (tmp_path / "3.bin").mkdir()  # a folder where a file was listed: unreadable too
+    assert list(read_batches(paths, 2)) == [[b"\x00", b""], [b"\x02", b""], [b"\x04"]]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-executor"])
+def test_engine_end_to_end_counts_every_file_and_indexes_the_good_ones(tmp_path, backend):
+    """Five files in batches of two, one missing and one that does not decode: all five
+    are handled, and the probabilities of the three good ones come back with their own
+    indices: the softmax of what ONNX Runtime itself gives for those images' views."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from engine.postprocess import softmax
+
+    from benchmarks.backends import BackendContext, find_backend
+    from benchmarks.engine_pipeline import EngineConfig, handled, open_pipeline
+    from engine.models import ModelSource, resolve_model
+    from engine.specs import SpecRegistry
+    from tests.model_fixtures import make_tiny_classifier
+
+    spec = ImageSetSpec(frames=0, crops=3, frame_size=(64, 36), seed=0)
+    good = list(generate_image_set(tmp_path / "imgs", spec).paths)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    paths = [good[0], tmp_path / "missing.png", good[1], tmp_path / "bad.jpg", good[2]]
+    tiny = make_tiny_classifier(tmp_path / "tiny.onnx", size=224, classes=2, metadata={"engine.output_kind": "logits"})
+    model = resolve_model(SpecRegistry.builtin().get("gender", "alpha"), ModelSource(onnx=tiny), tmp_path / "cache")
+    context = BackendContext(threads=1, batch_size=2, work_dir=tmp_path / "work")
+    config = EngineConfig(find_backend(backend), Precision.FP32)
+    with open_pipeline(config, {"gender/alpha": model}, context) as pipe:
+        results = list(pipe.preprocess(paths, ["gender/alpha"]))
+        assert [handled(r) for r in results] == [2, 2, 1]
+        assert len(list(pipe.preprocess(paths, ["gender/alpha"], limit=1))) == 1
+        images, probs, ok = pipe.end_to_end(paths, ["gender/alpha"])
+        assert (images, ok) == (5, [0, 2, 4])
+        views = np.concatenate([r.views["gender/alpha"] for r in results])
+        expected = softmax(ort.InferenceSession(str(tiny), providers=["CPUExecutionProvider"]).run(None, {"input": views})[0])
+        assert probs["gender/alpha"].shape == (3, 2)
+        np.testing.assert_allclose(probs["gender/alpha"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pipe.infer("gender/alpha", views[:2]), expected[:2], rtol=1e-5, atol=1e-6)
+        assert pipe.end_to_end(paths, ["gender/alpha"], limit=1)[0] == 2

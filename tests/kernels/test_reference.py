@@ -204,6 +204,23 @@ def test_geometry_is_validated():
         resize_crop_reference(np.zeros((5, 6, 3), np.uint8), ResizeCrop(6, 5, 6, 5, 0, 0, 5), Filter.BILINEAR)
 
 
+def test_an_empty_window_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        ResizeCrop(10, 10, 10, 10, 0, 0, 0)
+    with pytest.raises(ValueError, match="negative crop origin"):
+        ResizeCrop(10, 10, 12, 12, -1, 0, 10)
+
+
+def test_the_bicubic_parameter_defaults_to_the_conventions():
+    """Without cubic_a, the PIL convention uses PIL's -0.5 and the OpenCV one OpenCV's -0.75."""
+    image = random_image(np.random.default_rng(4), 40, 50)
+    geom = ResizeCrop(40, 50, 97, 121, 0, 0, 97)
+    for convention, a, other in ((Convention.PIL, CUBIC_A_PIL, CUBIC_A_OPENCV), (Convention.OPENCV, CUBIC_A_OPENCV, CUBIC_A_PIL)):
+        default = resize_crop_reference(image, geom, Filter.BICUBIC, convention=convention)
+        assert np.array_equal(default, resize_crop_reference(image, geom, Filter.BICUBIC, a, convention))
+        assert not np.allclose(default, resize_crop_reference(image, geom, Filter.BICUBIC, other, convention), atol=0.5)
+
+
 # -- PIL convention -------------------------------------------------------------------
 
 PIL_FLAG = {Filter.BILINEAR: Image.BILINEAR, Filter.BICUBIC: Image.BICUBIC, Filter.LANCZOS4: Image.LANCZOS}
@@ -389,3 +406,15 @@ def test_postprocess_reference_ties_and_nonfinite_rows():
     assert list(index[:2]) == [1, 0]  # lowest index wins a tie, as numpy.argmax
     np.testing.assert_allclose(probs[1], 0.25)
     assert np.isnan(probs[2]).all() and np.isnan(probs[3]).all()
+
+
+def test_postprocess_reference_is_stable_for_large_logits():
+    """exp(x - max): logits far beyond float exp's range still give exact probabilities
+    (a plain exp(x) would overflow to inf / inf = NaN)."""
+    logits = np.array([[1000.0, 0.0], [-1000.0, 0.0], [800.0, 800.0], [60000.0, 59999.0]], np.float32)
+    probs, index = postprocess_reference(logits)
+    np.testing.assert_allclose(probs[:3], [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], atol=1e-7)
+    np.testing.assert_allclose(probs[3], softmax(np.array([[1.0, 0.0]], np.float32))[0], rtol=1e-6)
+    assert list(index) == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="classes >= 1"):
+        postprocess_reference(np.zeros((3, 0), np.float32))

@@ -125,6 +125,61 @@ def test_empty_input_gives_empty_views(both):
     assert result.views[QUALITY.key].shape == (0, 3, 384, 384)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_batch": True}, "max_batch must be a positive integer"),
+        ({"num_threads": True}, "num_threads must be a positive integer"),
+        ({"hw_decoder_load": True}, "hw_decoder_load must be a number"),
+        ({"hw_decoder_load": 1.5}, r"hw_decoder_load must be in \[0, 1\]"),
+        ({"output_dtype": np.float64}, "output_dtype must be float32 or float16"),
+        ({"output_dtype": "int8"}, "output_dtype must be float32 or float16"),
+        ({"device_id": 0}, "device_id is for device='gpu'"),
+        ({"device": "tpu"}, "must be 'cpu' or 'gpu'"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_pipeline_is_built(kwargs, match):
+    settings = {"views": BOTH[:1], "max_batch": 2, **kwargs}
+    with pytest.raises(EngineError, match=match):
+        DaliPreprocessor(**settings)
+
+
+@pytest.mark.parametrize("load", [0, 0.0, 1.0])
+def test_hw_decoder_load_takes_both_ends_of_its_range(load):
+    with DaliPreprocessor(BOTH[:1], max_batch=1, hw_decoder_load=load) as pre:
+        assert not pre.closed
+
+
+def test_float16_output_is_declared_and_written_on_the_cpu():
+    data = encode(photo("chelsea"), "PNG")
+    with DaliPreprocessor(BOTH, max_batch=1, output_dtype=np.float16) as pre:
+        assert [d.dtype for d in pre.declarations()] == [np.dtype(np.float16)] * 2
+        half = pre.process([data])
+    full = run_one(BOTH, data)
+    for key, _ in BOTH:
+        assert half.views[key].dtype == np.float16
+        assert np.array_equal(half.views[key], full.views[key].astype(np.float16)), key
+
+
+def test_a_dali_error_is_reported_by_the_line_that_says_what_went_wrong():
+    """DALI's message is the operator, the pipeline-definition traceback, then the cause
+    after "encountered:", then "Current pipeline object is no longer valid."."""
+    from engine.preprocess.dali_pipeline import _first_line, define_pipeline
+
+    pipe = define_pipeline(BOTH[:1], max_batch=1, num_threads=1)
+    pipe.build()
+    pipe.feed_input("enc", [np.frombuffer(b"\xff\xd8\xff\xe0" + bytes(200), np.uint8)])
+    pipe.feed_input("rgba", [np.zeros((1, 1, 4), np.uint8)])
+    pipe.feed_input("on_host", [np.array(False)])
+    with pytest.raises(RuntimeError) as failed:
+        pipe.run()
+    assert "encountered:" in str(failed.value)
+    line = _first_line(failed.value)
+    assert line and "no longer valid" not in line and "decoders.image" not in line
+    assert _first_line(RuntimeError("one\n\nlast line")) == "last line"
+    assert _first_line(RuntimeError("")) == "RuntimeError"
+
+
 # -- geometry ----------------------------------------------------------------------------
 
 
@@ -382,6 +437,22 @@ def test_a_failure_does_not_poison_the_next_call(both):
     assert both.process([bad]).errors == {0: "truncated or corrupt JPEG"}
     again = both.process([good])
     assert np.array_equal(first.views[QUALITY.key], again.views[QUALITY.key])
+
+
+def test_a_failed_batch_the_host_decoder_finds_nothing_wrong_with_is_not_run_again_whole(caplog):
+    """A PNG whose IDAT CRC is bad fails the DALI batch but decodes on the host: no file
+    is left out, so running the same batch again could only fail again; the files go one
+    at a time straight away (and the bad one takes the host route)."""
+    import logging
+
+    good = encode(photo("chelsea"), "PNG")
+    bad_crc = _png_with_bad_idat_crc(photo("camera"))
+    with DaliPreprocessor(BOTH[:1], max_batch=2, num_threads=1) as pre:
+        with caplog.at_level(logging.DEBUG, logger="engine.preprocess.dali_pipeline"):
+            result = pre.process([good, bad_crc])
+    assert result.ok == [0, 1] and result.errors == {}
+    assert "failed again" not in caplog.text
+    assert "using the host decode" in caplog.text
 
 
 def test_a_rebuild_keeps_the_pipeline_of_the_last_returned_batch_until_the_next_call():
