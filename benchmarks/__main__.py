@@ -6,9 +6,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from engine.errors import EngineError, no_room_message
+from engine.fileio import user_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare a results file with a baseline; fail on a regression")
     compare.add_arguments(p)
     p = sub.add_parser("plot", help="draw the plot of an existing results file")
-    p.add_argument("results", type=Path)
-    p.add_argument("--out", type=Path, help="PNG to write (default: next to the results)")
+    p.add_argument("results", type=user_path)
+    p.add_argument("--out", type=user_path, help="PNG to write (default: next to the results)")
     p = sub.add_parser("images", help="write the generated image set (e.g. to calibrate INT8 on it)")
-    p.add_argument("--out", type=Path, required=True, help="folder to write (reused when it already holds the set)")
+    p.add_argument("--out", type=user_path, required=True, help="folder to write (reused when it already holds the set)")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--crops", type=int, default=32)
     p.add_argument("--frame-size", type=suite._frame_size, default=(1920, 1080), metavar="WxH")

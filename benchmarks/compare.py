@@ -26,11 +26,11 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Mapping
 
 from benchmarks.schema import SCHEMA_VERSION
 from engine.errors import InputError
+from engine.fileio import user_path
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,8 @@ def _stage_tolerance(text: str) -> tuple[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("new", type=Path, help="results.json of the run to check")
-    parser.add_argument("baseline", type=Path, help="stored baseline results.json")
+    parser.add_argument("new", type=user_path, help="results.json of the run to check")
+    parser.add_argument("baseline", type=user_path, help="stored baseline results.json")
     parser.add_argument(
         "--tolerance",
         type=float,

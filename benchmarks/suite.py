@@ -45,7 +45,7 @@ from benchmarks.measure import MemorySampler, Throughput, device_used_bytes, sam
 from benchmarks.schema import SCHEMA_VERSION, validate_results
 from engine import __version__
 from engine.errors import DependencyError, EngineError, InputError
-from engine.fileio import write_bytes_atomic
+from engine.fileio import user_path, write_bytes_atomic
 from engine.specs import ModelSpec, SpecRegistry, Task, spec_work_sha256
 
 if TYPE_CHECKING:
@@ -790,7 +790,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = Tru
     """Add the suite's options to ``parser``. With ``include_common=False`` the caller
     provides ``--cache-dir`` and ``--spec-file`` itself (as the engine CLI does)."""
     g = parser.add_argument_group("images")
-    g.add_argument("--images", type=Path, help="benchmark on this folder of images instead of a generated set")
+    g.add_argument("--images", type=user_path, help="benchmark on this folder of images instead of a generated set")
     g.add_argument("--max-images", type=int, help="use at most this many images of --images")
     # None = not given: the generated set's defaults, and a clear error when given with --images
     g.add_argument("--frames", type=int, help="generated 16:9 frames (default 32)")
@@ -822,8 +822,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_common: bool = Tru
     g.add_argument("--out", type=_out_folder, default=Path("bench-results"), help="output folder (default bench-results)")
     g.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     if include_common:
-        parser.add_argument("--cache-dir", type=Path, help="where exported models are kept")
-        parser.add_argument("--spec-file", type=Path, help="TOML file overriding model specs")
+        parser.add_argument("--cache-dir", type=user_path, help="where exported models are kept")
+        parser.add_argument("--spec-file", type=user_path, help="TOML file overriding model specs")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -864,7 +864,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def _out_folder(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder (an empty name would write into the current one)")
-    return Path(text)
+    return user_path(text)
 
 
 def _unique(values: Iterable[str] | None) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.errors import EngineError, no_room_message
+from engine.fileio import user_path
 from engine.signals import interrupted_status, sigterm_as_interrupt
 from engine.specs import DEFAULT_VARIANTS, SpecRegistry, Task, spec_as_dict
 
@@ -34,11 +35,11 @@ examples:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec-file", type=Path, help="TOML file overriding or adding model specs: [task.variant] tables, "
+    p.add_argument("--spec-file", type=user_path, help="TOML file overriding or adding model specs: [task.variant] tables, "
                    "the fields `engine models --json` prints (README: Model specs)")
     p.add_argument(
         "--cache-dir",
-        type=Path,
+        type=user_path,
         help="where exported/downloaded models are kept (default: $ENGINE_CACHE_DIR or ~/.cache/anime-batch-engine)",
     )
 
@@ -54,9 +55,9 @@ def _add_model_sources(p: argparse.ArgumentParser) -> None:
     for task in Task:
         t = task.value
         g.add_argument(f"--{t}-variant", help=f"{t} variant (default {DEFAULT_VARIANTS[task]}; see `engine models`)")
-        g.add_argument(f"--{t}-onnx", type=Path, metavar="FILE", help=f"use this ONNX file for the {t} model")
+        g.add_argument(f"--{t}-onnx", type=user_path, metavar="FILE", help=f"use this ONNX file for the {t} model")
         g.add_argument(
-            f"--{t}-checkpoint", type=Path, metavar="FILE", help=f"export the {t} model from this checkpoint"
+            f"--{t}-checkpoint", type=user_path, metavar="FILE", help=f"export the {t} model from this checkpoint"
         )
     g.add_argument(
         "--only", choices=[t.value for t in Task], help="run one model only (default: both)"
@@ -99,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "same command resumes where it stopped.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=Path, help="folder of images (searched recursively) or one image file")
-    p.add_argument("--out", type=Path, default=Path("results.parquet"), help="output parquet (default results.parquet)")
+    p.add_argument("input", type=user_path, help="folder of images (searched recursively) or one image file")
+    p.add_argument("--out", type=user_path, default=Path("results.parquet"), help="output parquet (default results.parquet)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
     p.add_argument(
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fp16/int8 run the prepared ONNX graphs (see `engine build`): useful to check them, but fp32 is "
         "the fastest there. On the GPU it selects which TensorRT engines are used",
     )
-    p.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --precision int8")
+    p.add_argument("--calib", type=user_path, metavar="DIR", help="calibration images for --precision int8")
     p.add_argument("--calib-count", type=int, metavar="N",
                    help="images taken from --calib (default 64, as `engine build`: the same count reuses its graph)")
     p.add_argument("--overwrite", action="store_true", help="start fresh instead of resuming into --out")
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"], help="default fp16")
     p.add_argument(
         "--calib",
-        type=Path,
+        type=user_path,
         metavar="DIR",
         help="folder of typical images: INT8 calibration (required for int8) and the agreement check",
     )
@@ -202,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", choices=[t.value for t in Task])
     p.add_argument("--variant", help="spec variant (default: the task's default)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="safetensors or PyTorch state dict")
+    src.add_argument("--checkpoint", type=user_path, help="safetensors or PyTorch state dict")
     src.add_argument("--random-weights", action="store_true", help="random weights (labelled as such in the ONNX)")
-    p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--out", type=user_path, required=True, help="ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset to export (13..20, default 17)")
     _add_common(p)
     return parser

@@ -91,3 +91,10 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
+
+
+def user_path(text: str) -> Path:
+    """A path as a user typed it, ``~`` expanded: the argparse ``type`` of every path
+    option, since the shell leaves ``--out=~/x`` as it is (it expands only a word that
+    starts with ``~``)."""
+    return Path(text).expanduser()

@@ -151,6 +151,8 @@ def _export_path(spec: ModelSpec, cache_dir: Path, tag: str) -> Path:
 
 def _cached_export(spec: ModelSpec, cache_dir: Path, *, checkpoint: Path | None, seed: int | None) -> Path:
     if checkpoint is not None:
+        if checkpoint.is_dir():
+            raise ModelError(f"{spec.key}: checkpoint {checkpoint} is a folder; name the checkpoint file in it")
         if not checkpoint.is_file():
             raise ModelError(f"{spec.key}: checkpoint {checkpoint} does not exist")
         sha = file_sha256(checkpoint)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -243,3 +247,179 @@ def test_no_room_message_names_the_file_and_only_takes_no_room_errors():
         "Disk quota exceeded: make room and run the command again"
     assert no_room_message(OSError(errno.EACCES, "Permission denied", "/data")) is None
     assert no_room_message(ValueError("no room")) is None
+
+
+def test_run_options_default_to_what_the_help_says():
+    args = build_parser().parse_args(["run", "frames"])
+    assert (args.out, args.batch_size, args.flush_every, args.device, args.gpu_backend, args.precision) == \
+        (Path("results.parquet"), 16, 512, "auto", "tensorrt", None)
+    build = build_parser().parse_args(["build"])
+    assert (build.precision, build.calib_count, build.workspace_gb, build.opt_level) == ("fp16", 64, 4.0, 3)
+    export = build_parser().parse_args(["export", "gender", "--random-weights", "--out", "g.onnx"])
+    assert export.opset == 17
+
+
+def _choices(*argv):
+    from engine.cli import _model_choices
+
+    return {c.task.value: c for c in _model_choices(build_parser().parse_args(["run", "frames", *argv]))}
+
+
+def test_random_weights_fill_in_only_the_models_given_no_checkpoint_or_onnx(tmp_path):
+    ckpt, onnx = tmp_path / "g.safetensors", tmp_path / "q.onnx"
+    got = _choices("--random-weights", "--gender-checkpoint", str(ckpt))
+    assert got["gender"].source.checkpoint == ckpt and not got["gender"].source.random_weights
+    assert got["quality"].source.random_weights
+    got = _choices("--random-weights", "--quality-onnx", str(onnx))
+    assert got["quality"].source.onnx == onnx and not got["quality"].source.random_weights
+    assert got["gender"].source.random_weights
+
+
+def test_variant_only_and_no_download_reach_the_model_choices():
+    got = _choices("--quality-variant", "head_crop", "--no-download")
+    assert got["quality"].variant == "head_crop" and got["gender"].variant is None
+    assert not got["quality"].source.download and not got["gender"].source.download
+    assert all(c.source.download for c in _choices().values())
+    assert list(_choices("--only", "quality")) == ["quality"]
+
+
+def test_verbosity_sets_the_log_level(monkeypatch):
+    import engine.cli as cli
+
+    levels = []
+    monkeypatch.setattr(cli.logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    for n in (0, 1, 2, 3):
+        cli._setup_logging(n)
+    assert levels == [logging.WARNING, logging.INFO, logging.DEBUG, logging.DEBUG]
+
+
+def test_models_json_is_the_specs_as_json_and_nothing_else(capsys):
+    assert main(["models", "--json"]) == 0
+    specs = json.loads(capsys.readouterr().out)
+    assert {f"{s['task']}/{s['variant']}" for s in specs} >= {"gender/alpha", "quality/head_crop"}
+
+
+def test_models_marks_an_unconfirmed_hub_path_only(capsys):
+    assert main(["models"]) == 0
+    hubs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  hub:")]
+    assert hubs and all(line.endswith(" (path unconfirmed)") for line in hubs[:2])
+    assert any(not line.endswith("(path unconfirmed)") for line in hubs)
+
+
+def test_a_workspace_of_exactly_the_limit_is_accepted(tmp_path, capsys):
+    from engine.cli import MAX_WORKSPACE_GB
+
+    code = main(["build", "--precision", "fp16", "--no-download", "--cache-dir", str(tmp_path / "empty"),
+                 "--workspace-gb", str(MAX_WORKSPACE_GB)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workspace-gb" not in err and "is not cached" in err
+
+
+def _tiny_gender(tmp_path):
+    from tests.model_fixtures import make_tiny_classifier
+
+    return make_tiny_classifier(tmp_path / "g.onnx", size=224, classes=2, metadata={"engine.output_kind": "logits"})
+
+
+def _no_tensorrt():
+    from builders.trt_build import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present: the build would run")
+
+
+@pytest.mark.parametrize("precision, agreement, reused", [("fp32", "none needed (the model itself)", False),
+                                                          ("fp16", "not checked (no --calib images)", True)])
+def test_build_reports_each_prepared_graph_and_says_when_it_was_cached(precision, agreement, reused, tmp_path, capsys):
+    _no_tensorrt()
+    args = ["build", "--precision", precision, "--only", "gender", "--gender-onnx", str(_tiny_gender(tmp_path)),
+            "--cache-dir", str(tmp_path / "cache")]
+    for cached in (False, True):
+        assert main(args) == 2  # prepared, then no TensorRT here
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"gender/alpha {precision}: ") and out[0].endswith(" (cached)") == (cached and reused)
+        assert out[1] == f"  agreement with fp32: {agreement}"
+
+
+def test_run_shows_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "in" / "a.png")
+    assert main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.parquet"), "--only", "gender",
+                 "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "classifying" not in capsys.readouterr().err
+
+
+def test_a_cache_dir_given_with_a_tilde_holds_every_file_the_run_caches(tmp_path, monkeypatch, capsys):
+    """`--cache-dir=~/c` reaches the program unexpanded (the shell expands no tilde after
+    `=`): the models and the prepared graphs must all go to the home folder's c/."""
+    home = tmp_path / "home"
+    home.mkdir()
+    _tiny_gender(home)
+    (home / "in").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(home / "in" / "a.png")
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["run", "~/in", "--out=~/r.parquet", "--only", "gender", "--gender-onnx=~/g.onnx",
+                 "--precision", "fp16", "--cache-dir=~/c", "--no-progress"]) == 0
+    assert list((home / "c" / "prepared").glob("gender-alpha.fp16.*.onnx"))
+    assert pl.read_parquet(home / "r.parquet").height == 1
+    assert list((tmp_path / "work").iterdir()) == []  # no folder named "~" here
+
+
+@pytest.mark.parametrize("parser", ["engine", "benchmarks"])
+def test_every_path_option_expands_a_tilde(parser, monkeypatch):
+    import argparse
+
+    from benchmarks.__main__ import build_parser as bench_parser
+    from engine.cli import build_parser
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    top = build_parser() if parser == "engine" else bench_parser()
+    commands = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    seen = 0
+    for sub in (p for c in commands for p in c.choices.values()):
+        for action in sub._actions:
+            if action.type is None or not callable(action.type):
+                continue
+            try:
+                value = action.type("~/x")
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                continue  # a number, a size, a choice
+            if isinstance(value, Path):
+                seen += 1
+                assert value == Path("/home/someone/x"), (sub.prog, action.dest)
+    assert seen >= (26 if parser == "engine" else 9)  # as many as there are today
+
+
+def test_overwrite_starts_afresh_instead_of_resuming(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "in" / "a.png")
+    args = ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.parquet"), "--only", "gender",
+            "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0
+    assert "images: 1 (0 errors), 0 already done" in capsys.readouterr().out
+    assert main([*args, "--overwrite"]) == 0
+    assert "images: 1 (0 errors), 0 already done" in capsys.readouterr().out
+    assert pl.read_parquet(tmp_path / "r.parquet").height == 1
+
+
+def test_an_int8_run_on_the_cpu_needs_calibration_images_too(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "in" / "a.png")
+    assert main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.parquet"), "--only", "gender", "--precision",
+                 "int8", "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the line naming the path taken
+    assert err.startswith("engine: error: int8 needs calibration images") and "--calib DIR" in err
+
+
+def test_build_checks_the_agreement_on_calib_count_images(tmp_path, capsys):
+    _no_tensorrt()
+    (tmp_path / "calib").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + i, 30), (60 * i, 90, 200)).save(tmp_path / "calib" / f"{i}.png")
+    assert main(["build", "--precision", "fp16", "--calib", str(tmp_path / "calib"), "--calib-count", "2",
+                 "--only", "gender", "--gender-onnx", str(_tiny_gender(tmp_path)),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "  agreement with fp32: 2 images: argmax agreement" in capsys.readouterr().out

@@ -59,6 +59,20 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == Path.home() / ".cache" / "anime-batch-engine"
 
 
+def test_cache_dir_variable_expands_a_tilde_and_a_blank_one_means_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ENGINE_CACHE_DIR", "~/models")
+    assert default_cache_dir() == tmp_path / "models"
+    monkeypatch.setenv("ENGINE_CACHE_DIR", "  ")
+    assert default_cache_dir() == tmp_path / ".cache" / "anime-batch-engine"
+
+
+def test_model_source_expands_a_tilde_in_the_files_it_names(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ModelSource(onnx="~/m.onnx").onnx == tmp_path / "m.onnx"
+    assert ModelSource(checkpoint=Path("~/c.safetensors")).checkpoint == tmp_path / "c.safetensors"
+
+
 def test_model_source_takes_one_source_of_weights(tmp_path):
     with pytest.raises(ModelError, match="an ONNX file and random weights"):
         ModelSource(onnx=tmp_path / "m.onnx", random_weights=True)
@@ -295,3 +309,126 @@ def test_missing_checkpoint(tmp_path):
     pytest.importorskip("torch")
     with pytest.raises(ModelError, match="checkpoint .*missing.pt does not exist"):
         resolve_model(GENDER, ModelSource(checkpoint=tmp_path / "missing.pt"), tmp_path)
+
+
+# ---------------------------------------------------------------- more checks and the export cache
+
+
+def test_a_folder_given_as_the_checkpoint_is_a_model_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ModelError, match=r"gender/alpha: checkpoint .*ckpt is a folder; name the checkpoint file in it"):
+        resolve_model(GENDER, ModelSource(checkpoint=tmp_path / "ckpt"), tmp_path / "cache")
+
+
+@pytest.fixture
+def tiny_exports(monkeypatch):
+    """export_onnx writing a tiny 224 px classifier with the metadata the real export
+    writes (the real one takes seconds): the calls are recorded."""
+    from builders.export import META_OUTPUT_KIND, META_WEIGHTS, META_WEIGHTS_DETAIL, WEIGHTS_RANDOM, random_weights_detail
+
+    calls = []
+
+    def tiny_export(spec, path, *, checkpoint=None, random_seed=None):
+        calls.append(Path(path))
+        return make_tiny_classifier(path, size=224, classes=2, metadata={
+            META_OUTPUT_KIND: "logits", META_WEIGHTS: WEIGHTS_RANDOM,
+            META_WEIGHTS_DETAIL: random_weights_detail(random_seed)})
+
+    monkeypatch.setattr(models, "export_onnx", tiny_export)
+    return calls
+
+
+@pytest.mark.parametrize("cached", ["other weights", "not an onnx file"])
+def test_a_cached_export_of_other_weights_or_unreadable_is_exported_again(cached, tmp_path, tiny_exports):
+    cache = tmp_path / "cache"
+    first = resolve_model(GENDER, ModelSource(random_weights=True), cache)
+    assert tiny_exports == [first.onnx_path] and first.weights is WeightsKind.RANDOM
+    assert resolve_model(GENDER, ModelSource(random_weights=True), cache).onnx_path == first.onnx_path
+    assert len(tiny_exports) == 1  # reused
+    if cached == "other weights":
+        make_tiny_classifier(first.onnx_path, size=224, classes=2, metadata={"engine.weights_detail": "seed 7"})
+    else:
+        first.onnx_path.write_bytes(b"half an onnx")
+    again = resolve_model(GENDER, ModelSource(random_weights=True), cache)
+    assert len(tiny_exports) == 2 and again.onnx_path == first.onnx_path
+    assert inspect_onnx(again.onnx_path).metadata["engine.weights_detail"] == first.weights_detail
+
+
+def _redeclared(path, *, input_dims=None, output_dims=None, input_type=None):
+    """``path`` with its input/output declared otherwise (the nodes left as they are)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for value, dims in ((model.graph.input[0], input_dims), (model.graph.output[0], output_dims)):
+        if dims is not None:
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in dims:
+                shape.dim.add(**({"dim_param": d} if isinstance(d, str) else {"dim_value": d}))
+    if input_type is not None:
+        model.graph.input[0].type.tensor_type.elem_type = input_type
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dims, shown", [
+    (["batch", 1, 224, 224], r"\(\?, 1, 224, 224\)"),
+    (["batch", 3, 100, 224], r"\(\?, 3, 100, 224\)"),
+    (["batch", 3, 224, 100], r"\(\?, 3, 224, 100\)"),
+    (["batch", 3, 224], r"\(\?, 3, 224\)"),
+])
+def test_an_input_of_other_channels_height_width_or_rank_is_refused(dims, shown, tmp_path):
+    path = _redeclared(make_tiny_classifier(tmp_path / "m.onnx", size=224, classes=2), input_dims=dims)
+    with pytest.raises(ModelError, match=shown + r", but the spec expects \(N, 3, 224, 224\)"):
+        resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+
+
+def test_an_integer_input_or_an_output_of_other_rank_is_refused(tmp_path):
+    from onnx import TensorProto
+
+    path = _redeclared(make_tiny_classifier(tmp_path / "u8.onnx", size=224, classes=2), input_type=TensorProto.UINT8)
+    with pytest.raises(ModelError, match="uint8 input; a float input is expected"):
+        resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    path = _redeclared(make_tiny_classifier(tmp_path / "3d.onnx", size=224, classes=2), output_dims=["batch", 2, 1])
+    with pytest.raises(ModelError, match=r"of shape \(\?, 2, 1\), but the spec has 2 labels"):
+        resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+
+
+def test_unknown_output_kind_or_other_labels_in_the_metadata_are_warned_about(tmp_path, caplog):
+    path = make_tiny_classifier(tmp_path / "m.onnx", size=224, classes=2, metadata={
+        "engine.output_kind": "scores", "engine.labels": '["man", "woman"]'})
+    resolved = resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    assert resolved.output_kind is GENDER.output  # the spec's, not a guess
+    assert "ignoring unknown engine.output_kind='scores'" in caplog.text
+    assert "was exported with labels ['man', 'woman'], the spec says ['female', 'male']" in caplog.text
+
+
+def test_the_batching_check_runs_once_per_file_and_its_verdict_is_kept(tmp_path, monkeypatch):
+    import builders.onnx_io
+
+    probes = []
+    real = builders.onnx_io.batches_cleanly
+    monkeypatch.setattr(builders.onnx_io, "batches_cleanly", lambda *a, **k: probes.append(a[0]) or real(*a, **k))
+    clean = make_tiny_classifier(tmp_path / "clean.onnx", size=224, classes=2)
+    baked = make_tiny_classifier(tmp_path / "baked.onnx", size=224, classes=2, batch=1, hardcoded_reshape=True)
+    baked = _redeclared(baked, input_dims=["batch", 3, 224, 224], output_dims=["batch", 2])  # declared dynamic
+    for _ in range(2):
+        assert resolve_model(GENDER, ModelSource(onnx=clean), tmp_path / "cache").info.input.fixed_batch is None
+        assert resolve_model(GENDER, ModelSource(onnx=baked), tmp_path / "cache").info.input.fixed_batch == 1
+    assert probes == [clean, baked]
+
+
+def test_no_source_given_means_the_published_file_downloaded_when_missing(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelError, match="^could not download "):  # tried, not refused as "downloading is off"
+        resolve_model(GENDER, cache_dir=tmp_path / "cache")
+
+
+def test_a_published_file_that_does_not_batch_cleanly_runs_one_image_at_a_time(tmp_path, no_download):
+    cache = tmp_path / "cache"
+    baked = make_tiny_classifier(_published_file(cache, GENDER), size=224, classes=2, batch=1, hardcoded_reshape=True)
+    _redeclared(baked, input_dims=["batch", 3, 224, 224], output_dims=["batch", 2])  # declared dynamic
+    resolved = resolve_model(GENDER, ModelSource(), cache)
+    assert resolved.weights is WeightsKind.PUBLISHED and resolved.info.input.fixed_batch == 1
