@@ -94,3 +94,39 @@ def test_leftover_temps_are_those_of_that_destination_only(tmp_path):
         assert Path(tmp) in leftover_temps(dest)  # the names replacing() gives
         Path(tmp).write_bytes(b"x")
     assert leftover_temps(dest) == [killed]
+
+
+def test_umask_without_proc_is_read_by_setting_it_back_as_it_was(monkeypatch):
+    import engine.fileio
+
+    class NoProc(type(Path())):  # a system without /proc/self/status
+        def read_text(self, *args, **kwargs):
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+
+    monkeypatch.setattr(engine.fileio, "Path", NoProc)
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        assert os.umask(old) == 0o027  # the process umask is left as it was
+    finally:
+        os.umask(old)
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    dest = tmp_path / "results.parquet"
+    dest.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(dest) as tmp:
+            Path(tmp).write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
+
+
+def test_a_writer_that_removed_its_temporary_file_and_failed_reports_its_own_error(tmp_path):
+    dest = tmp_path / "m.onnx"
+    with pytest.raises(RuntimeError, match="the writer's own error"):
+        with replacing(dest) as tmp:
+            os.unlink(tmp)
+            raise RuntimeError("the writer's own error")
+    assert list(tmp_path.iterdir()) == []

@@ -290,6 +290,47 @@ def test_the_benchmark_executor_entry_runs_the_iobinding_backend(random_models, 
         np.testing.assert_allclose(g, a, rtol=1e-4, atol=1e-4)
 
 
+def test_a_fixed_batch_model_runs_a_longer_batch_in_pieces_with_the_rows_in_order(tmp_path):
+    path = tiny_convnet(tmp_path / "fixed.onnx", batch=4)
+    info = inspect_onnx(path)
+    (x,) = batches([9])  # pieces of 4, 4 and 1 (padded to 4)
+    with OrtBackend(path, info.input, info.output, threads=1) as backend:
+        got = backend.run(x)
+        alone = np.concatenate([backend.run(np.repeat(row[None], 4, axis=0))[:1] for row in x])
+    assert got.shape == (9, 5)
+    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_onnx_runtime_refuses_an_output_of_other_columns_or_rank_than_declared(tiny):
+    from engine.backends.base import TensorDecl
+
+    info = inspect_onnx(tiny)
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    for shape, expected in (((None, 4), r"\(2, 4\)"), ((None, 5, 1), r"\(2, 5, 1\)")):
+        declared = TensorDecl("output", shape, np.dtype(np.float32))
+        with OrtBackend(tiny, info.input, declared, threads=1) as backend:
+            with pytest.raises(ModelError, match=r"has shape \(2, 5\) for a batch of 2; expected " + expected):
+                backend.run(x)
+
+
+def test_a_closed_onnx_runtime_backend_refuses_work(tiny):
+    info = inspect_onnx(tiny)
+    with OrtBackend(tiny, info.input, info.output, threads=1) as backend:
+        assert backend.run(batches([2])[0]).shape == (2, 5)
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.run(batches([2])[0])
+
+
+def test_inputs_and_outputs_pinned_to_different_batches_are_refused(tmp_path):
+    from engine.backends.base import TensorDecl
+
+    path = tiny_convnet(tmp_path / "fixed.onnx", batch=4)
+    info = inspect_onnx(path)
+    other = TensorDecl("output", (2, 5), np.dtype(np.float32))
+    with pytest.raises(ModelError, match=r"pinned to different batch sizes \[2, 4\]"):
+        OrtDeviceBackend(path, info.input, other, threads=1)
+
+
 @pytest.mark.gpu
 def test_cuda_mode_matches_the_cpu_on_a_gpu(tiny):
     """The CUDA mode on a real GPU (needs pycuda and onnxruntime-gpu; has not run yet)."""
