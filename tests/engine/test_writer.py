@@ -419,7 +419,8 @@ from engine.writer import ResultWriter
 logging.basicConfig(level=logging.ERROR, format="LOG %(message)s")
 out, limit, chunks, interrupt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+if limit:  # 0: no limit, print the size of each part and of the merged file instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 schema = {"path": pl.String, "error": pl.String, "score": pl.Float32}
 rng = np.random.default_rng(0)
 done = 0
@@ -429,8 +430,12 @@ try:
             names = [f"{done + i:03d}-" + rng.bytes(1500).hex() for i in range(n)]
             done += n
             w.add(pl.DataFrame({"path": names, "error": [None] * n, "score": [1.0] * n}, schema=schema))
+            if not limit:
+                print(max(p.stat().st_size for p in out.with_name(out.name + ".parts").glob("part-*.parquet")))
         if interrupt:
             raise KeyboardInterrupt
+    if not limit:
+        print(out.stat().st_size)
 except OutputError as exc:
     print(exc)
     sys.exit(2)
@@ -445,14 +450,25 @@ def _write_under_limit(out, limit, chunks, interrupt=False):
                            "1" if interrupt else "0"], capture_output=True, text=True, timeout=120)
 
 
+def _sizes_without_limit(tmp_path, chunks):
+    """The size of each part written for ``chunks``, then of the merged file: they depend on
+    the polars version, so the limits below are set from them."""
+    (tmp_path / "sizes").mkdir()
+    r = _write_under_limit(tmp_path / "sizes" / "r.parquet", 0, chunks)
+    assert r.returncode == 0, r.stderr
+    return [int(line) for line in r.stdout.split()]
+
+
 def _no_temp_files(folder):
     return [p.name for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_a_part_the_system_refuses_is_one_error_naming_what_is_kept(tmp_path):
     out = tmp_path / "r.parquet"
-    # the first part (4 rows, ~8 KB) fits under 11 KB; the second (8 rows, ~14 KB) does not
-    r = _write_under_limit(out, 11_000, "4,8")
+    # the first part (4 rows, ~8 KB) fits under the limit; the second (8 rows, ~14 KB) does not
+    first, second, _ = _sizes_without_limit(tmp_path, "4,8")
+    assert second > first + 1000
+    r = _write_under_limit(out, (first + second) // 2, "4,8")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     msg = r.stdout.strip()
@@ -467,7 +483,9 @@ def test_a_part_the_system_refuses_is_one_error_naming_what_is_kept(tmp_path):
 
 def test_a_merge_the_system_refuses_keeps_every_part_for_the_rerun(tmp_path):
     out = tmp_path / "r.parquet"
-    r = _write_under_limit(out, 16_000, "4,4,4,4,4")  # parts of ~8 KB fit, the ~32 KB merge does not
+    *parts, merged = _sizes_without_limit(tmp_path, "4,4,4,4,4")
+    assert merged > max(parts) + 1000
+    r = _write_under_limit(out, (max(parts) + merged) // 2, "4,4,4,4,4")  # each part fits, the merge does not
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     msg = r.stdout.strip()
