@@ -27,14 +27,15 @@ def test_umask_is_read_without_changing_it(monkeypatch):
         os.umask(old)
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+@pytest.mark.parametrize("stop", [RuntimeError("the builder died"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_a_failed_or_interrupted_write_leaves_the_old_file_and_no_temporary_one(tmp_path, stop):
     dest = tmp_path / "engine.plan"
     dest.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(type(stop)):
         with replacing(dest) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(b"half of the ne")
-            raise RuntimeError("the builder died")
+            raise stop
     assert dest.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["engine.plan"]
 
@@ -110,17 +111,6 @@ def test_umask_without_proc_is_read_by_setting_it_back_as_it_was(monkeypatch):
         assert os.umask(old) == 0o027  # the process umask is left as it was
     finally:
         os.umask(old)
-
-
-def test_an_interrupted_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
-    dest = tmp_path / "results.parquet"
-    dest.write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        with replacing(dest) as tmp:
-            Path(tmp).write_bytes(b"half")
-            raise KeyboardInterrupt
-    assert dest.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
 
 
 def test_a_writer_that_removed_its_temporary_file_and_failed_reports_its_own_error(tmp_path):
