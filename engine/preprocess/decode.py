@@ -285,6 +285,11 @@ def composite(colour: np.ndarray, alpha: np.ndarray, mode: AlphaMode) -> np.ndar
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def too_large_to_decode(bomb: Exception) -> ImageDecodeError:
+    """The error for PIL's DecompressionBombError (a size PIL itself refuses)."""
+    return ImageDecodeError(f"image too large to decode safely ({bomb})")
+
+
 def decode_rgba(data: bytes | memoryview) -> np.ndarray:
     """Decode the first frame of ``data`` with PIL to HxWx4 uint8 RGBA."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -302,7 +307,7 @@ def decode_rgba(data: bytes | memoryview) -> np.ndarray:
             raise ImageDecodeError(undecodable_cause(data, container)) from None
         raise ImageDecodeError(f"cannot decode: corrupt or unsupported {container.name} header") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+        raise too_large_to_decode(exc) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         log.debug("host decode of a %s failed: %s", container.value, exc)
         raise ImageDecodeError(undecodable_cause(data, container)) from None

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import DependencyError
-from engine.preprocess.decode import ImageDecodeError, composite, undecodable_cause
+from engine.preprocess.decode import ImageDecodeError, composite, too_large_to_decode, undecodable_cause
 from engine.specs import AlphaMode, ChannelOrder, Interpolation, Preprocess, Task
 
 Library = Literal["opencv", "pil"]
@@ -123,8 +123,8 @@ def _pil_resized_rgb(data: bytes, pre: Preprocess) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             rgb_image = _pil_rgb(im, pre.alpha)
-    except Image.DecompressionBombError as exc:  # as decode_rgba says it
-        raise ImageDecodeError(f"image too large to decode safely ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise too_large_to_decode(exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         raise ImageDecodeError(undecodable_cause(data)) from None
     out_h, out_w = pre.resized_shape(rgb_image.height, rgb_image.width)
