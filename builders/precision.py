@@ -284,22 +284,21 @@ def name_nodes_uniquely(model: onnx.ModelProto) -> onnx.ModelProto:
     1.23 (the last release for Python 3.10) names the Casts it puts around a kept-FP32 node
     after that node: two unnamed ones made two Casts with the same output, a cycle."""
     graphs = [model.graph]
-    seen: set[str] = set()
-    for graph in graphs:
+    for graph in graphs:  # grows as it goes: subgraphs of subgraphs too
         for node in graph.node:
-            seen.add(node.name)
             graphs.extend(_subgraphs(node))
-    taken: set[str] = set()
+    nodes = [node for graph in graphs for node in graph.node]
+    used = {node.name for node in nodes}  # new names avoid every name already there
+    kept: set[str] = set()
     count = 0
-    for graph in graphs:
-        for node in graph.node:
-            if node.name and node.name not in taken:
-                taken.add(node.name)
-                continue
-            while f"{node.op_type}_{count}" in seen or f"{node.op_type}_{count}" in taken:
-                count += 1
-            node.name = f"{node.op_type}_{count}"
-            taken.add(node.name)
+    for node in nodes:
+        if node.name and node.name not in kept:
+            kept.add(node.name)
+            continue
+        while f"{node.op_type}_{count}" in used:
+            count += 1
+        node.name = f"{node.op_type}_{count}"
+        used.add(node.name)
     return model
 
 
