@@ -321,6 +321,18 @@ def _tiny_gender(tmp_path):
     return make_tiny_classifier(tmp_path / "g.onnx", size=224, classes=2, metadata={"engine.output_kind": "logits"})
 
 
+def _one_image(folder):
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(folder / "a.png")
+    return folder
+
+
+def _tiny_gender_run(tmp_path, *more):
+    """`engine run` of one image with the tiny gender model, caching under tmp_path."""
+    return ["run", str(_one_image(tmp_path / "in")), "--out", str(tmp_path / "r.parquet"), "--only", "gender",
+            "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache"), *more]
+
+
 def _no_tensorrt():
     from builders.trt_build import tensorrt_unavailable_reason
 
@@ -342,10 +354,7 @@ def test_build_reports_each_prepared_graph_and_says_when_it_was_cached(precision
 
 
 def test_run_shows_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
-    (tmp_path / "in").mkdir()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "in" / "a.png")
-    assert main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.parquet"), "--only", "gender",
-                 "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(_tiny_gender_run(tmp_path)) == 0
     assert "classifying" not in capsys.readouterr().err
 
 
@@ -355,8 +364,7 @@ def test_a_cache_dir_given_with_a_tilde_holds_every_file_the_run_caches(tmp_path
     home = tmp_path / "home"
     home.mkdir()
     _tiny_gender(home)
-    (home / "in").mkdir()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(home / "in" / "a.png")
+    _one_image(home / "in")
     (tmp_path / "work").mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path / "work")
@@ -393,10 +401,7 @@ def test_every_path_option_expands_a_tilde(parser, monkeypatch):
 
 
 def test_overwrite_starts_afresh_instead_of_resuming(tmp_path, capsys):
-    (tmp_path / "in").mkdir()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "in" / "a.png")
-    args = ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.parquet"), "--only", "gender",
-            "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    args = _tiny_gender_run(tmp_path, "--no-progress")
     assert main(args) == 0
     assert "images: 1 (0 errors), 0 already done" in capsys.readouterr().out
     assert main([*args, "--overwrite"]) == 0
@@ -405,11 +410,7 @@ def test_overwrite_starts_afresh_instead_of_resuming(tmp_path, capsys):
 
 
 def test_an_int8_run_on_the_cpu_needs_calibration_images_too(tmp_path, capsys):
-    (tmp_path / "in").mkdir()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "in" / "a.png")
-    assert main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.parquet"), "--only", "gender", "--precision",
-                 "int8", "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache"),
-                 "--no-progress"]) == 2
+    assert main(_tiny_gender_run(tmp_path, "--precision", "int8", "--no-progress")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the line naming the path taken
     assert err.startswith("engine: error: int8 needs calibration images") and "--calib DIR" in err
 
