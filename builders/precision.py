@@ -25,6 +25,7 @@ and reused while the source ONNX, precision, calibration set and recipe are unch
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -647,13 +648,25 @@ def _remove_stale_temp_files(folder: Path) -> None:
 
 
 def prepared_path(
-    out_dir: Path, spec: ModelSpec, precision: Precision, source_sha: str, calib_sha: str | None = None
+    out_dir: Path,
+    spec: ModelSpec,
+    precision: Precision,
+    source_sha: str,
+    calib_sha: str | None = None,
+    *,
+    fp16_in_int8: bool = True,
 ) -> Path:
     """Where the prepared graph of this source (and calibration set) is kept: one file
-    per (spec, precision, source, calibration set), so runs that alternate between
-    models or sets reuse each one instead of redoing it every time."""
-    calib = f".c{calib_sha[:10]}" if calib_sha else ""
-    return Path(out_dir) / f"{spec.key.replace('/', '-')}.{precision.value}.{source_sha[:12]}{calib}.onnx"
+    per (spec, precision, source, calibration set and the preprocessing it went through,
+    FP16 or FP32 in the unquantised INT8 layers), so runs that alternate between models,
+    sets or settings reuse each one instead of redoing it every time, and two processes
+    preparing different recipes never write the same file."""
+    calib = ""
+    if calib_sha:
+        views = json.dumps([calib_sha, spec_as_dict(spec)["preprocess"]], sort_keys=True)
+        calib = f".c{hashlib.sha256(views.encode()).hexdigest()[:10]}"
+    rest = ".fp32rest" if precision is Precision.INT8 and not fp16_in_int8 else ""
+    return Path(out_dir) / f"{spec.key.replace('/', '-')}.{precision.value}{rest}.{source_sha[:12]}{calib}.onnx"
 
 
 def _recipe_key(
@@ -753,7 +766,7 @@ def prepare(
         if not isinstance(calib_images, CalibrationImages):
             calib_images = CalibrationImages(calib_images)
         calib_sha = calib_images.sha256  # read once by the caller that made the set, shared
-    out_path = prepared_path(out_dir, spec, precision, source_sha, calib_sha)
+    out_path = prepared_path(out_dir, spec, precision, source_sha, calib_sha, fp16_in_int8=fp16_in_int8)
     sidecar = out_path.with_suffix(".prep.json")
     key = _recipe_key(source_sha, spec, precision, calib_sha, fp16_in_int8)
     if not force:

@@ -685,10 +685,38 @@ def test_a_prepared_file_is_not_reused_for_another_preprocessing_or_fp16_setting
 
     int8 = run(spec, Precision.INT8)
     assert not int8.from_cache and int8.fp16_in_int8
-    fp32_rest = run(spec, Precision.INT8, fp16_in_int8=False)  # same file name, other recipe
+    fp32_rest = run(spec, Precision.INT8, fp16_in_int8=False)  # other recipe, other file
     assert not fp32_rest.from_cache and not fp32_rest.fp16_in_int8
+    assert fp32_rest.path != int8.path
     scales = [t for t in onnx.load(str(fp32_rest.path)).graph.initializer if t.name.endswith("_scale")]
     assert scales and all(t.data_type == TensorProto.FLOAT for t in scales)
+
+
+def test_runs_alternating_between_recipes_reuse_each_prepared_file(tiny_model, tmp_path):
+    import dataclasses
+
+    gender = SpecRegistry.builtin().get("gender")
+    spec = dataclasses.replace(gender, preprocess=dataclasses.replace(gender.preprocess, size=8))  # the tiny model's
+    other = dataclasses.replace(spec, preprocess=dataclasses.replace(spec.preprocess, mean=(0.5, 0.5, 0.5)))
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(images[-1])
+    out = tmp_path / "out"
+
+    def run(spec, **kw):
+        return prepare(tiny_model, spec, Precision.INT8, images, out, output_kind=OutputKind.LOGITS, **kw)
+
+    recipes = [(spec, {}), (spec, {"fp16_in_int8": False}), (other, {})]
+    first = [run(s, **kw) for s, kw in recipes]
+    assert not any(p.from_cache for p in first)
+    assert len({p.path for p in first}) == 3
+    again = [run(s, **kw) for s, kw in recipes]  # each one is still there, none redone
+    assert all(p.from_cache for p in again)
+    assert [p.sha256 for p in again] == [p.sha256 for p in first]
 
 
 def test_cpu_speed_is_images_per_second_without_the_warm_up(monkeypatch):
