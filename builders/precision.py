@@ -451,11 +451,16 @@ def measure_cpu_speed(
     max_iterations: int = 50,
     threads: int | None = None,
 ) -> CpuSpeed:
-    """Images/s of ``path`` with ONNX Runtime on the CPU (synthetic input, one warm-up batch)."""
+    """Images/s of ``path`` with ONNX Runtime on the CPU (synthetic input, one warm-up
+    batch), fed as :func:`run_cpu` feeds it: at the graph's own batch where it is pinned
+    to one (``batch_size`` otherwise), in float16 where its input is float16."""
     session = cpu_session(path, threads)
     name = single_input_name(session)
+    feed = session.get_inputs()[0]
+    fixed, dtype = input_feed(feed.shape, feed.type == "tensor(float16)")
+    batch_size = fixed or batch_size
     rng = np.random.default_rng(0)
-    batch = rng.standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
+    batch = rng.standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32).astype(dtype)
     session.run(None, {name: batch})  # warm-up: allocations, kernel selection
     iterations, started = 0, time.perf_counter()
     while iterations < max_iterations:

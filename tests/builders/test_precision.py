@@ -728,7 +728,7 @@ def test_cpu_speed_is_images_per_second_without_the_warm_up(monkeypatch):
 
     class Session:
         def get_inputs(self):
-            return [SimpleNamespace(name="input")]
+            return [SimpleNamespace(name="input", shape=["batch", 3, 8, 8], type="tensor(float)")]
 
         def run(self, _, feed):
             runs.append(feed["input"].shape)
@@ -741,6 +741,25 @@ def test_cpu_speed_is_images_per_second_without_the_warm_up(monkeypatch):
     assert speed.iterations == 2
     assert speed.seconds_per_batch == pytest.approx(0.5)
     assert speed.images_per_s == pytest.approx(8.0)  # 4 images a batch, not batches/s
+
+
+def test_cpu_speed_feeds_a_pinned_float16_input_as_the_graph_wants(tmp_path):
+    # a user's graph pinned to batch 3 with a float16 input: float32 rows at batch_size
+    # would be refused by ONNX Runtime
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["output"])],
+        "pinned_fp16",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, [3, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [3, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "pinned.onnx"
+    onnx.save(model, str(path))
+    speed = measure_cpu_speed(path, 8, batch_size=8, min_seconds=0.0, max_iterations=2)
+    assert speed.batch_size == 3 and speed.iterations == 1
+    assert speed.images_per_s == pytest.approx(3 / speed.seconds_per_batch)
 
 
 def test_the_calibration_reader_feeds_every_image_once_in_batches():
