@@ -14,7 +14,8 @@
 
 Both follow every :class:`~engine.specs.Preprocess` field; mean and std apply to the
 channels in output order. OpenCV is a test/benchmark dependency (extra ``test``) and is
-imported only when used.
+imported only when used. Both refuse an image larger than the engine's decoders do
+(:data:`engine.preprocess.decode.MAX_PIXELS`) as an :class:`ImageDecodeError`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import DependencyError
-from engine.preprocess.decode import ImageDecodeError, composite, too_large_to_decode, undecodable_cause
+from engine.preprocess.decode import ImageDecodeError, composite, probe, too_large_to_decode, undecodable_cause
 from engine.specs import AlphaMode, ChannelOrder, Interpolation, Preprocess, Task
 
 Library = Literal["opencv", "pil"]
@@ -73,6 +74,11 @@ def _opencv_resized_rgb(data: bytes, pre: Preprocess) -> np.ndarray:
     buf = np.frombuffer(data, np.uint8)
     if buf.size == 0:
         raise ImageDecodeError(undecodable_cause(buf))
+    # OpenCV's own limit (2^30 pixels) lets a 20 kB JPEG claiming 30000 x 30000 allocate
+    # 2.7 GB; the engine's limit, read from the headers, applies here too (PIL has its own)
+    cause = probe(data).too_large()
+    if cause:
+        raise ImageDecodeError(cause)
     if pre.alpha is AlphaMode.DROP:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         if bgr is None:

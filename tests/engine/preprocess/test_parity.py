@@ -262,17 +262,28 @@ def test_an_unknown_reference_library_is_refused():
         reference_view(encode(np.zeros((4, 4, 3), np.uint8), "PNG"), _same_size_spec(4, AlphaMode.DROP), "skimage")
 
 
-def test_pil_reference_refuses_a_decompression_bomb_as_an_image_decode_error():
-    """A 20 kB JPEG whose header claims 30000 x 30000: PIL refuses to open it, and the
-    reference says so as the host decoder does (an ImageDecodeError, which the benchmark's
-    reference dataset turns into a failed row) instead of letting PIL's own error out."""
+@pytest.mark.parametrize("library", ["opencv", "pil"])
+@pytest.mark.parametrize("alpha", [AlphaMode.DROP, AlphaMode.WHITE])
+def test_references_refuse_a_decompression_bomb_as_an_image_decode_error(library, alpha, monkeypatch):
+    """A 20 kB JPEG whose header claims 30000 x 30000: PIL refuses to open it, and OpenCV
+    (whose own limit is 2^30 pixels) would allocate 2.7 GB for it. Both references say so
+    as the host decoder does (an ImageDecodeError, which the benchmark's reference dataset
+    turns into a failed row), before any decoder runs."""
     from engine.preprocess.decode import ImageDecodeError
 
+    if library == "opencv":
+        cv2 = pytest.importorskip("cv2")
+
+        def no_decoding(*args):
+            raise AssertionError("cv2.imdecode ran on a decompression bomb")
+
+        monkeypatch.setattr(cv2, "imdecode", no_decoding)
     data = bytearray(encode(photo("chelsea"), "JPEG"))
     at = data.index(b"\xff\xc0")
     data[at + 5 : at + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    pre = dataclasses.replace(QUALITY.preprocess, alpha=alpha)
     with pytest.raises(ImageDecodeError, match="image too large to decode safely"):
-        reference_view(bytes(data), QUALITY.preprocess, "pil")
+        reference_view(bytes(data), pre, library)
 
 
 @pytest.mark.parametrize("library", ["opencv", "pil"])
