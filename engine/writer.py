@@ -160,11 +160,25 @@ def _atomic_write(df: pl.DataFrame, dest: Path, metadata: Mapping[str, str]) -> 
         fh.write(buf.getbuffer())
 
 
+# Suffixes of other table formats: the result is always parquet, and a parquet file named
+# results.csv would only fail later, in whatever reads it as CSV. Any other name is taken.
+OTHER_FORMATS = frozenset({
+    ".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".arrow", ".feather",
+    ".ipc", ".avro", ".orc", ".db", ".sqlite",
+})
+
+
 def check_output_name(out: Path | str) -> Path:
-    """``out`` as a Path, once it names a file (not "", "." or "..")."""
+    """``out`` as a Path, once it names a file (not "", "." or "..") whose suffix does
+    not name another format (:data:`OTHER_FORMATS`)."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise OutputError(f"--out must name a file (results.parquet), got {str(out)!r}")
+    if out.suffix.lower() in OTHER_FORMATS:
+        raise OutputError(
+            f"--out {out}: the results are written as parquet, not {out.suffix.lower()[1:].upper()}; "
+            f"name it {out.with_suffix('.parquet').name} (polars.read_parquet(...).write_csv(...) converts it)"
+        )
     return out
 
 

@@ -348,6 +348,7 @@ def test_threads_far_above_the_cores_are_lowered_with_a_warning(model_cache_dir,
     "extra, message",
     [
         (["--out", ""], "must name a file"),
+        (["--out", "results.CSV"], "written as parquet, not CSV; name it results.parquet"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--calib-count", "0"], "--calib-count must be at least 1"),
         (["--spec-file", "__PNG__"], "is not UTF-8 text"),

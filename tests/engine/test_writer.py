@@ -224,6 +224,20 @@ def test_output_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path):
             ResultWriter(bad, SCHEMA, CONFIG)
 
 
+@pytest.mark.parametrize("name", ["r.csv", "r.tsv", "r.json", "r.jsonl", "r.xlsx", "r.Feather"])
+def test_an_output_named_for_another_format_is_refused_before_anything_is_written(name, tmp_path):
+    with pytest.raises(OutputError, match=r"written as parquet, not [A-Z]+; name it r\.parquet"):
+        ResultWriter(tmp_path / name, SCHEMA, CONFIG)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["r.parquet", "r.pq", "results", "r.2026-12-02", "r.csv.parquet"])
+def test_other_output_names_are_taken(name, tmp_path):
+    with ResultWriter(tmp_path / name, SCHEMA, CONFIG) as writer:
+        writer.add(rows(["a.png"]))
+    assert pl.read_parquet(tmp_path / name)["path"].to_list() == ["a.png"]
+
+
 def test_things_in_the_way_of_the_parts_folder_or_lock_are_user_errors(tmp_path):
     out = tmp_path / "r.parquet"
     (tmp_path / "r.parquet.parts").write_text("a file")
