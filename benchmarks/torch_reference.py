@@ -196,13 +196,14 @@ class ReferencePipeline:
         DataLoader finishes the batches it has handed out before a new epoch starts, so
         a warm-up that stopped early would push that decoding into the next, timed pass."""
         batches = iter(self.loader(paths, keys))
-        for i, batch in enumerate(batches):
-            if limit is not None and i >= limit:
-                if self.workers > 0:
-                    for _ in batches:
-                        pass
-                return
+        if limit is None:
+            yield from batches
+            return
+        for _, batch in zip(range(limit), batches):  # range first: no batch fetched past the limit
             yield batch
+        if self.workers > 0:
+            for _ in batches:
+                pass
 
     def infer(self, key: str, x: "torch.Tensor") -> np.ndarray:
         """Probabilities (n, classes) for a host batch: copy in, forward, softmax, copy out."""
