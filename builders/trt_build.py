@@ -77,7 +77,7 @@ class BatchProfile:
     max: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.min, int) and isinstance(self.opt, int) and isinstance(self.max, int)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.min, self.opt, self.max)):
             raise ModelError("batch profile sizes must be integers")
         if not 1 <= self.min <= self.opt <= self.max:
             raise ModelError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")

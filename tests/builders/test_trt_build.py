@@ -23,6 +23,8 @@ from builders.precision import Precision, prepare
 from builders.trt_build import (
     BatchProfile,
     DEFAULT_CONTEXTS,
+    MAX_CONTEXTS,
+    MAX_PROFILE_BATCH,
     BuildOptions,
     TensorRTUnavailable,
     build_engine,
@@ -222,3 +224,73 @@ def test_parser_errors_name_the_node(trt, tmp_path, specs):
     with pytest.raises(ModelError, match="bogus_node"):
         build_engine(prepared, spec, tmp_path / "engines", BatchProfile(1, 1, 2))
     assert not np.any([p.suffix == ".engine" for p in (tmp_path / "engines").glob("*")])
+
+
+def test_batch_profile_bounds_types_and_separators():
+    with pytest.raises(ModelError, match="min <= opt <= max, got 1/8/4"):
+        BatchProfile(1, 8, 4)
+    assert BatchProfile(1, 1, MAX_PROFILE_BATCH).max == 4096 == MAX_PROFILE_BATCH
+    with pytest.raises(ModelError, match="max 4097 is above 4096"):
+        BatchProfile(1, 1, 4097)
+    for odd in ((1, 2.5, 4), (True, True, True)):  # a bool is an int to Python, not a batch size
+        with pytest.raises(ModelError, match="must be integers"):
+            BatchProfile(*odd)
+    assert BatchProfile.parse("1 8 16") == BatchProfile.parse("1/8/16") == BatchProfile.parse("1, 8,16") == BatchProfile(1, 8, 16)
+
+
+def test_the_default_profile_of_each_builtin_architecture(specs):
+    # the sizes _DEFAULT_PROFILES documents (ResNet-18 at 224, CAFormer-S36 at 384)
+    assert default_profile(specs.get("gender")) == BatchProfile(1, 128, 256)
+    assert default_profile(specs.get("quality")) == BatchProfile(1, 32, 64)
+
+
+def test_build_options_accept_their_bounds_and_default_to_tensorrts_level():
+    assert BuildOptions().optimization_level == 3 and BuildOptions().workspace_bytes == 4 << 30
+    for ok in (dict(contexts=1), dict(contexts=MAX_CONTEXTS), dict(workspace_bytes=16 << 20),
+               dict(optimization_level=0), dict(optimization_level=5)):
+        BuildOptions(**ok)
+    with pytest.raises(ModelError, match="at least 16 MiB"):
+        BuildOptions(workspace_bytes=(16 << 20) - 1)
+    with pytest.raises(ModelError, match="optimisation level must be 0..5, got -1"):
+        BuildOptions(optimization_level=-1)
+
+
+def test_timing_cache_names_any_gpu_name(tmp_path):
+    odd = dataclasses.replace(TARGET, gpu_name=" (NVIDIA) RTX 4090! ")
+    assert timing_cache_path(tmp_path, odd).name == "timing.nvidia-rtx-4090.sm9.0.trt11.4.0.1.cache"
+    assert timing_cache_path(tmp_path, dataclasses.replace(TARGET, gpu_name="?")).name == "timing.gpu.sm9.0.trt11.4.0.1.cache"
+
+
+def test_input_shape_range_fixed_batch_dynamic_dims_and_initializer_inputs(tmp_path, specs):
+    spec = dataclasses.replace(
+        specs.get("gender"), preprocess=dataclasses.replace(specs.get("gender").preprocess, size=8)
+    )
+    four = make_tiny_classifier(tmp_path / "four.onnx", size=8, batch=4)
+    with pytest.raises(ModelError, match="batch is fixed at 4; the batch profile must be 4,4,4"):
+        input_shape_range(four, spec, BatchProfile(1, 4, 4))
+    assert input_shape_range(four, spec, BatchProfile(4, 4, 4)).min == (4, 3, 8, 8)
+
+    # every dimension symbolic: channels are 3, height and width the spec's size
+    dims = ["N", "C", "H", "W"]
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["output"])], "dyn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "C", 1, 1])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "dyn.onnx"))
+    shape = input_shape_range(tmp_path / "dyn.onnx", spec, BatchProfile(1, 2, 4))
+    assert (shape.min, shape.max) == ((1, 3, 8, 8), (4, 3, 8, 8))
+
+    # an older export lists its weights among the graph inputs: still one image input
+    old = onnx.load(str(make_tiny_classifier(tmp_path / "old.onnx", size=8)))
+    for init in old.graph.initializer:
+        old.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert input_shape_range(tmp_path / "old.onnx", spec, BatchProfile(1, 2, 4)).name == "input"
+
+
+def test_plan_manifest_records_the_options_and_the_source(gender, gender_fp16):
+    options = BuildOptions(workspace_bytes=1 << 30, optimization_level=1)
+    manifest = plan_manifest(gender_fp16, gender.spec, BatchProfile(1, 8, 16), TARGET, options)
+    assert manifest.workspace_bytes == 1 << 30 and manifest.builder_optimization_level == 1
+    assert manifest.source_onnx_sha256 == gender_fp16.source_sha256

@@ -47,3 +47,39 @@ def test_single_file_and_missing_input(tmp_path):
 def test_broken_symlink_is_yielded_for_an_error_row(tmp_path):
     os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
     assert [p.name for p in iter_images(tmp_path)] == ["link.png"]
+
+
+def test_a_loop_back_to_a_folder_below_the_root_is_skipped(tmp_path):
+    # every folder on the way down counts as visited, not only the root
+    _touch(tmp_path / "a/b/x.png")
+    os.symlink(tmp_path / "a", tmp_path / "a/b/up")
+    assert [p.relative_to(tmp_path).as_posix() for p in iter_images(tmp_path)] == ["a/b/x.png"]
+
+
+def test_a_link_to_the_root_is_recognised_by_its_target(tmp_path):
+    # the link is identified by the folder it points to, not by its own inode
+    _touch(tmp_path / "a.png")
+    os.symlink(tmp_path, tmp_path / "self")
+    assert [p.relative_to(tmp_path).as_posix() for p in iter_images(tmp_path)] == ["a.png"]
+
+
+def test_folder_links_are_walked_unless_told_not_to(tmp_path):
+    _touch(tmp_path / "real/a.png")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert [p.relative_to(tmp_path).as_posix() for p in iter_images(tmp_path)] == ["link/a.png", "real/a.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in iter_images(tmp_path, follow_symlinks=False)] == ["real/a.png"]
+
+
+def test_every_supported_image_suffix_in_any_case():
+    from engine.discovery import is_image_name
+
+    names = ["a.png", "a.jpg", "a.JPEG", "a.jpe", "a.jfif", "a.webp", "a.bmp", "a.gif", "a.tif", "a.TIFF"]
+    assert [n for n in names if not is_image_name(n)] == []
+    assert not any(is_image_name(n) for n in ("a.txt", "png", "a.png.part", "a.svg"))
+
+
+def test_an_input_that_is_neither_a_folder_nor_a_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="neither a folder nor a file"):
+        iter_images(fifo)

@@ -628,3 +628,45 @@ def test_stream_handle_takes_every_stream_form_dali_takes():
     for bad in (True, "0x7008", SimpleNamespace()):
         with pytest.raises(TypeError, match="not a CUDA stream"):
             stream_handle(bad)
+
+
+def test_build_command_leaves_out_what_the_run_did_not_set(tmp_path):
+    registry = SpecRegistry.builtin()
+    config = _config(tmp_path, tasks=(Task.GENDER,), calib_dir=tmp_path / "frames")
+    missing = [(config.models[0], registry.get(Task.GENDER))]
+    cmd = shlex.split(build_command(config, missing, "int8"))
+    assert cmd[cmd.index("--calib") + 1] == str(tmp_path / "frames")
+    assert "--calib-count" not in cmd and "--spec-file" not in cmd and "None" not in cmd
+    assert cmd[-2:] == ["--cache-dir", str(tmp_path / "cache")]
+
+
+@no_gpu
+def test_gpu_prerequisites_give_tensorrts_reason_without_tensorrt_or_a_gpu(monkeypatch):
+    """Past the device and package checks, the TensorRT backend's problem is the short
+    reason TensorRT or the GPU is unusable (what the caller puts after "--device gpu:"),
+    not the build step's long message; no engine is looked for."""
+    import engine.gpu_path as gp
+    from builders.trt_build import tensorrt_unavailable_reason
+
+    monkeypatch.setattr(gp, "gpu_problem", lambda backend, device_id=0, *, dali=True: None)
+
+    def no_engines(target):
+        raise AssertionError("no engine is looked for without a usable TensorRT")
+
+    reason = tensorrt_unavailable_reason()
+    assert reason is not None
+    assert gp.gpu_prerequisites([], [], "fp16", "tensorrt", no_engines) == ({}, reason)
+
+
+def test_device_cpu_keeps_the_precision_asked_for(tmp_path):
+    plan = plan_path(_config(tmp_path, device="cpu", precision="int8"), [])
+    assert (plan.device, plan.precision) == ("cpu", "int8")
+
+
+def test_gpu_problem_names_a_missing_tensorrt_for_the_tensorrt_backend(monkeypatch):
+    import engine.gpu
+    import engine.gpu_path as gp
+
+    monkeypatch.setattr(engine.gpu, "cuda_absent_reason", lambda device_id=0: None)
+    monkeypatch.setattr(gp, "_missing_module", lambda module: module == "tensorrt")
+    assert gp.gpu_problem("tensorrt").startswith("the GPU packages are not installed (tensorrt): pip install")
