@@ -881,3 +881,209 @@ def test_folding_a_weights_identity_rewires_its_uses_inside_subgraphs():
     np.testing.assert_array_equal(after[1], x - np.array([1.0, 2.0], np.float32))
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- edge cases: graph surgery, int8, the cache key, calibration
+
+
+def test_declared_probabilities_with_negative_entries_are_compared_as_logits():
+    # rows summing to 1 are not probabilities when an entry is negative
+    out = np.array([[1.5, -0.5], [0.2, 0.8]], dtype=np.float32)
+    assert compare_outputs(out, out, OutputKind.PROBABILITIES).softmax_applied
+
+
+def test_topological_sort_refuses_a_cycle():
+    nodes = [helper.make_node("Relu", ["b"], ["a"], name="one"), helper.make_node("Neg", ["a"], ["b"], name="two"),
+             helper.make_node("Add", ["x", "a"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    with pytest.raises(ModelError, match="cycle"):
+        topological_sort(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_folding_a_weights_identity_drops_the_value_info_of_the_folded_name():
+    from builders.precision import fold_identity_initializers
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_shared"]), helper.make_node("MatMul", ["x", "w_shared"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=[numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")],
+        value_info=[helper.make_tensor_value_info("w_shared", TensorProto.FLOAT, [2, 2])],
+    )
+    model = fold_identity_initializers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [v.name for v in model.graph.value_info] == []
+
+
+def test_initializers_listed_as_graph_inputs_are_not_image_inputs(tiny_model, tmp_path):
+    # older exports (IR < 4) list every weight as a graph input too
+    model = onnx.load(str(tiny_model))
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    onnx.save(model, str(tiny_model))
+    spec = SpecRegistry.builtin().get("gender")
+    prepared = prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
+                       output_kind=OutputKind.LOGITS)
+    assert prepared.agreement.images == 5 and prepared.agreement.argmax_agreement == 1.0
+
+
+def test_int8_refuses_a_quantised_graph_with_non_standard_ops(tiny_model, tmp_path, monkeypatch):
+    import onnxruntime.quantization as ortq
+
+    real = ortq.quantize_static
+
+    def with_a_contrib_op(model_input, model_output, *args, **kwargs):
+        real(model_input, model_output, *args, **kwargs)
+        model = onnx.load(model_output)
+        model.graph.node[0].domain = "com.microsoft"
+        onnx.save(model, model_output)
+
+    monkeypatch.setattr(ortq, "quantize_static", with_a_contrib_op)
+    with pytest.raises(ModelError, match="non-standard ops"):
+        prepare(tiny_model, SpecRegistry.builtin().get("gender"), Precision.INT8, None, tmp_path / "out",
+                calib=_tiny_calib(), output_kind=OutputKind.LOGITS)
+
+
+def test_int8_whose_fp16_step_fails_keeps_fp32_and_its_record_says_so(tiny_model, tmp_path, monkeypatch):
+    import builders.precision as precision
+
+    def refuse(model, *args, **kwargs):
+        raise ModelError("FP16 conversion produced an invalid ONNX graph: stand-in")
+
+    monkeypatch.setattr(precision, "convert_fp16", refuse)
+    spec = SpecRegistry.builtin().get("gender")
+
+    def run():
+        return prepare(tiny_model, spec, Precision.INT8, None, tmp_path / "out", calib=_tiny_calib(),
+                       output_kind=OutputKind.LOGITS)
+
+    first = run()
+    assert not first.fp16_in_int8 and any("stay FP32" in n for n in first.notes)
+    again = run()
+    assert again.from_cache and not again.fp16_in_int8
+
+
+def test_int8_of_a_graph_pinned_to_a_batch_calibrates_on_a_padded_last_batch(tmp_path):
+    from tests.model_fixtures import make_tiny_classifier
+
+    pinned = make_tiny_classifier(tmp_path / "pinned.onnx", size=8, classes=2, batch=2)
+    prepared = prepare(pinned, SpecRegistry.builtin().get("gender"), Precision.INT8, None, tmp_path / "out",
+                       calib=_tiny_calib(n=5), output_kind=OutputKind.LOGITS)
+    assert prepared.agreement.images == 5 and prepared.agreement.nonfinite == 0
+
+
+def test_a_prepared_file_is_redone_for_another_onnxruntime_or_kept_fp32_ops(tiny_model, tmp_path, monkeypatch):
+    import onnxruntime
+
+    import builders.precision as precision
+
+    spec = SpecRegistry.builtin().get("gender")
+
+    def run():
+        return prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
+                       output_kind=OutputKind.LOGITS)
+
+    assert not run().from_cache and run().from_cache
+    monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")
+    assert not run().from_cache and run().from_cache
+    monkeypatch.setattr(precision, "FP32_OPS", precision.FP32_OPS - {"GlobalAveragePool"})
+    assert not run().from_cache
+
+
+def test_an_unreadable_preparation_record_is_redone_not_raised(tiny_model, tmp_path):
+    spec = SpecRegistry.builtin().get("gender")
+
+    def run():
+        return prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
+                       output_kind=OutputKind.LOGITS)
+
+    first = run()
+    first.path.with_suffix(".prep.json").write_text("{ half a record")
+    assert not run().from_cache and run().from_cache
+
+
+def test_a_reused_graph_outside_the_bounds_is_only_refused_when_strict(tiny_model, tmp_path):
+    impossible = AgreementBounds(min_argmax_agreement=1.0, max_abs_dp=0.0, max_mean_kl=0.0)
+    spec = SpecRegistry.builtin().get("gender")
+
+    def run(**kw):
+        return prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
+                       output_kind=OutputKind.LOGITS, bounds=impossible, **kw)
+
+    assert any("beyond bounds" in n for n in run().notes)
+    assert run().from_cache  # lenient: reused as it is
+    with pytest.raises(ModelError, match="beyond bounds"):
+        run(strict=True)
+
+
+def test_output_kind_overrides_the_specs_output(tiny_model, tmp_path):
+    import dataclasses
+
+    model = onnx.load(str(tiny_model))
+    model.graph.node[-1].output[0] = "logits"
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["output"], axis=1))
+    onnx.save(model, str(tiny_model))
+    spec = dataclasses.replace(SpecRegistry.builtin().get("gender"), output=OutputKind.LOGITS)
+    prepared = prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
+                       output_kind=OutputKind.PROBABILITIES)
+    assert not prepared.agreement.softmax_applied
+
+
+def _stub_preprocess(size, bad=()):
+    def run(blobs):
+        ok = [i for i, b in enumerate(blobs) if b not in bad]
+        return ok, np.full((len(ok), 3, size, size), 0.5, np.float32), {}
+    return run
+
+
+def test_calibration_image_count_must_be_positive_and_find_takes_a_limit(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(InputError, match="at least 1"):
+        find_calibration_images(tmp_path, limit=0)
+    assert len(CalibrationImages.find(tmp_path, limit=1)) == 1 and len(CalibrationImages.find(tmp_path)) == 2
+
+
+def test_an_unreadable_calibration_image_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="cannot read calibration image"):
+        calibration_set_sha256([tmp_path / "missing.png"])
+
+
+def test_calibration_set_of_no_paths_is_refused():
+    spec = SpecRegistry.builtin().get("gender")
+    with pytest.raises(InputError, match="no calibration images given"):
+        load_calibration_set([], spec, preprocess=_stub_preprocess(spec.preprocess.size))
+
+
+def test_a_missing_calibration_image_is_skipped_and_does_not_shift_the_others(tmp_path):
+    spec = SpecRegistry.builtin().get("gender")
+    good = [tmp_path / "b.png", tmp_path / "c.png"]
+    for p in good:
+        p.write_bytes(p.name.encode())
+    calib = load_calibration_set([tmp_path / "a.png", *good], spec, preprocess=_stub_preprocess(spec.preprocess.size))
+    assert list(calib.paths) == good and len(calib.skipped) == 1 and "a.png" in calib.skipped[0]
+
+
+def test_preprocessing_of_the_wrong_shape_is_refused(tmp_path):
+    spec = SpecRegistry.builtin().get("gender")
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="preprocessing returned shape"):
+        load_calibration_set([tmp_path / "a.png"], spec, preprocess=_stub_preprocess(spec.preprocess.size - 1))
+
+
+def test_int8_of_a_float16_input_graph_calibrates_on_float16_tensors(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "fc_w"], ["output"], transB=1)],
+        "fp16_input",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[numpy_helper.from_array(np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32), "fc_w")],
+    )
+    path = tmp_path / "fp16_input.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    prepared = prepare(path, SpecRegistry.builtin().get("gender"), Precision.INT8, None, tmp_path / "out",
+                       calib=_tiny_calib(), fp16_in_int8=False, output_kind=OutputKind.LOGITS)
+    assert prepared.agreement.images == 5 and prepared.agreement.nonfinite == 0
