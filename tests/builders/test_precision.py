@@ -883,7 +883,7 @@ def test_folding_a_weights_identity_rewires_its_uses_inside_subgraphs():
         np.testing.assert_array_equal(a, b)
 
 
-# --------------------------------------------------------------------------- edge cases: graph surgery, int8, the cache key, calibration
+# --------------------------------------------------------------------------- edge cases (graph surgery, int8, cache key, calibration)
 
 
 def test_declared_probabilities_with_negative_entries_are_compared_as_logits():
