@@ -903,3 +903,82 @@ def test_engine_end_to_end_counts_every_file_and_indexes_the_good_ones(tmp_path,
         np.testing.assert_allclose(probs["gender/alpha"], expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pipe.infer("gender/alpha", views[:2]), expected[:2], rtol=1e-5, atol=1e-6)
         assert pipe.end_to_end(paths, ["gender/alpha"], limit=1)[0] == 2
+
+
+def test_registry_configurations_per_device_and_precision():
+    """Which configurations the suite can measure: a backend or precision dropped from
+    (or added to) the registry changes the results' config list, so it is pinned here."""
+    from benchmarks.backends import BACKENDS
+
+    table = {e.name: (e.device, e.precisions, e.runner, e.executor, e.preprocess_device) for e in BACKENDS}
+    assert table == {
+        "onnxruntime": ("cpu", (Precision.FP32,), True, None, "cpu"),
+        "onnxruntime-cuda": ("cuda", (Precision.FP32, Precision.FP16), False, None, "cpu"),
+        "onnxruntime-executor": ("cpu", (Precision.FP32,), False, "host", "cpu"),
+        "torch-cuda": ("cuda", (Precision.FP32, Precision.FP16), True, "cuda", "gpu"),
+        "tensorrt": ("cuda", (Precision.FP16, Precision.INT8, Precision.FP32), True, "cuda", "gpu"),
+    }
+
+
+def test_find_backend_takes_the_exact_name_only():
+    from benchmarks.backends import find_backend
+
+    assert find_backend("onnxruntime").name == "onnxruntime"
+    with pytest.raises(InputError, match=r"unknown benchmark backend 'onnx'.*known: onnxruntime, onnxruntime-cuda"):
+        find_backend("onnx")
+
+
+def test_ort_cuda_is_unavailable_exactly_when_onnxruntime_lacks_its_provider():
+    import onnxruntime as ort
+
+    from benchmarks.backends import ort_cuda_unavailable
+
+    reason = ort_cuda_unavailable()
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert reason is None
+    else:
+        assert reason is not None and "CUDAExecutionProvider" in reason
+
+
+def test_the_ort_factories_prepare_the_graph_the_way_onnx_runtime_runs_it(monkeypatch, tmp_path):
+    """What ``_prepared_onnx`` asks builders.precision for: FP32 as it is; FP16 without
+    the calibration set (it is INT8's); INT8 with it, FP32 in its unquantised layers,
+    calibrating at most 8 images at a time, with the model's own output kind and hash."""
+    from types import SimpleNamespace
+
+    import builders.precision
+
+    from benchmarks.backends import BackendContext, _prepared_onnx
+    from engine.specs import OutputKind, SpecRegistry
+
+    calls = []
+
+    def prepare(onnx, spec, precision, calib, out_dir, **kwargs):
+        calls.append((precision, calib, out_dir, kwargs))
+        return SimpleNamespace(path=tmp_path / f"prepared.{precision}.onnx")
+
+    monkeypatch.setattr(builders.precision, "prepare", prepare)
+    spec = SpecRegistry.builtin().get("gender", "alpha")
+    model = SimpleNamespace(onnx_path=tmp_path / "m.onnx", spec=spec, output_kind=OutputKind.LOGITS, source_sha256="ab" * 32)
+    images = (tmp_path / "a.png", tmp_path / "b.png")
+    context = BackendContext(threads=1, batch_size=32, work_dir=tmp_path / "work", calibration_images=images)
+    assert _prepared_onnx(model, Precision.FP32, context) == model.onnx_path and calls == []
+    assert _prepared_onnx(model, Precision.FP16, context) == tmp_path / "prepared.fp16.onnx"
+    assert _prepared_onnx(model, Precision.INT8, context) == tmp_path / "prepared.int8.onnx"
+    expected = {"fp16_in_int8": False, "batch_size": 8, "output_kind": OutputKind.LOGITS, "source_sha256": "ab" * 32}
+    assert calls == [("fp16", None, tmp_path / "work" / "prepared", expected),
+                     ("int8", images, tmp_path / "work" / "prepared", expected)]
+    _prepared_onnx(model, Precision.INT8, BackendContext(threads=1, batch_size=3, work_dir=tmp_path, calibration_images=images))
+    assert calls[-1][3]["batch_size"] == 3
+
+
+def test_the_cpu_factory_runs_on_the_threads_it_is_given(tmp_path):
+    from benchmarks.backends import BackendContext, ort_cpu_factory
+    from engine.models import ModelSource, resolve_model
+    from engine.specs import SpecRegistry
+    from tests.model_fixtures import make_tiny_classifier
+
+    tiny = make_tiny_classifier(tmp_path / "tiny.onnx", size=224, classes=2, metadata={"engine.output_kind": "logits"})
+    model = resolve_model(SpecRegistry.builtin().get("gender", "alpha"), ModelSource(onnx=tiny), tmp_path / "cache")
+    with ort_cpu_factory(model, Precision.FP32, BackendContext(threads=3, batch_size=2, work_dir=tmp_path)) as backend:
+        assert backend._session.get_session_options().intra_op_num_threads == 3

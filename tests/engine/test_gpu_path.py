@@ -670,3 +670,130 @@ def test_gpu_problem_names_a_missing_tensorrt_for_the_tensorrt_backend(monkeypat
     monkeypatch.setattr(engine.gpu, "cuda_absent_reason", lambda device_id=0: None)
     monkeypatch.setattr(gp, "_missing_module", lambda module: module == "tensorrt")
     assert gp.gpu_problem("tensorrt").startswith("the GPU packages are not installed (tensorrt): pip install")
+
+
+def test_host_producer_exposes_each_view_as_contiguous_host_memory():
+    """HostDevice copies ``nbytes`` from a view's ``ptr``: a strided array from the
+    preprocessor must first be made contiguous, or the rows copied are the wrong ones."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from engine.preprocess.result import PreprocessResult
+
+    base = np.arange(2 * 3 * 8 * 8, dtype=np.float32).reshape(2, 3, 8, 8)
+    strided = base.transpose(0, 1, 3, 2)  # not C-contiguous
+    pre = SimpleNamespace(device="cpu", process=lambda payload: PreprocessResult(
+        ok=[0, 2], views={GENDER_KEY: strided}, sizes=[(8, 8), (9, 9)], errors={1: "cannot decode"}))
+    batch = HostProducer(pre)([b"a", b"", b"c"])
+    view = batch.views[GENDER_KEY]
+    got = np.frombuffer(ctypes.string_at(view.ptr, view.nbytes), np.float32).reshape(view.shape)
+    np.testing.assert_array_equal(got, strided)
+    assert (batch.ok, batch.sizes, batch.errors, batch.cuda_stream) == ((0, 2), ((8, 8), (9, 9)), {1: "cannot decode"}, None)
+    with pytest.raises(ValueError, match="CPU DaliPreprocessor"):
+        HostProducer(SimpleNamespace(device="gpu"))
+
+
+def test_dali_gpu_producer_refuses_work_once_closed_and_lets_go_of_its_stream_even_if_closing_fails():
+    """The wrapper only (a stand-in preprocessor and an integer stream handle); DALI on
+    the GPU itself is checked by the gpu-marked tests."""
+    from types import SimpleNamespace
+
+    from engine.streamed_run import DaliGpuProducer
+
+    calls = []
+
+    def close():
+        calls.append("close")
+        raise RuntimeError("close failed")
+
+    pre = SimpleNamespace(process_device=lambda payload, cuda_stream: calls.append((list(payload), cuda_stream)),
+                          close=close)
+    producer = DaliGpuProducer(pre, 1234)
+    producer([b"x"])
+    assert calls == [([b"x"], 1234)]
+    with pytest.raises(RuntimeError, match="close failed"):
+        producer.close()
+    assert producer.stream is None
+    with pytest.raises(RuntimeError, match="closed"):
+        producer([b"y"])
+    assert calls == [([b"x"], 1234), "close"]
+
+
+def _counting_producer(log, outlive=None):
+    """A producer of 2-row gender batches that logs its calls; ``outlive`` None: one
+    without the ``outputs_outlive_next_call`` attribute (a plain function)."""
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+
+    def produce(payload):
+        log.append("produce")
+        if len([s for s in log if s == "produce"]) == 3 and outlive is not None:
+            raise RuntimeError("decoder failed")
+        array = np.ones((len(payload), 3, 8, 8), np.float32)
+        view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
+        return DeviceBatch(ok=tuple(range(len(payload))), sizes=((8, 8),) * len(payload), errors={},
+                           views={GENDER_KEY: view}, device_id=0, cuda_stream=None)
+
+    if outlive is None:
+        return produce
+    return type("Producer", (), {"outputs_outlive_next_call": outlive, "__call__": staticmethod(produce)})()
+
+
+def test_a_producer_that_does_not_say_its_outputs_outlive_its_next_call_is_waited_for_first(monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.executor as executor_module
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    log: list[str] = []
+    real_sync = executor_module.Consumed.synchronize
+    monkeypatch.setattr(executor_module.Consumed, "synchronize", lambda self: (log.append("wait"), real_sync(self)))
+    with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host", ExecutorConfig(2)) as ex:
+        got = list(StreamedInference([_gender_model()], ex, _counting_producer(log)).batches(
+            iter([SimpleNamespace(payload=[b"x"] * 2) for _ in range(2)])))
+    assert len(got) == 2 and log == ["produce", "wait", "produce", "wait"]
+
+
+def test_a_failed_wait_while_ending_early_is_logged_and_the_first_error_goes_on(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import engine.executor as executor_module
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    log: list[str] = []
+    real_sync = executor_module.Consumed.synchronize
+
+    def synchronize(self):
+        real_sync(self)
+        if log.count("produce") == 3:  # only the wait after the producer failed
+            raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(executor_module.Consumed, "synchronize", synchronize)
+    with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host", ExecutorConfig(2)) as ex:
+        loop = StreamedInference([_gender_model()], ex, _counting_producer(log, outlive=True)).batches(
+            iter([SimpleNamespace(payload=[b"x"] * 2) for _ in range(3)]))
+        with caplog.at_level(logging.ERROR, logger="engine.streamed_run"):
+            with pytest.raises(RuntimeError, match="decoder failed"):
+                list(loop)
+    assert any("copy failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_with_nothing_decoded_keeps_its_place_with_empty_outputs_of_the_models_width():
+    from types import SimpleNamespace
+
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+    from tests.engine.test_executor_cpu import NumpyModel
+
+    def produce(payload):
+        ok = tuple(i for i, p in enumerate(payload) if p)
+        array = np.ones((len(ok), 3, 8, 8), np.float32)
+        view = DeviceView(GENDER_KEY, int(array.ctypes.data) if ok else 0, array.shape, array.dtype, array)
+        return DeviceBatch(ok=ok, sizes=((8, 8),) * len(ok), errors={i: "cannot decode" for i, p in enumerate(payload) if not p},
+                           views={GENDER_KEY: view}, device_id=0, cuda_stream=None)
+
+    read = [SimpleNamespace(payload=p) for p in ([b"x", b"y"], [b"", b""], [b"z"])]
+    with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host", ExecutorConfig(2)) as ex:
+        got = list(StreamedInference([_gender_model()], ex, produce).batches(iter(read)))
+    assert [batch for batch, _ in got] == read
+    assert [outputs[GENDER_KEY].probabilities.shape for _, outputs in got] == [(2, 2), (0, 2), (1, 2)]
+    assert got[1][0].result.errors == {0: "cannot decode", 1: "cannot decode"} and got[1][0].result.ok == []
