@@ -668,8 +668,8 @@ def prepared_path(
     preparing different recipes never write the same file."""
     calib = ""
     if calib_sha:
-        views = json.dumps([calib_sha, spec_as_dict(spec)["preprocess"]], sort_keys=True)
-        calib = f".c{hashlib.sha256(views.encode()).hexdigest()[:10]}"
+        tensors = json.dumps([calib_sha, spec_as_dict(spec)["preprocess"]], sort_keys=True)  # what calibration saw
+        calib = f".c{hashlib.sha256(tensors.encode()).hexdigest()[:10]}"
     rest = ".fp32rest" if precision is Precision.INT8 and not fp16_in_int8 else ""
     return Path(out_dir) / f"{spec.key.replace('/', '-')}.{precision.value}{rest}.{source_sha[:12]}{calib}.onnx"
 
