@@ -377,15 +377,15 @@ def test_streamed_loop_gives_the_cpu_path_rows(mixed_folder, tmp_path, random_mo
     assert a["quality_label"].to_list() == b["quality_label"].to_list()
 
 
-@pytest.mark.parametrize("outlive", [True, False])
+@pytest.mark.parametrize("outlive", [True, False, None])
 def test_streamed_loop_waits_for_the_copies_after_the_next_run_only_where_outputs_outlive_it(outlive, monkeypatch):
     """With DALI's dynamic executor (outputs valid while referenced) the producer runs on
     batch k+1 before the host waits for the copies out of batch k, so DALI's host work
-    overlaps the GPU's; a producer that reuses its buffers is waited for first."""
+    overlaps the GPU's; a producer that reuses its buffers is waited for first, and so is
+    one that does not say (None: a plain function, without outputs_outlive_next_call)."""
     import engine.executor as executor_module
     from types import SimpleNamespace
 
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
     from engine.specs import OutputKind
     from tests.engine.test_executor_cpu import NumpyModel
 
@@ -393,21 +393,21 @@ def test_streamed_loop_waits_for_the_copies_after_the_next_run_only_where_output
     real_sync = executor_module.Consumed.synchronize
     monkeypatch.setattr(executor_module.Consumed, "synchronize", lambda self: (log.append("wait"), real_sync(self)))
 
+    def produce(payload):
+        log.append(f"produce {len(log)}")
+        return _host_batch({"gender/alpha": np.random.default_rng(len(log)).standard_normal(
+            (len(payload), 3, 8, 8)).astype(np.float32)})
+
     class Producer:
         outputs_outlive_next_call = outlive
-
-        def __call__(self, payload):
-            log.append(f"produce {len(log)}")
-            array = np.random.default_rng(len(log)).standard_normal((len(payload), 3, 8, 8)).astype(np.float32)
-            view = DeviceView("gender/alpha", int(array.ctypes.data), array.shape, array.dtype, array)
-            return DeviceBatch(ok=tuple(range(len(payload))), sizes=((8, 8),) * len(payload), errors={},
-                               views={"gender/alpha": view}, device_id=0, cuda_stream=None)
+        __call__ = staticmethod(produce)
 
     model = SimpleNamespace(spec=SpecRegistry.builtin().get(Task.GENDER), output_kind=OutputKind.LOGITS)
     read = [SimpleNamespace(payload=[b"x"] * 2) for _ in range(3)]
     with StreamedExecutor({"gender/alpha": HostBackend(NumpyModel(size=8, classes=2))}, "host",
                           ExecutorConfig(2)) as executor:
-        got = list(StreamedInference([model], executor, Producer()).batches(iter(read)))
+        producer = produce if outlive is None else Producer()
+        got = list(StreamedInference([model], executor, producer).batches(iter(read)))
     assert len(got) == 3 and all(len(outputs["gender/alpha"].labels) == 2 for _, outputs in got)
     steps = [s.split()[0] for s in log]
     if outlive:
@@ -425,7 +425,6 @@ def test_a_submission_failing_part_way_waits_for_the_copies_it_queued(monkeypatc
     from types import SimpleNamespace
 
     from engine.executor import HostStream
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
     from engine.specs import OutputKind
     from tests.engine.test_executor_cpu import NumpyModel
 
@@ -445,12 +444,8 @@ def test_a_submission_failing_part_way_waits_for_the_copies_it_queued(monkeypatc
 
     def produce(payload):
         producer_stream.submit(gate.wait)  # the producer's device work, still running
-        views = {}
-        for key in (g.key, q.key):
-            array = np.full((2, 3, 8, 8), 7.0, np.float32)
-            views[key] = DeviceView(key, int(array.ctypes.data), array.shape, array.dtype, array)
-        return DeviceBatch(ok=(0, 1), sizes=((8, 8),) * 2, errors={}, views=views, device_id=0,
-                           cuda_stream=producer_stream)
+        return _host_batch({key: np.full((2, 3, 8, 8), 7.0, np.float32) for key in (g.key, q.key)},
+                           stream=producer_stream)
 
     b = Refuses(NumpyModel(size=8, classes=q.num_classes, seed=1))
     models = [SimpleNamespace(spec=g, output_kind=OutputKind.LOGITS), SimpleNamespace(spec=q, output_kind=OutputKind.LOGITS)]
@@ -479,13 +474,25 @@ def _gender_model():
     return SimpleNamespace(spec=SpecRegistry.builtin().get(Task.GENDER), output_kind=OutputKind.LOGITS)
 
 
+def _host_batch(views, ok=None, errors=None, stream=None):
+    """A producer's DeviceBatch over host arrays (the host device copies from a view's
+    address): ``views`` maps model keys to (rows, 3, 8, 8) arrays of the decoded items
+    ``ok`` (default: one per row), ``errors`` the causes of the others."""
+    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+
+    ok = tuple(range(len(next(iter(views.values()))))) if ok is None else tuple(ok)
+    device_views = {key: DeviceView(key, int(a.ctypes.data) if a.size else 0, a.shape, a.dtype, a)
+                    for key, a in views.items()}
+    return DeviceBatch(ok=ok, sizes=((8, 8),) * len(ok), errors=errors or {}, views=device_views, device_id=0,
+                       cuda_stream=stream)
+
+
 def test_a_non_finite_output_in_the_streamed_loop_names_the_file_of_its_row():
     """Row r of a batch's outputs is file paths[ok[r]]: with the second file unreadable,
     the model's NaN on row 1 is the third file's, and the error names that file."""
     from types import SimpleNamespace
 
     from engine.errors import ModelError
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
     from tests.engine.test_executor_cpu import NumpyModel
 
     class NanOnMarked(NumpyModel):
@@ -499,10 +506,8 @@ def test_a_non_finite_output_in_the_streamed_loop_names_the_file_of_its_row():
         array = np.zeros((len(ok), 3, 8, 8), np.float32)
         for row, i in enumerate(ok):
             array[row, 0, 0, 0] = 1000.0 if payload[i] == b"nan" else 1.0
-        view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
         errors = {i: "cannot decode" for i in range(len(payload)) if i not in ok}
-        return DeviceBatch(ok=ok, sizes=((8, 8),) * len(ok), errors=errors, views={GENDER_KEY: view}, device_id=0,
-                           cuda_stream=None)
+        return _host_batch({GENDER_KEY: array}, ok, errors)
 
     read = [SimpleNamespace(paths=["x.png", "y.png", "z.png"], payload=[b"x", b"y", b"z"]),
             SimpleNamespace(paths=["a.png", "b.png", "c.png"], payload=[b"x", b"", b"nan"])]
@@ -528,7 +533,6 @@ def test_an_error_mid_loop_waits_for_the_copies_of_the_batch_before_it():
     from types import SimpleNamespace
 
     from engine.executor import HostStream
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
     from tests.engine.test_executor_cpu import NumpyModel
 
     gate = threading.Event()
@@ -543,10 +547,7 @@ def test_an_error_mid_loop_waits_for_the_copies_of_the_batch_before_it():
             if self.calls == 2:
                 raise RuntimeError("decoder failed")
             producer_stream.submit(gate.wait)  # the producer's device work, still running
-            array = np.full((2, 3, 8, 8), 7.0, np.float32)
-            view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
-            return DeviceBatch(ok=(0, 1), sizes=((8, 8),) * 2, errors={}, views={GENDER_KEY: view}, device_id=0,
-                               cuda_stream=producer_stream)
+            return _host_batch({GENDER_KEY: np.full((2, 3, 8, 8), 7.0, np.float32)}, stream=producer_stream)
 
     opener = threading.Timer(0.3, gate.set)
     gate_when_raised = []
@@ -575,7 +576,6 @@ def test_the_streamed_loop_keeps_every_batch_one_submission_completes():
     from types import SimpleNamespace
 
     from engine.postprocess import classify
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
     from tests.engine.test_executor_cpu import NumpyModel
 
     rng = np.random.default_rng(21)
@@ -584,9 +584,7 @@ def test_the_streamed_loop_keeps_every_batch_one_submission_completes():
     def produce(payload):
         array = rng.standard_normal((len(payload), 3, 8, 8)).astype(np.float32)
         made.append(array)
-        view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
-        return DeviceBatch(ok=tuple(range(len(payload))), sizes=((8, 8),) * len(payload), errors={},
-                           views={GENDER_KEY: view}, device_id=0, cuda_stream=None)
+        return _host_batch({GENDER_KEY: array})
 
     model = _gender_model()
     read = [SimpleNamespace(payload=[b"x"] * n) for n in (1, 1, 1, 3)]
@@ -719,38 +717,17 @@ def test_dali_gpu_producer_refuses_work_once_closed_and_lets_go_of_its_stream_ev
     assert calls == [([b"x"], 1234), "close"]
 
 
-def _counting_producer(log, outlive=None):
-    """A producer of 2-row gender batches that logs its calls; ``outlive`` None: one
-    without the ``outputs_outlive_next_call`` attribute (a plain function)."""
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
+def _failing_third_producer(log):
+    """A producer of gender batches whose outputs outlive its next call; it logs its
+    calls and fails on the third."""
 
     def produce(payload):
         log.append("produce")
-        if len([s for s in log if s == "produce"]) == 3 and outlive is not None:
+        if log.count("produce") == 3:
             raise RuntimeError("decoder failed")
-        array = np.ones((len(payload), 3, 8, 8), np.float32)
-        view = DeviceView(GENDER_KEY, int(array.ctypes.data), array.shape, array.dtype, array)
-        return DeviceBatch(ok=tuple(range(len(payload))), sizes=((8, 8),) * len(payload), errors={},
-                           views={GENDER_KEY: view}, device_id=0, cuda_stream=None)
+        return _host_batch({GENDER_KEY: np.ones((len(payload), 3, 8, 8), np.float32)})
 
-    if outlive is None:
-        return produce
-    return type("Producer", (), {"outputs_outlive_next_call": outlive, "__call__": staticmethod(produce)})()
-
-
-def test_a_producer_that_does_not_say_its_outputs_outlive_its_next_call_is_waited_for_first(monkeypatch):
-    from types import SimpleNamespace
-
-    import engine.executor as executor_module
-    from tests.engine.test_executor_cpu import NumpyModel
-
-    log: list[str] = []
-    real_sync = executor_module.Consumed.synchronize
-    monkeypatch.setattr(executor_module.Consumed, "synchronize", lambda self: (log.append("wait"), real_sync(self)))
-    with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host", ExecutorConfig(2)) as ex:
-        got = list(StreamedInference([_gender_model()], ex, _counting_producer(log)).batches(
-            iter([SimpleNamespace(payload=[b"x"] * 2) for _ in range(2)])))
-    assert len(got) == 2 and log == ["produce", "wait", "produce", "wait"]
+    return type("Producer", (), {"outputs_outlive_next_call": True, "__call__": staticmethod(produce)})()
 
 
 def test_a_failed_wait_while_ending_early_is_logged_and_the_first_error_goes_on(monkeypatch, caplog):
@@ -770,7 +747,7 @@ def test_a_failed_wait_while_ending_early_is_logged_and_the_first_error_goes_on(
 
     monkeypatch.setattr(executor_module.Consumed, "synchronize", synchronize)
     with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host", ExecutorConfig(2)) as ex:
-        loop = StreamedInference([_gender_model()], ex, _counting_producer(log, outlive=True)).batches(
+        loop = StreamedInference([_gender_model()], ex, _failing_third_producer(log)).batches(
             iter([SimpleNamespace(payload=[b"x"] * 2) for _ in range(3)]))
         with caplog.at_level(logging.ERROR, logger="engine.streamed_run"):
             with pytest.raises(RuntimeError, match="decoder failed"):
@@ -781,15 +758,12 @@ def test_a_failed_wait_while_ending_early_is_logged_and_the_first_error_goes_on(
 def test_a_batch_with_nothing_decoded_keeps_its_place_with_empty_outputs_of_the_models_width():
     from types import SimpleNamespace
 
-    from engine.preprocess.dali_pipeline import DeviceBatch, DeviceView
     from tests.engine.test_executor_cpu import NumpyModel
 
     def produce(payload):
         ok = tuple(i for i, p in enumerate(payload) if p)
-        array = np.ones((len(ok), 3, 8, 8), np.float32)
-        view = DeviceView(GENDER_KEY, int(array.ctypes.data) if ok else 0, array.shape, array.dtype, array)
-        return DeviceBatch(ok=ok, sizes=((8, 8),) * len(ok), errors={i: "cannot decode" for i, p in enumerate(payload) if not p},
-                           views={GENDER_KEY: view}, device_id=0, cuda_stream=None)
+        errors = {i: "cannot decode" for i, p in enumerate(payload) if not p}
+        return _host_batch({GENDER_KEY: np.ones((len(ok), 3, 8, 8), np.float32)}, ok, errors)
 
     read = [SimpleNamespace(payload=p) for p in ([b"x", b"y"], [b"", b""], [b"z"])]
     with StreamedExecutor({GENDER_KEY: HostBackend(NumpyModel(size=8, classes=2))}, "host", ExecutorConfig(2)) as ex:
