@@ -536,6 +536,14 @@ def tiny_model(tmp_path) -> Path:
     return make_tiny_classifier(tmp_path / "tiny.onnx", size=8, classes=2)
 
 
+def _prepare_tiny(model: Path, out: Path, precision: Precision = Precision.FP16, **kw):
+    """:func:`prepare` of a tiny classifier (gender spec, logits out) on :func:`_tiny_calib`'s
+    tensors unless ``calib`` is given."""
+    kw.setdefault("calib", _tiny_calib())
+    spec = SpecRegistry.builtin().get("gender")
+    return prepare(model, spec, precision, None, out, output_kind=OutputKind.LOGITS, **kw)
+
+
 def test_fp16_keeps_layernorm_and_softmax_fp32_and_the_matmul_fp16():
     from builders.precision import convert_fp16
 
@@ -921,9 +929,7 @@ def test_initializers_listed_as_graph_inputs_are_not_image_inputs(tiny_model, tm
     model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                              for t in model.graph.initializer)
     onnx.save(model, str(tiny_model))
-    spec = SpecRegistry.builtin().get("gender")
-    prepared = prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
-                       output_kind=OutputKind.LOGITS)
+    prepared = _prepare_tiny(tiny_model, tmp_path / "out")
     assert prepared.agreement.images == 5 and prepared.agreement.argmax_agreement == 1.0
 
 
@@ -940,8 +946,7 @@ def test_int8_refuses_a_quantised_graph_with_non_standard_ops(tiny_model, tmp_pa
 
     monkeypatch.setattr(ortq, "quantize_static", with_a_contrib_op)
     with pytest.raises(ModelError, match="non-standard ops"):
-        prepare(tiny_model, SpecRegistry.builtin().get("gender"), Precision.INT8, None, tmp_path / "out",
-                calib=_tiny_calib(), output_kind=OutputKind.LOGITS)
+        _prepare_tiny(tiny_model, tmp_path / "out", Precision.INT8)
 
 
 def test_int8_whose_fp16_step_fails_keeps_fp32_and_its_record_says_so(tiny_model, tmp_path, monkeypatch):
@@ -951,15 +956,9 @@ def test_int8_whose_fp16_step_fails_keeps_fp32_and_its_record_says_so(tiny_model
         raise ModelError("FP16 conversion produced an invalid ONNX graph: stand-in")
 
     monkeypatch.setattr(precision, "convert_fp16", refuse)
-    spec = SpecRegistry.builtin().get("gender")
-
-    def run():
-        return prepare(tiny_model, spec, Precision.INT8, None, tmp_path / "out", calib=_tiny_calib(),
-                       output_kind=OutputKind.LOGITS)
-
-    first = run()
+    first = _prepare_tiny(tiny_model, tmp_path / "out", Precision.INT8)
     assert not first.fp16_in_int8 and any("stay FP32" in n for n in first.notes)
-    again = run()
+    again = _prepare_tiny(tiny_model, tmp_path / "out", Precision.INT8)
     assert again.from_cache and not again.fp16_in_int8
 
 
@@ -967,8 +966,7 @@ def test_int8_of_a_graph_pinned_to_a_batch_calibrates_on_a_padded_last_batch(tmp
     from tests.model_fixtures import make_tiny_classifier
 
     pinned = make_tiny_classifier(tmp_path / "pinned.onnx", size=8, classes=2, batch=2)
-    prepared = prepare(pinned, SpecRegistry.builtin().get("gender"), Precision.INT8, None, tmp_path / "out",
-                       calib=_tiny_calib(n=5), output_kind=OutputKind.LOGITS)
+    prepared = _prepare_tiny(pinned, tmp_path / "out", Precision.INT8, calib=_tiny_calib(n=5))
     assert prepared.agreement.images == 5 and prepared.agreement.nonfinite == 0
 
 
@@ -977,11 +975,8 @@ def test_a_prepared_file_is_redone_for_another_onnxruntime_or_kept_fp32_ops(tiny
 
     import builders.precision as precision
 
-    spec = SpecRegistry.builtin().get("gender")
-
     def run():
-        return prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
-                       output_kind=OutputKind.LOGITS)
+        return _prepare_tiny(tiny_model, tmp_path / "out")
 
     assert not run().from_cache and run().from_cache
     monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")
@@ -991,11 +986,8 @@ def test_a_prepared_file_is_redone_for_another_onnxruntime_or_kept_fp32_ops(tiny
 
 
 def test_an_unreadable_preparation_record_is_redone_not_raised(tiny_model, tmp_path):
-    spec = SpecRegistry.builtin().get("gender")
-
     def run():
-        return prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
-                       output_kind=OutputKind.LOGITS)
+        return _prepare_tiny(tiny_model, tmp_path / "out")
 
     first = run()
     first.path.with_suffix(".prep.json").write_text("{ half a record")
@@ -1004,11 +996,9 @@ def test_an_unreadable_preparation_record_is_redone_not_raised(tiny_model, tmp_p
 
 def test_a_reused_graph_outside_the_bounds_is_only_refused_when_strict(tiny_model, tmp_path):
     impossible = AgreementBounds(min_argmax_agreement=1.0, max_abs_dp=0.0, max_mean_kl=0.0)
-    spec = SpecRegistry.builtin().get("gender")
 
     def run(**kw):
-        return prepare(tiny_model, spec, Precision.FP16, None, tmp_path / "out", calib=_tiny_calib(),
-                       output_kind=OutputKind.LOGITS, bounds=impossible, **kw)
+        return _prepare_tiny(tiny_model, tmp_path / "out", bounds=impossible, **kw)
 
     assert any("beyond bounds" in n for n in run().notes)
     assert run().from_cache  # lenient: reused as it is
@@ -1084,6 +1074,5 @@ def test_int8_of_a_float16_input_graph_calibrates_on_float16_tensors(tmp_path):
     )
     path = tmp_path / "fp16_input.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    prepared = prepare(path, SpecRegistry.builtin().get("gender"), Precision.INT8, None, tmp_path / "out",
-                       calib=_tiny_calib(), fp16_in_int8=False, output_kind=OutputKind.LOGITS)
+    prepared = _prepare_tiny(path, tmp_path / "out", Precision.INT8, fp16_in_int8=False)
     assert prepared.agreement.images == 5 and prepared.agreement.nonfinite == 0
