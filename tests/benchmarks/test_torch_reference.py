@@ -22,11 +22,7 @@ def test_a_warm_up_leaves_no_decoding_to_the_next_pass(tmp_path, monkeypatch, wo
     and nothing more. Without the drain, a persistent-worker DataLoader finishes the
     batches its workers had prefetched (here the whole epoch) inside the next pass.
     Decodes are counted in a file the forked workers append to."""
-    paths = []
-    for i in range(12):
-        p = tmp_path / f"{i:02d}.png"
-        Image.fromarray(np.full((20, 30, 3), i * 20, np.uint8)).save(p)
-        paths.append(p)
+    paths = [_png(tmp_path / f"{i:02d}.png", i * 20) for i in range(12)]
     log = tmp_path / "decodes.log"
     real = ref.ReferenceDataset.__getitem__
 
@@ -39,10 +35,8 @@ def test_a_warm_up_leaves_no_decoding_to_the_next_pass(tmp_path, monkeypatch, wo
         return real(self, index)
 
     monkeypatch.setattr(ref.ReferenceDataset, "__getitem__", counted)
-    spec = SpecRegistry.builtin().get(Task.GENDER)
-    config = ref.ReferenceConfig("cpu", Precision.FP32)
-    with ref.ReferencePipeline(config, {spec.key: torch.nn.Identity()}, [spec], batch_size=2, workers=workers,
-                               threads=1) as pipe:
+    spec, _ = _specs()
+    with _cpu_pipe({spec.key: torch.nn.Identity()}, [spec], workers=workers, threads=1) as pipe:
         assert len(list(pipe.iterate(paths, [spec.key], limit=1))) == 1
         log.write_bytes(b"")
         batches = list(pipe.iterate(paths, [spec.key]))
