@@ -74,6 +74,7 @@ def make_tiny_classifier(
     hardcoded_reshape: bool = False,
     metadata: Mapping[str, str] | None = None,
     seed: int = 0,
+    weights_as_inputs: bool = False,
 ) -> Path:
     """Write a tiny ONNX classifier: (N, 3, size, size) float32 "input" ->
     GlobalAveragePool -> flatten -> Gemm -> (N, classes) "output".
@@ -81,7 +82,8 @@ def make_tiny_classifier(
     ``batch`` pins the batch dimension (None: symbolic "batch"). With
     ``hardcoded_reshape`` the flatten is a ``Reshape`` to ``[batch, -1]`` with the
     batch baked in, as some published exports do, so the graph cannot run at another
-    batch.
+    batch. With ``weights_as_inputs`` the weights are listed among the graph inputs too,
+    as exports before IR version 4 did.
     """
     import numpy as np
     import onnx
@@ -107,6 +109,8 @@ def make_tiny_classifier(
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [dim0, classes])],
         initializer=inits,
     )
+    if weights_as_inputs:
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     if metadata:

@@ -923,13 +923,12 @@ def test_folding_a_weights_identity_drops_the_value_info_of_the_folded_name():
     assert [v.name for v in model.graph.value_info] == []
 
 
-def test_initializers_listed_as_graph_inputs_are_not_image_inputs(tiny_model, tmp_path):
+def test_initializers_listed_as_graph_inputs_are_not_image_inputs(tmp_path):
+    from tests.model_fixtures import make_tiny_classifier
+
     # older exports (IR < 4) list every weight as a graph input too
-    model = onnx.load(str(tiny_model))
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                             for t in model.graph.initializer)
-    onnx.save(model, str(tiny_model))
-    prepared = _prepare_tiny(tiny_model, tmp_path / "out")
+    old = make_tiny_classifier(tmp_path / "old.onnx", size=8, classes=2, weights_as_inputs=True)
+    prepared = _prepare_tiny(old, tmp_path / "out")
     assert prepared.agreement.images == 5 and prepared.agreement.argmax_agreement == 1.0
 
 

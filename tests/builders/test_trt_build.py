@@ -282,11 +282,8 @@ def test_input_shape_range_fixed_batch_dynamic_dims_and_initializer_inputs(tmp_p
     assert (shape.min, shape.max) == ((1, 3, 8, 8), (4, 3, 8, 8))
 
     # an older export lists its weights among the graph inputs: still one image input
-    old = onnx.load(str(make_tiny_classifier(tmp_path / "old.onnx", size=8)))
-    for init in old.graph.initializer:
-        old.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    onnx.save(old, str(tmp_path / "old.onnx"))
-    assert input_shape_range(tmp_path / "old.onnx", spec, BatchProfile(1, 2, 4)).name == "input"
+    old = make_tiny_classifier(tmp_path / "old.onnx", size=8, weights_as_inputs=True)
+    assert input_shape_range(old, spec, BatchProfile(1, 2, 4)).name == "input"
 
 
 def test_plan_manifest_records_the_options_and_the_source(gender, gender_fp16):
