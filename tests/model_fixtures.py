@@ -75,6 +75,7 @@ def make_tiny_classifier(
     metadata: Mapping[str, str] | None = None,
     seed: int = 0,
     weights_as_inputs: bool = False,
+    float16_input: bool = False,
 ) -> Path:
     """Write a tiny ONNX classifier: (N, 3, size, size) float32 "input" ->
     GlobalAveragePool -> flatten -> Gemm -> (N, classes) "output".
@@ -83,7 +84,8 @@ def make_tiny_classifier(
     ``hardcoded_reshape`` the flatten is a ``Reshape`` to ``[batch, -1]`` with the
     batch baked in, as some published exports do, so the graph cannot run at another
     batch. With ``weights_as_inputs`` the weights are listed among the graph inputs too,
-    as exports before IR version 4 did.
+    as exports before IR version 4 did. With ``float16_input`` the input is float16,
+    cast to float32 first.
     """
     import numpy as np
     import onnx
@@ -91,7 +93,8 @@ def make_tiny_classifier(
 
     rng = np.random.default_rng(seed)
     dim0 = batch if batch is not None else "batch"
-    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"])]
+    nodes = [helper.make_node("Cast", ["input"], ["input_f32"], to=TensorProto.FLOAT)] if float16_input else []
+    nodes.append(helper.make_node("GlobalAveragePool", ["input_f32" if float16_input else "input"], ["pooled"]))
     inits = [
         numpy_helper.from_array(rng.standard_normal((classes, 3)).astype(np.float32), "fc_w"),
         numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "fc_b"),
@@ -105,7 +108,8 @@ def make_tiny_classifier(
     graph = helper.make_graph(
         nodes,
         "tiny_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [dim0, 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16 if float16_input else TensorProto.FLOAT,
+                                       [dim0, 3, size, size])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [dim0, classes])],
         initializer=inits,
     )

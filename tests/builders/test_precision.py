@@ -752,19 +752,11 @@ def test_cpu_speed_is_images_per_second_without_the_warm_up(monkeypatch):
 
 
 def test_cpu_speed_feeds_a_pinned_float16_input_as_the_graph_wants(tmp_path):
+    from tests.model_fixtures import make_tiny_classifier
+
     # a user's graph pinned to batch 3 with a float16 input: float32 rows at batch_size
     # would be refused by ONNX Runtime
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["output"])],
-        "pinned_fp16",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, [3, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [3, 3])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    path = tmp_path / "pinned.onnx"
-    onnx.save(model, str(path))
+    path = make_tiny_classifier(tmp_path / "pinned.onnx", size=8, batch=3, float16_input=True)
     speed = measure_cpu_speed(path, 8, batch_size=8, min_seconds=0.0, max_iterations=2)
     assert speed.batch_size == 3 and speed.iterations == 1
     assert speed.images_per_s == pytest.approx(3 / speed.seconds_per_batch)
@@ -1061,17 +1053,8 @@ def test_preprocessing_of_the_wrong_shape_is_refused(tmp_path):
 
 
 def test_int8_of_a_float16_input_graph_calibrates_on_float16_tensors(tmp_path):
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "fc_w"], ["output"], transB=1)],
-        "fp16_input",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2])],
-        initializer=[numpy_helper.from_array(np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32), "fc_w")],
-    )
-    path = tmp_path / "fp16_input.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    from tests.model_fixtures import make_tiny_classifier
+
+    path = make_tiny_classifier(tmp_path / "fp16_input.onnx", size=8, classes=2, float16_input=True)
     prepared = _prepare_tiny(path, tmp_path / "out", Precision.INT8, fp16_in_int8=False)
     assert prepared.agreement.images == 5 and prepared.agreement.nonfinite == 0
