@@ -557,7 +557,8 @@ def _run_bench(
     # rounds the units run again in alternating order (A B, B A, ...), so slow drifts of a
     # shared machine's load fall on both sides alike; timings of all rounds are pooled.
     units: list[tuple[str, Callable[[], None]]] = []
-    if Pipeline.ENGINE in cfg.pipelines:
+    engine_configs = _engine_configs(cfg, device, rec) if Pipeline.ENGINE in cfg.pipelines else []
+    if engine_configs:  # models are exported only when an engine configuration will run
         resolved = _resolve_engine_models(cfg, specs, models)
         context = BackendContext(
             threads=cfg.effective_threads,
@@ -565,7 +566,7 @@ def _run_bench(
             work_dir=(cfg.cache_dir or cfg.out_dir / "cache"),
             calibration_images=CalibrationImages(image_set.paths[:32]),  # hashed once for every prepare()
         )
-        for ec in _engine_configs(cfg, device, rec):
+        for ec in engine_configs:
             units.append((ec.config_id, functools.partial(_run_engine_config, rec, ec, resolved, context, image_set, specs)))
     if Pipeline.REFERENCE in cfg.pipelines:
         units += _reference_units(rec, cfg, device, specs, image_set.paths, torch_models)

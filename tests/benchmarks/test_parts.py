@@ -294,10 +294,11 @@ def test_a_bench_that_measures_nothing_is_a_user_error(tmp_path):
     from benchmarks.suite import run_bench
 
     cfg = BenchConfig(out_dir=tmp_path / "out", frames=1, crops=1, frame_size=(64, 36), pipelines=(Pipeline.ENGINE,),
-                      precisions=(Precision.INT8,), scenarios=(Scenario.GENDER,), plot=False)
+                      precisions=(Precision.INT8,), scenarios=(Scenario.GENDER,), plot=False, cache_dir=tmp_path / "cache")
     with pytest.raises(InputError, match=r"nothing was measured \(engine/\*/cpu: no engine backend on cpu offers int8\)"):
         run_bench(cfg)
     assert not (tmp_path / "out" / "results.json").exists()
+    assert not list(tmp_path.rglob("*.onnx"))  # no model was exported for a run that measures nothing
 
 
 def test_backend_registry():
