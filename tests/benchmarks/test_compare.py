@@ -379,3 +379,10 @@ def test_a_zero_tolerance_is_allowed_and_fails_any_drop():
     base = make_doc()
     assert compare(base, base, Tolerances(throughput=0.0)).passed
     assert not compare(base, scaled(base, 0.999, stage="inference"), Tolerances(throughput=0.0)).passed
+
+
+def test_module_cli_without_a_command_prints_help_and_fails(capsys):
+    from benchmarks.__main__ import main
+
+    assert main([]) == 2
+    assert "usage: python -m benchmarks" in capsys.readouterr().out

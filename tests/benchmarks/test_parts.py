@@ -983,3 +983,65 @@ def test_the_cpu_factory_runs_on_the_threads_it_is_given(tmp_path):
     model = resolve_model(SpecRegistry.builtin().get("gender", "alpha"), ModelSource(onnx=tiny), tmp_path / "cache")
     with ort_cpu_factory(model, Precision.FP32, BackendContext(threads=3, batch_size=2, work_dir=tmp_path)) as backend:
         assert backend._session.get_session_options().intra_op_num_threads == 3
+
+
+def test_report_lines_and_summary_show_every_part_of_the_document():
+    from benchmarks.report import headline_lines, markdown_summary
+
+    doc = make_doc(gpu="NVIDIA H200")
+    doc["machine"]["load_average"] = [1.25, 1.0, 1.0]
+    doc["headline"] = [{"scenario": "gender", "device": "cuda", "engine_images_per_s": 400.0, "engine_config": ENGINE,
+                        "reference_images_per_s": 100.0, "reference_config": REFERENCE, "ratio": 4.0}]
+    doc["skipped"] = [{"id": "engine/tensorrt/cuda/int8", "reason": "no calibration images"}]
+    doc["speedups"] = [{"config": ENGINE, "reference": REFERENCE, "stage": "engine_run", "scenario": "gender", "model": None, "ratio": 2.5},
+                       {"config": ENGINE, "reference": REFERENCE, "stage": "inference", "scenario": None, "model": "gender/alpha", "ratio": 3.0}]
+    doc["agreement"] = [{"config": ENGINE, "reference": REFERENCE, "scenario": "gender", "model": "gender/alpha", "images": 16,
+                         "argmax_agreement": 0.9375, "max_abs_dp": 0.00125}]
+    doc["notes"] = ["a note for the reader"]
+    doc["outputs"]["plot"] = "/tmp/x/plot.png"
+    lines = headline_lines(doc)
+    assert lines[0] == "device: NVIDIA H200 (driver 1.0), host Test CPU, 2 usable cores, load 1.2 at start"
+    assert f"  gender end to end on cuda: engine 400.00 images/s ({ENGINE}) vs reference 100.00 ({REFERENCE}): x4.00" in lines
+    assert "skipped engine/tensorrt/cuda/int8: no calibration images" in lines
+    assert lines[-1] == "results: /tmp/x/results.json, plot: /tmp/x/plot.png"
+    doc["outputs"]["plot"] = None
+    assert headline_lines(doc)[-1] == "results: /tmp/x/results.json (no plot: test)"
+    md = markdown_summary(doc)
+    assert md.startswith("### 2026-01-01 - NVIDIA H200 (driver 1.0), host Test CPU")
+    assert f"| gender | cuda | 400.00 ({ENGINE}) | 100.00 ({REFERENCE}) | **x4.00** |" in md
+    r = next(r for r in doc["results"] if r["config"] == ENGINE and r["stage"] == "inference")
+    s = r["images_per_s"]
+    assert f"| {ENGINE} | inference | gender/alpha | {s['median']:.2f} | {s['min']:.2f}-{s['max']:.2f} |" in md
+    assert f"| {ENGINE} | {REFERENCE} | engine_run vs the reference's end_to_end | gender | x2.50 |" in md
+    assert f"| {ENGINE} | {REFERENCE} | inference | gender/alpha | x3.00 |" in md
+    assert f"| {ENGINE} | {REFERENCE} | gender | gender/alpha | 16 | 93.8% | 1.25e-03 |" in md
+    assert "- skipped engine/tensorrt/cuda/int8: no calibration images" in md and "- a note for the reader" in md
+    doc["machine"]["gpu"] = None
+    assert headline_lines(doc)[0].startswith("device: CPU only: Test CPU")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 1025}, "batch size"), ({"rounds": 21}, "rounds"), ({"threads": 0}, "threads"),
+    ({"threads": 1025}, "threads"), ({"device": "gpu"}, "device must be auto, cpu or cuda"),
+])
+def test_config_bounds_are_enforced_at_both_ends(tmp_path, kwargs, message):
+    from benchmarks.config import BenchConfig
+    from engine.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        BenchConfig(out_dir=tmp_path, **kwargs)
+    edge = {"batch_size": 1024, "rounds": 20, "threads": 1024 if kwargs.get("threads") == 1025 else 1, "device": "cuda"}
+    key = next(iter(kwargs))
+    assert getattr(BenchConfig(out_dir=tmp_path, **{key: edge[key]}), key) == edge[key]
+
+
+def test_config_effective_threads_and_workers(tmp_path):
+    import os
+
+    from benchmarks.config import BenchConfig
+
+    cpus = len(os.sched_getaffinity(0))
+    assert BenchConfig(out_dir=tmp_path, threads=3).effective_threads == 3
+    assert BenchConfig(out_dir=tmp_path).effective_threads == cpus
+    assert BenchConfig(out_dir=tmp_path, workers=0).effective_workers == 0
+    assert BenchConfig(out_dir=tmp_path).effective_workers == min(16, cpus)

@@ -24,3 +24,11 @@ def test_no_network_fails_fast_with_one_line(tmp_path, monkeypatch, caplog):
     message = str(exc.value)
     assert "\n" not in message and "--gender-onnx FILE" in message and "does not resolve" in message
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("value,offline", [("1", True), (" TRUE ", True), ("Yes", True), ("on", True), ("0", False), ("", False)])
+def test_hub_offline_reads_the_usual_true_spellings(value, offline, monkeypatch):
+    from builders.hub import hub_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline

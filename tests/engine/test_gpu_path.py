@@ -771,3 +771,26 @@ def test_a_batch_with_nothing_decoded_keeps_its_place_with_empty_outputs_of_the_
     assert [batch for batch, _ in got] == read
     assert [outputs[GENDER_KEY].probabilities.shape for _, outputs in got] == [(2, 2), (0, 2), (1, 2)]
     assert got[1][0].result.errors == {0: "cannot decode", 1: "cannot decode"} and got[1][0].result.ok == []
+
+
+def test_stream_handle_takes_the_default_stream_whose_handle_is_zero():
+    from types import SimpleNamespace
+
+    from engine.gpu import stream_handle
+
+    # torch.cuda.default_stream().cuda_stream is 0 (the legacy default stream)
+    assert stream_handle(SimpleNamespace(cuda_stream=0)) == 0
+    assert stream_handle(SimpleNamespace(handle=0, ptr=0x7009)) == 0
+
+
+def test_without_a_driver_the_reason_says_so():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        pass
+    else:
+        pytest.skip("libcuda.so.1 loads here: this test is for machines without the NVIDIA driver")
+    for device_id in (0, 3):
+        assert cuda_absent_reason(device_id) == "no NVIDIA driver (libcuda.so.1 not found)"

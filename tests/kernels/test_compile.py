@@ -77,3 +77,44 @@ def test_import_touches_no_cuda():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+def test_unknown_source_lists_the_known_ones():
+    with pytest.raises(kernels.KernelCompileError, match=r"\(known: postprocess, preprocess\)"):
+        kernels.load_source("nope")
+
+
+def _executable(path: Path, mode: int = 0o755) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_find_nvcc_takes_the_toolkit_folder_before_path(variable, tmp_path, monkeypatch):
+    toolkit = _executable(tmp_path / "toolkit" / "bin" / "nvcc")
+    on_path = _executable(tmp_path / "path" / "nvcc")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert kernels.find_nvcc() == str(on_path)
+    monkeypatch.setenv(variable, str(tmp_path / "toolkit"))
+    assert kernels.find_nvcc() == str(toolkit)
+
+
+def test_find_nvcc_skips_a_toolkit_nvcc_that_is_not_executable(tmp_path, monkeypatch):
+    _executable(tmp_path / "toolkit" / "bin" / "nvcc", mode=0o644)
+    on_path = _executable(tmp_path / "path" / "nvcc")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert kernels.find_nvcc() == str(on_path)
+
+
+@needs_nvcc
+def test_compiler_message_hides_the_temporary_folder():
+    source = 'extern "C" __global__ void k(float* x) { x[0] = y; }'
+    with pytest.raises(kernels.KernelCompileError) as caught:
+        kernels.nvcc_check("hidden", source=source, archs=("sm_80",))
+    message = str(caught.value)
+    assert "<tmp>/hidden.cu" in message and "kernels-nvcc-" not in message

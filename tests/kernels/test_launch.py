@@ -160,3 +160,41 @@ def test_frame_table_rows_and_refusals():
         frame_table([])
     with pytest.raises(ValueError, match="1 to"):
         preprocess_batch_launch(1, 2, MAX_GRID_Z + 1, 224, Normalise.from_preprocess(pre), 3)
+
+
+def test_int_arguments_take_the_whole_int32_range_and_no_more():
+    pre = SpecRegistry.builtin().get("gender").preprocess
+    geom = ResizeCrop.from_preprocess(pre, 300, 400)
+    norm = Normalise.from_preprocess(pre)
+    top = np.iinfo(np.int32).max
+    assert int(preprocess_launch(1, 1200, geom, norm, 2, top).args[-1]) == top
+    with pytest.raises(ValueError, match=f"batch_index={top + 1} does not fit"):
+        preprocess_launch(1, 1200, geom, norm, 2, top + 1)
+
+
+def test_frame_table_refuses_a_negative_source_offset():
+    geom = ResizeCrop.from_preprocess(SpecRegistry.builtin().get("gender").preprocess, 300, 400)
+    with pytest.raises(ValueError, match="negative source offset -1"):
+        frame_table([(0, 1200, geom), (-1, 1200, geom)])
+
+
+def test_a_batched_launch_takes_up_to_max_grid_z_images():
+    pre = SpecRegistry.builtin().get("gender").preprocess
+    geom = ResizeCrop.from_preprocess(pre, 30, 40)
+    assert len(frame_table([(0, 120, geom)] * MAX_GRID_Z)) == MAX_GRID_Z
+    with pytest.raises(ValueError, match=f"1 to {MAX_GRID_Z} images, got {MAX_GRID_Z + 1}"):
+        frame_table([(0, 120, geom)] * (MAX_GRID_Z + 1))
+    launch = preprocess_batch_launch(1, 2, MAX_GRID_Z, pre.size, Normalise.from_preprocess(pre), 3)
+    assert launch.grid[2] == MAX_GRID_Z
+    with pytest.raises(ValueError, match="got 0"):
+        preprocess_batch_launch(1, 2, 0, pre.size, Normalise.from_preprocess(pre), 3)
+
+
+@pytest.mark.parametrize("rows,blocks", [(1, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
+def test_postprocess_grid_is_one_block_per_four_rows_rounded_up(rows, blocks):
+    assert postprocess_launch(1, 2, 3, rows=rows, classes=2).grid == (blocks, 1, 1)
+
+
+def test_postprocess_with_no_classes_is_refused():
+    with pytest.raises(ValueError, match="nothing to do for 2 rows x 0 classes"):
+        postprocess_launch(1, 2, 3, rows=2, classes=0)
