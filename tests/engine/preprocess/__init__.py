@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -60,6 +62,23 @@ def split_white_black(height: int, width: int) -> np.ndarray:
     img = np.zeros((height, width, 3), np.uint8)
     img[:, : width // 2] = 255
     return img
+
+
+def png_16bit(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``samples`` (HxW grey, HxWx3 RGB or HxWx4 RGBA), written by hand:
+    PIL writes 16 bits only for grey, and OpenCV is a test extra the floor run lacks."""
+    samples = np.asarray(samples)
+    h, w = samples.shape[:2]
+    channels = 1 if samples.ndim == 2 else samples.shape[2]
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
+    rows = samples.astype(">u2").reshape(h, w * channels).tobytes()
+    raw = b"".join(b"\x00" + rows[y * w * channels * 2 : (y + 1) * w * channels * 2] for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def bmp_with_alpha(rgba: np.ndarray) -> bytes:

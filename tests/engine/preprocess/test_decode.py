@@ -10,19 +10,11 @@ from PIL import Image
 
 from engine.errors import EngineError
 from engine.preprocess.decode import MAX_PIXELS, Container, ImageDecodeError, decode_rgba, header_size, probe, sniff
-from tests.engine.preprocess import bmp_with_alpha, encode
+from tests.engine.preprocess import bmp_with_alpha, encode, png_16bit
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, (18, 26, 3), dtype=np.uint8)
 RGBA = RNG.integers(0, 256, (18, 26, 4), dtype=np.uint8)
-
-
-def _png_16bit_grey(values: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", values.astype(np.uint16))
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.mark.parametrize(
@@ -181,7 +173,7 @@ def test_decode_palette_with_transparency():
 
 def test_decode_16bit_grey_rounds_like_dali():
     values = np.array([[0, 128, 129, 257, 32767], [32896, 65278, 65279, 65534, 65535]], np.uint16)
-    out = decode_rgba(_png_16bit_grey(values))
+    out = decode_rgba(png_16bit(values))
     expected = np.round(values / 257.0).astype(np.uint8)
     assert np.array_equal(out[..., 0], expected)
     assert out[0, 2, 0] == 1 and out[1, 2, 0] == 254  # not the clipping PIL's convert() does
