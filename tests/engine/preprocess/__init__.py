@@ -71,8 +71,8 @@ def png_16bit(samples: np.ndarray) -> bytes:
     h, w = samples.shape[:2]
     channels = 1 if samples.ndim == 2 else samples.shape[2]
     colour_type = {1: 0, 3: 2, 4: 6}[channels]
-    rows = samples.astype(">u2").reshape(h, w * channels).tobytes()
-    raw = b"".join(b"\x00" + rows[y * w * channels * 2 : (y + 1) * w * channels * 2] for y in range(h))
+    rows = samples.astype(">u2").reshape(h, w * channels).view(np.uint8)
+    raw = np.hstack([np.zeros((h, 1), np.uint8), rows]).tobytes()  # filter type 0 before each row
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
