@@ -26,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=user_path, help="PNG to write (default: next to the results)")
     p = sub.add_parser("images", help="write the generated image set (e.g. to calibrate INT8 on it)")
     p.add_argument("--out", type=user_path, required=True, help="folder to write (reused when it already holds the set)")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--crops", type=int, default=32)
-    p.add_argument("--frame-size", type=suite._frame_size, default=(1920, 1080), metavar="WxH")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=32, metavar="N", help="full frames to generate (default 32)")
+    p.add_argument("--crops", type=int, default=32, metavar="N", help="small head crops to generate (default 32)")
+    p.add_argument("--frame-size", type=suite._frame_size, default=(1920, 1080), metavar="WxH",
+                   help="size of the frames (default 1920x1080)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
     sub.add_parser("schema", help="print the JSON Schema of the results file")
     return parser
 
