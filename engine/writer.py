@@ -24,7 +24,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import polars as pl
 
@@ -388,9 +388,6 @@ class ResultWriter:
         self._buffered += rows.height
         if self._buffered >= self.part_rows:
             self.flush()
-
-    def add_rows(self, rows: Iterable[Mapping[str, object]]) -> None:
-        self.add(pl.DataFrame(list(rows), schema=self.schema, orient="row"))
 
     def flush(self) -> None:
         if not self._buffer:
