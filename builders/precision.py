@@ -313,8 +313,43 @@ def convert_fp16(model: onnx.ModelProto, keep_fp32_ops: frozenset[str] = FP32_OP
         op_block_list=sorted(keep_fp32_ops),
         disable_shape_infer=False,
     )
-    model = topological_sort(model)
+    model = topological_sort(drop_repeated_casts(model))
     _check(model, "FP16 conversion")
+    return model
+
+
+def drop_repeated_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep one of each set of identical Cast nodes with the same output in the main graph
+    (and one of each identical value_info); in place, returned.
+
+    ONNX Runtime's float16 converter from 1.25 to 1.31 (the GPU image has 1.30) adds, for
+    every kept-FP32 node that takes a given FP16 value, its own Cast named
+    ``<value>_cast_to_fp32``: a value two such nodes take (e.g. one initializer the
+    exporter shared between LayerNorms and Muls) is then produced twice, which the checker
+    refuses (SSA). 1.32 makes one Cast per value and shares it; so does this."""
+    graph = model.graph
+    seen: dict[tuple[str, ...], bytes] = {}
+    keep = []
+    for node in graph.node:
+        key = tuple(node.output)
+        blob = node.SerializeToString(deterministic=True)
+        if node.op_type == "Cast" and seen.get(key) == blob:
+            continue  # the same Cast of the same value again
+        seen.setdefault(key, blob)
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+        infos: dict[str, bytes] = {}
+        kept_infos = []
+        for vi in graph.value_info:
+            blob = vi.SerializeToString(deterministic=True)
+            if infos.get(vi.name) == blob:
+                continue
+            infos.setdefault(vi.name, blob)
+            kept_infos.append(vi)
+        del graph.value_info[:]
+        graph.value_info.extend(kept_infos)
     return model
 
 

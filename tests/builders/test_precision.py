@@ -1058,3 +1058,81 @@ def test_int8_of_a_float16_input_graph_calibrates_on_float16_tensors(tmp_path):
     path = make_tiny_classifier(tmp_path / "fp16_input.onnx", size=8, classes=2, float16_input=True)
     prepared = _prepare_tiny(path, tmp_path / "out", Precision.INT8, fp16_in_int8=False)
     assert prepared.agreement.images == 5 and prepared.agreement.nonfinite == 0
+
+
+def test_fp16_a_weight_shared_by_kept_fp32_and_fp16_nodes_is_cast_once():
+    # The TorchScript exporter shares equal initializers (a random caformer's all-ones
+    # LayerNorm weights and res_scales); ONNX Runtime's converter from 1.25 to 1.31 (the
+    # GPU image has 1.30) cast that FP16 weight once per LayerNorm under one output name
+    # (not SSA); see drop_repeated_casts. CI's 1.32 and the floor's 1.21 do not: the next
+    # test gives drop_repeated_casts such a graph itself.
+    import onnxruntime as ort
+
+    from builders.precision import convert_fp16
+
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "beta")]
+    nodes = [
+        helper.make_node("Mul", ["x", "gamma"], ["s"]),
+        helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["n1"], axis=-1),
+        helper.make_node("LayerNormalization", ["n1", "gamma", "beta"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], initializer=inits)
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fp32.ir_version = 8  # what every ONNX Runtime this project allows reads
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    ref = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    model = convert_fp16(fp32)  # checks the graph
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert len(set(outputs)) == len(outputs), outputs
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, atol=5e-3, rtol=0)  # measured 4.8e-4 (FP16 between the LayerNorms)
+
+
+def test_drop_repeated_casts_keeps_one_of_each_identical_cast():
+    """The graph ONNX Runtime 1.25-1.31 makes of the one above: the FP16 weight cast back
+    to FP32 once per LayerNorm, the same Cast under the same names (and its value_info
+    twice). One copy is kept; a Cast of the same output that differs is left alone."""
+    import onnxruntime as ort
+
+    from builders.precision import drop_repeated_casts
+
+    cast = dict(inputs=["gamma16"], outputs=["gamma_cast_to_fp32"], to=TensorProto.FLOAT, name="gamma_cast_to_fp32_node")
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["x16", "gamma16"], ["s16"]),
+        helper.make_node("Cast", ["s16"], ["s"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", **cast),
+        helper.make_node("LayerNormalization", ["s", "gamma_cast_to_fp32", "beta"], ["n1"], axis=-1),
+        helper.make_node("Cast", **cast),
+        helper.make_node("LayerNormalization", ["n1", "gamma_cast_to_fp32", "beta"], ["y"], axis=-1),
+    ]
+    info = helper.make_tensor_value_info("gamma_cast_to_fp32", TensorProto.FLOAT, [8])
+    graph = helper.make_graph(
+        nodes, "repeated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        initializer=[numpy_helper.from_array(np.ones(8, np.float16), "gamma16"),
+                     numpy_helper.from_array(np.zeros(8, np.float32), "beta")],
+        value_info=[info, info])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(onnx.checker.ValidationError, match="single static assignment"):
+        onnx.checker.check_model(model)
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    fixed = drop_repeated_casts(model)
+    onnx.checker.check_model(fixed)
+    assert [n.op_type for n in fixed.graph.node] == ["Cast", "Mul", "Cast", "Cast", "LayerNormalization",
+                                                   "LayerNormalization"]
+    assert [vi.name for vi in fixed.graph.value_info] == ["gamma_cast_to_fp32"]
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    got = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    by_hand = helper.make_model(helper.make_graph(
+        [n for k, n in enumerate(nodes) if k != 5], "one_cast", graph.input, graph.output,
+        initializer=graph.initializer), opset_imports=model.opset_import, ir_version=8)
+    want = ort.InferenceSession(by_hand.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+
+    other.graph.node[5].attribute[0].i = TensorProto.DOUBLE  # not the same Cast: kept, the checker will say so
+    assert len(drop_repeated_casts(other).graph.node) == 7
