@@ -317,6 +317,18 @@ def test_export_honours_the_opset_and_keeps_input_and_output_batch_dynamic(tmp_p
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant, opset", [("alpha", 13), ("beta", 20)])
+def test_the_export_command_passes_its_variant_and_opset_on(tmp_path, tiny_architecture, capsys, variant, opset):
+    from engine.cli import main
+
+    out = tmp_path / "g.onnx"
+    assert main(["export", "gender", "--variant", variant, "--random-weights", "--opset", str(opset),
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}  (RANDOM weights: not the published model)"
+    info = inspect_onnx(out)
+    assert info.opset == opset and (info.metadata["engine.task"], info.metadata["engine.variant"]) == ("gender", variant)
+
+
 def test_a_fixed_batch_export_is_refused_as_an_exporter_regression(tmp_path, tiny_architecture, monkeypatch):
     import builders.export as export
 
