@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -424,3 +425,17 @@ def test_build_checks_the_agreement_on_calib_count_images(tmp_path, capsys):
                  "--only", "gender", "--gender-onnx", str(_tiny_gender(tmp_path)),
                  "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "  agreement with fp32: 2 images: argmax agreement" in capsys.readouterr().out
+
+
+def test_build_prints_the_notes_of_each_prepared_graph(tmp_path, capsys):
+    """int8: what the quantiser put in (its Q/DQ counts) is a note under the graph's lines."""
+    _no_tensorrt()
+    (tmp_path / "calib").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30 + i), (90, 60 * i, 200)).save(tmp_path / "calib" / f"{i}.png")
+    assert main(["build", "--precision", "int8", "--calib", str(tmp_path / "calib"), "--only", "gender",
+                 "--gender-onnx", str(_tiny_gender(tmp_path)), "--cache-dir", str(tmp_path / "cache")]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("gender/alpha int8: ") and out[1].startswith("  agreement with fp32: 2 images")
+    notes = [line for line in out[2:] if line.startswith("  note: ")]
+    assert notes and re.fullmatch(r"  note: Q/DQ: [1-9]\d* QuantizeLinear, [1-9]\d* DequantizeLinear", notes[0]), out
