@@ -45,6 +45,18 @@ def _session_options(ort, threads: int | None):
     return options
 
 
+def ort_reason(exc: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's message for ``exc`` on one line of at most ``limit`` characters. A
+    longer one keeps its start (the failing node) and its end, where ORT puts the reason
+    after the C++ source location and signature (``... cannot be reshaped to the requested
+    shape. Input shape:{1,3,1,1}, requested shape:{2,-1}``)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
 def _open_session(ort, onnx_path: Path, threads: int | None, providers: list) -> Any:
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=_session_options(ort, threads), providers=providers)
@@ -122,8 +134,7 @@ class OrtBackend:
         try:
             return self._session.run([self._out_name], {self._in_name: x})[0]
         except self._errors as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ModelError(f"{self._path}: ONNX Runtime failed on a batch of {len(x)}: {first}") from None
+            raise ModelError(f"{self._path}: ONNX Runtime failed on a batch of {len(x)}: {ort_reason(exc)}") from None
 
     def _checked(self, out: np.ndarray, rows: int) -> np.ndarray:
         want = self.outputs[0].shape[1:]

@@ -120,6 +120,21 @@ def test_an_onnx_runtime_failure_is_one_line(images, tmp_path, capsys):
     assert _run(images, tmp_path / "baked.parquet", model, "--batch-size", "2") == 2
     err = capsys.readouterr().err
     assert "ONNX Runtime failed on a batch of 1" in err and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("engine: error: ")]
+    assert "Reshape node" in line and "cannot be reshaped" in line  # ONNX Runtime's own reason, cut to 300
+
+
+def test_onnx_runtime_reasons_are_one_line_with_their_start_and_end():
+    from engine.backends.onnxruntime import ort_reason
+
+    assert ort_reason(RuntimeError("[ONNXRuntimeError] : 1 : FAIL :\n  bad\tinput \n")) == \
+        "[ONNXRuntimeError] : 1 : FAIL : bad input"
+    assert ort_reason(RuntimeError("")) == "RuntimeError"
+    start, middle, end = "Reshape node. Name:'' Status Message: ", "reshape_helper.h:84 signature " * 20, \
+        "The input tensor cannot be reshaped"
+    got = ort_reason(RuntimeError(start + middle + end), limit=120)
+    assert len(got) <= 120 and got.startswith(start) and got.endswith(end) and " ... " in got
+    assert ort_reason(RuntimeError("x" * 120), limit=120) == "x" * 120
 
 
 def _reverse_rows(y):
