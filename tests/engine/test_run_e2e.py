@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -495,6 +496,31 @@ def test_a_run_whose_results_cannot_be_written_stops_with_one_line_and_resumes(m
     assert not out.exists() and not (tmp_path / "r.parquet.lock").exists()
     assert main(_gender_args(root, out, model_cache_dir, "--random-weights")) == 0
     assert sorted(pl.read_parquet(out)["path"].to_list()) == [str(root / f"{i}.png") for i in range(6)]
+
+
+@pytest.mark.slow
+def test_no_room_for_the_models_export_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    """The first run exports the random-weight resnet18 (about 45 MB) into an empty cache;
+    a file-size limit of 1 MB refuses that write as a full disk would. One line naming the
+    file, no partial file in the cache, and the same command without the limit runs."""
+    from tests.file_limit import run_module_under_file_size_limit
+
+    pytest.importorskip("torch")  # the export
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.new("RGB", (40, 30), (40, 90, 200)).save(root / "a.png")
+    out, cache = tmp_path / "r.parquet", tmp_path / "cache"
+    args = _gender_args(root, out, cache, "--random-weights", "--no-download")
+    r = run_module_under_file_size_limit("engine", args, 1_000_000)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"engine: error: cannot write {re.escape(str(cache))}/exports/resnet18-\S+\.onnx: File too large",
+                        last), last
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert not out.exists() and not (tmp_path / "r.parquet.lock").exists()
+    assert main(args) == 0
+    assert pl.read_parquet(out)["error"].to_list() == [None]
 
 
 def test_no_room_for_dalis_generated_code_is_one_line(model_cache_dir, tmp_path, random_models):
