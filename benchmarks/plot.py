@@ -24,6 +24,19 @@ _PANELS = (
 
 
 def plot_results(doc: dict, path: Path) -> Path:
+    """Draw ``doc`` (a results document) and write it to ``path`` as a PNG."""
+    plt = _pyplot()
+    fig = draw(doc)
+    path = Path(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())  # a failed write leaves no half a PNG behind
+    log.info("plot written to %s", path)
+    return path
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -31,7 +44,13 @@ def plot_results(doc: dict, path: Path) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    configs = [c for c in doc["configs"]]
+    return plt
+
+
+def draw(doc: dict):
+    """The figure of ``doc``: one panel per entry of ``_PANELS``, in that order."""
+    plt = _pyplot()
+    configs = list(doc["configs"])
     colours = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(_PANELS), figsize=(6 * len(_PANELS), 5.2), squeeze=False)
     for ax, (stage, axis_key, title) in zip(axes[0], _PANELS):
@@ -89,10 +108,4 @@ def plot_results(doc: dict, path: Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    path = Path(path)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, png.getvalue())  # a failed write leaves no half a PNG behind
-    log.info("plot written to %s", path)
-    return path
+    return fig
