@@ -146,6 +146,18 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
 
 
+def quiet_run_options():
+    """ONNX Runtime RunOptions that keep it from logging a failed run itself (a red
+    ``[E:onnxruntime:...]`` line on stderr): the exception says the same, and the caller
+    turns it into one line, or, for a probe, into an expected answer. Errors while a
+    session opens are still logged (a provider that fails to start says why there)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only
+    return options
+
+
 def _session(model_bytes: bytes):
     import onnxruntime as ort
 
@@ -162,9 +174,10 @@ def _runs_batched(original: bytes, dynamic: bytes, decl: TensorDecl, fixed: int,
     if x is None:
         logger.info("%s: cannot probe a batch of %d (non-batch dims are not fixed numbers)", src, probe)
         return False
+    quiet = quiet_run_options()
     try:
         dyn_sess = _session(dynamic)
-        out = dyn_sess.run(None, {decl.name: x})[0]
+        out = dyn_sess.run(None, {decl.name: x}, quiet)[0]
         ref_sess = _session(original)
         # Run the original model on the same samples, `fixed` at a time.
         refs = []
@@ -173,7 +186,7 @@ def _runs_batched(original: bytes, dynamic: bytes, decl: TensorDecl, fixed: int,
             if len(chunk) < fixed:
                 pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
                 chunk = np.concatenate([chunk, pad])
-            refs.append(ref_sess.run(None, {decl.name: chunk})[0])
+            refs.append(ref_sess.run(None, {decl.name: chunk}, quiet)[0])
         ref = np.concatenate(refs)[:probe]
     except ort_errors() as exc:
         logger.info("%s: the graph does not run at batch %d (%s)", src, probe, str(exc).splitlines()[0][:200])

@@ -110,9 +110,10 @@ class OrtBackend:
         self._in_dtype = np.dtype(input_decl.dtype)
         self._fixed = input_decl.fixed_batch
         self._path = Path(onnx_path)
-        from builders.onnx_io import ort_errors
+        from builders.onnx_io import ort_errors, quiet_run_options
 
         self._errors = ort_errors()  # looked up once, not per batch
+        self._run_options = quiet_run_options()
         self.providers = tuple(self._session.get_providers())
         log.debug("loaded %s with %s (fixed batch: %s)", onnx_path, self.providers, self._fixed)
 
@@ -132,7 +133,7 @@ class OrtBackend:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         try:
-            return self._session.run([self._out_name], {self._in_name: x})[0]
+            return self._session.run([self._out_name], {self._in_name: x}, self._run_options)[0]
         except self._errors as exc:
             raise ModelError(f"{self._path}: ONNX Runtime failed on a batch of {len(x)}: {ort_reason(exc)}") from None
 
@@ -231,12 +232,13 @@ class OrtDeviceBackend:
         self._bindings: dict[tuple[int, int], Any] = {}  # (slot index, batch size) -> IOBinding
         self.bindings_created = 0  # every IOBinding ever made (steady state: constant)
         self._closed = False
+        from builders.onnx_io import quiet_run_options
+
+        self._run_options = quiet_run_options()
         if device_kind == "host":
             self._session = self._check_names(_open_session(ort, onnx_path, threads, ["CPUExecutionProvider"]))
-            self._run_options = None
             self.providers = tuple(self._session.get_providers())
         else:
-            self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry(DISABLE_SYNC_AT_RUN_END, "1")
             self.providers = (CUDA_PROVIDER, "CPUExecutionProvider")
         log.debug("%s: %s on %s (fixed batch: %s)", self.name, onnx_path, self.providers, self.fixed_batch)
