@@ -152,7 +152,7 @@ class ReferencePipeline:
         missing = set(self.specs) - set(self.models)
         if missing:
             raise ValueError(f"no reference model for {sorted(missing)}")
-        self._loaders: dict[tuple[str, ...], Any] = {}
+        self._loaders: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}  # (keys, paths) -> DataLoader
 
     def __enter__(self) -> "ReferencePipeline":
         return self
@@ -172,9 +172,10 @@ class ReferencePipeline:
             torch.cuda.empty_cache()
 
     def loader(self, paths: Sequence[Path], keys: Sequence[str]):
-        """A DataLoader over ``paths`` yielding the views ``keys`` (kept, persistent workers)."""
+        """A DataLoader over ``paths`` yielding the views ``keys`` (kept per paths and
+        keys, with persistent workers)."""
         torch = _torch()
-        ident = tuple(keys)
+        ident = (tuple(keys), tuple(map(str, paths)))
         if ident not in self._loaders:
             dataset = ReferenceDataset(paths, card_views([self.specs[k] for k in keys]))
             kwargs: dict[str, Any] = {}

@@ -55,8 +55,10 @@ def _specs():
     return registry.get(Task.GENDER), registry.get(Task.QUALITY)
 
 
-def _cpu_pipe(models, specs, workers=0, batch_size=2, threads=None):
-    config = ref.ReferenceConfig("cpu", Precision.FP32)
+def _cpu_pipe(models, specs, workers=0, batch_size=2, threads=None, precision=Precision.FP32):
+    """On the CPU; FP16, which reference_configs offers on CUDA only, runs the same lines
+    here (models and inputs channels_last, forward under float16 autocast)."""
+    config = ref.ReferenceConfig("cpu", precision)
     threads = torch.get_num_threads() if threads is None else threads
     return ref.ReferencePipeline(config, models, specs, batch_size=batch_size, workers=workers, threads=threads)
 
@@ -201,3 +203,73 @@ def test_close_stops_the_persistent_workers(tmp_path):
         assert workers and all(w.is_alive() for w in workers)
     assert not any(w.is_alive() for w in workers)  # stopped on exit, not left to garbage collection
     assert pipe.loader(paths, [gender.key]) is not loader  # and the closed loader is not handed out again
+
+
+def test_fp16_is_autocast_float16_on_channels_last_with_fp32_probabilities():
+    gender, _ = _specs()
+    model = _small_model()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(x), dim=1).numpy()
+    seen = {}
+
+    def pre(m, args):
+        seen["channels_last_input"] = args[0].is_contiguous(memory_format=torch.channels_last)
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        seen["autocast_dtype"] = torch.get_autocast_dtype("cpu")
+
+    model.register_forward_pre_hook(pre)
+    model.register_forward_hook(lambda m, args, out: seen.__setitem__("logits_dtype", out.dtype))
+    before = torch.get_num_threads()
+    try:
+        with _cpu_pipe({gender.key: model}, [gender], precision=Precision.FP16) as pipe:
+            weight = pipe.models[gender.key][0].weight
+            assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+            probs = pipe.infer(gender.key, x)  # a default-format host batch, as the loader gives
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {
+        "channels_last_input": True,
+        "autocast": True,
+        "autocast_dtype": torch.float16,
+        "logits_dtype": torch.float16,
+    }
+    assert isinstance(probs, np.ndarray) and probs.dtype == np.float32 and probs.shape == (3, 4)  # softmax in FP32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs, expected, atol=5e-3)  # the FP32 result, to FP16 precision
+
+
+def test_worker_loaders_prefetch_two_batches_per_worker(tmp_path):
+    gender, _ = _specs()
+    paths = [_png(tmp_path / f"{i}.png", i * 40) for i in range(2)]
+    with _cpu_pipe({gender.key: torch.nn.Identity()}, [gender], workers=1) as pipe:
+        assert pipe.loader(paths, [gender.key]).prefetch_factor == 2
+    with _cpu_pipe({gender.key: torch.nn.Identity()}, [gender], workers=0) as pipe:
+        assert pipe.loader(paths, [gender.key]).prefetch_factor is None  # no workers: nothing prefetched
+
+
+def test_one_loader_per_view_set_each_with_its_own_views(tmp_path):
+    gender, quality = _specs()
+    paths = [_png(tmp_path / f"{i}.png", i * 40) for i in range(3)]
+    models = {gender.key: torch.nn.Identity(), quality.key: torch.nn.Identity()}
+    with _cpu_pipe(models, [gender, quality]) as pipe:
+        only_gender = pipe.loader(paths, [gender.key])
+        both = pipe.loader(paths, [gender.key, quality.key])
+        assert both is not only_gender and pipe.loader(paths, [gender.key, quality.key]) is both
+        batches = list(pipe.iterate(paths, [gender.key, quality.key]))
+        assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
+        for b in batches:
+            assert set(b) == {"index", "ok", gender.key, quality.key}
+            for spec in (gender, quality):
+                assert b[spec.key].shape[1:] == (3, spec.preprocess.size, spec.preprocess.size)
+        assert all(set(b) == {"index", "ok", gender.key} for b in pipe.iterate(paths, [gender.key]))
+
+
+def test_a_loader_is_over_the_paths_it_is_asked_for(tmp_path):
+    """The same views over other files: a loader of its own, not the earlier one's files."""
+    gender, _ = _specs()
+    paths = [_png(tmp_path / f"{i}.png", i * 40) for i in range(4)]
+    with _cpu_pipe({gender.key: torch.nn.Identity()}, [gender]) as pipe:
+        assert [b["index"].tolist() for b in pipe.iterate(paths[:2], [gender.key])] == [[0, 1]]
+        assert [b["index"].tolist() for b in pipe.iterate(paths, [gender.key])] == [[0, 1], [2, 3]]
+        assert pipe.loader(paths, [gender.key]) is pipe.loader(list(paths), [gender.key])  # kept per set of paths
