@@ -179,6 +179,14 @@ def test_loader_batches_in_order_and_only_the_asked_views(tmp_path):
         assert [b["index"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
         assert all(set(b) == {"index", "ok", gender.key} for b in batches)  # the quality view is not decoded
         assert list(pipe.iterate(paths, [gender.key], limit=0)) == []
+        both = pipe.loader(paths, [gender.key, quality.key])
+        assert both is not loader and pipe.loader(paths, [gender.key, quality.key]) is both
+        batches = list(pipe.iterate(paths, [gender.key, quality.key]))
+        assert [b["index"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+        for b in batches:  # each view at its own card's size
+            assert set(b) == {"index", "ok", gender.key, quality.key}
+            for spec in (gender, quality):
+                assert b[spec.key].shape[1:] == (3, spec.preprocess.size, spec.preprocess.size)
 
 
 def test_a_warm_up_without_workers_decodes_only_its_batches(tmp_path, monkeypatch):
@@ -246,23 +254,6 @@ def test_worker_loaders_prefetch_two_batches_per_worker(tmp_path):
         assert pipe.loader(paths, [gender.key]).prefetch_factor == 2
     with _cpu_pipe({gender.key: torch.nn.Identity()}, [gender], workers=0) as pipe:
         assert pipe.loader(paths, [gender.key]).prefetch_factor is None  # no workers: nothing prefetched
-
-
-def test_one_loader_per_view_set_each_with_its_own_views(tmp_path):
-    gender, quality = _specs()
-    paths = [_png(tmp_path / f"{i}.png", i * 40) for i in range(3)]
-    models = {gender.key: torch.nn.Identity(), quality.key: torch.nn.Identity()}
-    with _cpu_pipe(models, [gender, quality]) as pipe:
-        only_gender = pipe.loader(paths, [gender.key])
-        both = pipe.loader(paths, [gender.key, quality.key])
-        assert both is not only_gender and pipe.loader(paths, [gender.key, quality.key]) is both
-        batches = list(pipe.iterate(paths, [gender.key, quality.key]))
-        assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
-        for b in batches:
-            assert set(b) == {"index", "ok", gender.key, quality.key}
-            for spec in (gender, quality):
-                assert b[spec.key].shape[1:] == (3, spec.preprocess.size, spec.preprocess.size)
-        assert all(set(b) == {"index", "ok", gender.key} for b in pipe.iterate(paths, [gender.key]))
 
 
 def test_a_loader_is_over_the_paths_it_is_asked_for(tmp_path):
