@@ -125,6 +125,18 @@ def test_an_onnx_runtime_failure_is_one_line(images, tmp_path, capfd):
     assert "Reshape node" in line and "cannot be reshaped" in line  # ONNX Runtime's own reason, cut to 300
 
 
+def test_a_graph_that_fails_in_the_agreement_check_is_one_line(tmp_path, capfd):
+    """builders.precision.run_cpu (the FP32-agreement check of a prepared graph) on a
+    graph ONNX Runtime cannot run: a ModelError with ORT's reason, no ORT log of its own."""
+    from builders.precision import run_cpu
+    from engine.errors import ModelError
+
+    model = tiny(tmp_path / "baked2.onnx", reshape_batch=2)
+    with pytest.raises(ModelError, match=r"baked2\.onnx: ONNX Runtime failed on a batch of 1: .*cannot be reshaped"):
+        run_cpu(model, np.zeros((1, 3, 224, 224), np.float32))
+    assert "[E:onnxruntime" not in capfd.readouterr().err
+
+
 def test_onnx_runtime_reasons_are_one_line_with_their_start_and_end():
     from engine.backends.onnxruntime import ort_reason
 
