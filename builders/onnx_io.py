@@ -146,6 +146,23 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
 
 
+def ort_reason(exc: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's message for ``exc`` on one line of at most ``limit`` characters. A
+    longer one keeps its start (the failing node) and its end, where ORT puts the reason
+    after the C++ source location and signature (``... cannot be reshaped to the requested
+    shape. Input shape:{1,3,1,1}, requested shape:{2,-1}``)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
+def ort_run_error(where: Path, rows: int, exc: BaseException) -> ModelError:
+    """The one-line error for a batch of ``rows`` that ONNX Runtime refused to run."""
+    return ModelError(f"{where}: ONNX Runtime failed on a batch of {rows}: {ort_reason(exc)}")
+
+
 def quiet_run_options():
     """ONNX Runtime RunOptions that keep it from logging a failed run itself (a red
     ``[E:onnxruntime:...]`` line on stderr): the exception says the same, and the caller

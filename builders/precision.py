@@ -48,7 +48,7 @@ from builders.calibration import (
     ort_data_reader,
 )
 from builders.manifest import onnx_sha256, sha256_file
-from builders.onnx_io import ort_errors, quiet_run_options, write_model_atomic
+from builders.onnx_io import ort_errors, ort_run_error, quiet_run_options, write_model_atomic
 from engine.backends.base import zero_padded
 from engine.errors import InputError, ModelError
 from engine.fileio import write_bytes_atomic
@@ -433,9 +433,7 @@ def run_cpu(path: Path, tensors: np.ndarray, batch_size: int = DEFAULT_CALIBRATI
         try:
             outs.append(session.run(None, {name: feed_rows}, quiet)[0][: len(chunk)])
         except ort_errors() as exc:
-            from engine.backends.onnxruntime import ort_reason
-
-            raise ModelError(f"{path}: ONNX Runtime failed on a batch of {len(feed_rows)}: {ort_reason(exc)}") from None
+            raise ort_run_error(path, len(feed_rows), exc) from None
     return np.concatenate(outs, axis=0).astype(np.float32)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
+from builders.onnx_io import ort_run_error
 from engine.backends.base import TensorDecl, zero_padded
 from engine.errors import EngineError, ModelError
 
@@ -43,18 +44,6 @@ def _session_options(ort, threads: int | None):
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
     return options
-
-
-def ort_reason(exc: BaseException, limit: int = 300) -> str:
-    """ONNX Runtime's message for ``exc`` on one line of at most ``limit`` characters. A
-    longer one keeps its start (the failing node) and its end, where ORT puts the reason
-    after the C++ source location and signature (``... cannot be reshaped to the requested
-    shape. Input shape:{1,3,1,1}, requested shape:{2,-1}``)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if len(text) <= limit:
-        return text
-    half = (limit - 5) // 2
-    return f"{text[:half]} ... {text[-half:]}"
 
 
 def _open_session(ort, onnx_path: Path, threads: int | None, providers: list) -> Any:
@@ -135,7 +124,7 @@ class OrtBackend:
         try:
             return self._session.run([self._out_name], {self._in_name: x}, self._run_options)[0]
         except self._errors as exc:
-            raise ModelError(f"{self._path}: ONNX Runtime failed on a batch of {len(x)}: {ort_reason(exc)}") from None
+            raise ort_run_error(self._path, len(x), exc) from None
 
     def _checked(self, out: np.ndarray, rows: int) -> np.ndarray:
         want = self.outputs[0].shape[1:]

@@ -138,7 +138,7 @@ def test_a_graph_that_fails_in_the_agreement_check_is_one_line(tmp_path, capfd):
 
 
 def test_onnx_runtime_reasons_are_one_line_with_their_start_and_end():
-    from engine.backends.onnxruntime import ort_reason
+    from builders.onnx_io import ort_reason
 
     assert ort_reason(RuntimeError("[ONNXRuntimeError] : 1 : FAIL :\n  bad\tinput \n")) == \
         "[ONNXRuntimeError] : 1 : FAIL : bad input"
