@@ -328,29 +328,28 @@ def drop_repeated_casts(model: onnx.ModelProto) -> onnx.ModelProto:
     exporter shared between LayerNorms and Muls) is then produced twice, which the checker
     refuses (SSA). 1.32 makes one Cast per value and shares it; so does this."""
     graph = model.graph
-    seen: dict[tuple[str, ...], bytes] = {}
-    keep = []
-    for node in graph.node:
-        key = tuple(node.output)
-        blob = node.SerializeToString(deterministic=True)
-        if node.op_type == "Cast" and seen.get(key) == blob:
-            continue  # the same Cast of the same value again
-        seen.setdefault(key, blob)
-        keep.append(node)
-    if len(keep) != len(graph.node):
+    nodes = _without_repeats(graph.node, lambda n: tuple(n.output), lambda n: n.op_type == "Cast")
+    if len(nodes) != len(graph.node):
         del graph.node[:]
-        graph.node.extend(keep)
-        infos: dict[str, bytes] = {}
-        kept_infos = []
-        for vi in graph.value_info:
-            blob = vi.SerializeToString(deterministic=True)
-            if infos.get(vi.name) == blob:
-                continue
-            infos.setdefault(vi.name, blob)
-            kept_infos.append(vi)
+        graph.node.extend(nodes)
+        infos = _without_repeats(graph.value_info, lambda vi: vi.name)
         del graph.value_info[:]
-        graph.value_info.extend(kept_infos)
+        graph.value_info.extend(infos)
     return model
+
+
+def _without_repeats(items, key, droppable=lambda item: True) -> list:
+    """``items`` less each droppable one that is byte for byte an earlier item of the same
+    ``key`` (the first of each key is the one compared with)."""
+    first: dict[Any, bytes] = {}
+    kept = []
+    for item in items:
+        blob = item.SerializeToString(deterministic=True)
+        if droppable(item) and first.get(key(item)) == blob:
+            continue
+        first.setdefault(key(item), blob)
+        kept.append(item)
+    return kept
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
