@@ -163,6 +163,12 @@ def ort_run_error(where: Path, rows: int, exc: BaseException) -> ModelError:
     return ModelError(f"{where}: ONNX Runtime failed on a batch of {rows}: {ort_reason(exc)}")
 
 
+def ort_load_error(path: Path, exc: BaseException) -> ModelError:
+    """The one-line error for an ONNX file ONNX Runtime refused to open (a long reason,
+    such as the opset check's, keeps its end, where ORT says what it supports)."""
+    return ModelError(f"ONNX Runtime cannot load {path}: {ort_reason(exc)}")
+
+
 def quiet_run_options():
     """ONNX Runtime RunOptions that keep it from logging a failed run itself (a red
     ``[E:onnxruntime:...]`` line on stderr): the exception says the same, and the caller
@@ -206,7 +212,7 @@ def _runs_batched(original: bytes, dynamic: bytes, decl: TensorDecl, fixed: int,
             refs.append(ref_sess.run(None, {decl.name: chunk}, quiet)[0])
         ref = np.concatenate(refs)[:probe]
     except ort_errors() as exc:
-        logger.info("%s: the graph does not run at batch %d (%s)", src, probe, str(exc).splitlines()[0][:200])
+        logger.info("%s: the graph does not run at batch %d (%s)", src, probe, ort_reason(exc, 200))
         return False
     if out.shape != ref.shape:
         logger.info("%s: at batch %d the output has shape %s, expected %s", src, probe, out.shape, ref.shape)

@@ -48,7 +48,7 @@ from builders.calibration import (
     ort_data_reader,
 )
 from builders.manifest import onnx_sha256, sha256_file
-from builders.onnx_io import ort_errors, ort_run_error, quiet_run_options, write_model_atomic
+from builders.onnx_io import ort_errors, ort_load_error, ort_run_error, quiet_run_options, write_model_atomic
 from engine.backends.base import zero_padded
 from engine.errors import InputError, ModelError
 from engine.fileio import write_bytes_atomic
@@ -389,7 +389,7 @@ def cpu_session(path: Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
-        raise ModelError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        raise ort_load_error(path, exc) from exc
 
 
 def single_input_name(session) -> str:

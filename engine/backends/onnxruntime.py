@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
-from builders.onnx_io import ort_run_error
+from builders.onnx_io import ort_load_error, ort_run_error
 from engine.backends.base import TensorDecl, zero_padded
 from engine.errors import EngineError, ModelError
 
@@ -50,7 +50,7 @@ def _open_session(ort, onnx_path: Path, threads: int | None, providers: list) ->
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=_session_options(ort, threads), providers=providers)
     except Exception as exc:  # ORT raises its own exception types for bad graphs
-        raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {str(exc).splitlines()[0]}") from exc
+        raise ort_load_error(onnx_path, exc) from exc
 
 
 def require_provider(session: Any, provider: str, onnx_path: Path) -> Any:

@@ -137,6 +137,26 @@ def test_a_graph_that_fails_in_the_agreement_check_is_one_line(tmp_path, capfd):
     assert "[E:onnxruntime" not in capfd.readouterr().err
 
 
+def test_a_file_onnx_runtime_cannot_open_is_one_line_with_the_reason_at_its_end(images, tmp_path, capfd):
+    """ONNX Runtime's refusal of an opset it does not support is one long line: its start
+    is a C++ source location and signature, its end what ORT supports. The error keeps
+    the end, for `engine run` and for the CPU session of `engine build`'s checks."""
+    from builders.precision import cpu_session
+    from engine.errors import ModelError
+
+    model = tiny(tmp_path / "opset99.onnx", meta=LOGITS)
+    proto = onnx.load(str(model))
+    proto.opset_import[0].version = 99
+    onnx.save(proto, str(model))
+    assert _run(images, tmp_path / "opset.parquet", model) == 2
+    (line,) = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("engine: error: ")]
+    assert "ONNX Runtime cannot load" in line and "opset99.onnx" in line
+    assert "Current official support for domain ai.onnx is till opset" in line and " ... " in line
+    with pytest.raises(ModelError, match=r"cannot load .*opset99\.onnx: .* \.\.\. .*official support") as caught:
+        cpu_session(model)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300 + len(str(model)) + 40
+
+
 def test_onnx_runtime_reasons_are_one_line_with_their_start_and_end():
     from builders.onnx_io import ort_reason
 
