@@ -264,3 +264,17 @@ def test_a_loader_is_over_the_paths_it_is_asked_for(tmp_path):
         assert [b["index"].tolist() for b in pipe.iterate(paths[:2], [gender.key])] == [[0, 1]]
         assert [b["index"].tolist() for b in pipe.iterate(paths, [gender.key])] == [[0, 1], [2, 3]]
         assert pipe.loader(paths, [gender.key]) is pipe.loader(list(paths), [gender.key])  # kept per set of paths
+
+
+def test_the_dataset_loads_in_workers_started_afresh(tmp_path):
+    """Workers started by forkserver (Python 3.14's default on Linux) or spawn get the
+    dataset pickled, not forked: it must pickle, and import afresh, to the same items."""
+    _, quality = _specs()
+    paths = [_png(tmp_path / f"{i}.png", 60 * i) for i in range(3)]
+    dataset = ref.ReferenceDataset(paths, ref.card_views([quality]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="forkserver")
+    batches = list(loader)
+    assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
+    views = torch.cat([b[quality.key] for b in batches])
+    assert all(bool(ok) for b in batches for ok in b["ok"])
+    assert torch.equal(views, torch.stack([dataset[i][quality.key] for i in range(3)]))
