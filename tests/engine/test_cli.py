@@ -222,6 +222,43 @@ def test_sigterm_is_an_interrupt_inside_and_its_handler_comes_back_after():
     assert errors == [] and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_handler_set_outside_python_is_put_back_as_the_default(monkeypatch):
+    """signal.signal() gives None for a handler Python did not set (one an embedding
+    program installed): what is put back after is then the default, not None."""
+    import signal
+
+    from engine.signals import sigterm_as_interrupt
+
+    real = signal.signal
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    put = []
+
+    def as_if_set_outside_python(signum, handler):
+        real(signum, handler)
+        put.append((signum, handler))
+        return None
+
+    monkeypatch.setattr(signal, "signal", as_if_set_outside_python)
+    try:
+        with sigterm_as_interrupt():
+            pass
+    finally:
+        monkeypatch.undo()
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    handled = [s for s, handler in before.items() if handler is not signal.SIG_IGN]  # nohup: SIGHUP left alone
+    assert put[len(handled):] == [(s, signal.SIG_DFL) for s in handled]
+
+
+def test_a_termination_names_its_signal():
+    import signal
+
+    from engine.signals import Terminated
+
+    exc = Terminated(signal.SIGTERM)
+    assert isinstance(exc, KeyboardInterrupt) and str(exc) == "SIGTERM" and exc.signum == signal.SIGTERM
+
+
 @pytest.mark.parametrize("module, args, prefix", [
     ("engine", ["bench", "--frames", "1", "--crops", "0", "--scenario", "gender"], "engine"),
     ("benchmarks", ["images", "--frames", "1", "--crops", "0"], "benchmarks"),

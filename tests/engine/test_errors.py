@@ -3,6 +3,8 @@ problem belongs to."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from engine.errors import DependencyError, EngineError, ModelError, SpecError
@@ -21,3 +23,12 @@ def test_a_bad_spec_is_caught_where_model_problems_are():
     with pytest.raises(ModelError):
         raise SpecError("gender/alpha: labels must be at least two")
     assert issubclass(ModelError, EngineError) and not issubclass(DependencyError, ModelError)
+
+
+def test_only_an_os_error_is_taken_as_a_full_disk():
+    from engine.errors import no_room_message
+
+    class LooksLikeOne(Exception):
+        errno = errno.ENOSPC
+
+    assert no_room_message(LooksLikeOne("No space left on device")) is None

@@ -899,3 +899,23 @@ def test_importing_the_executor_imports_no_gpu_package():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- tensor declarations and zero padding
+
+
+def test_a_declared_tensor_names_its_fixed_batch_and_lives_on_the_host_by_default():
+    assert TensorDecl("input", (4, 3, 8, 8), np.dtype(np.float32)).fixed_batch == 4
+    assert TensorDecl("input", (None, 3, 8, 8), np.dtype(np.float32)).fixed_batch is None
+    assert TensorDecl("scale", (), np.dtype(np.float32)).fixed_batch is None  # a scalar: no batch at all
+    assert TensorDecl("input", (None, 3, 8, 8), np.dtype(np.float32)).device == "cpu"
+
+
+def test_zero_padding_keeps_the_dtype_and_leaves_a_full_batch_as_it_is():
+    from engine.backends.base import zero_padded
+
+    batch = np.ones((2, 3, 4, 4), np.float16)
+    padded = zero_padded(batch, 4)
+    assert padded.dtype == np.float16 and padded.shape == (4, 3, 4, 4)
+    assert np.array_equal(padded[:2], batch) and not padded[2:].any()
+    assert zero_padded(batch, 2) is batch

@@ -794,3 +794,11 @@ def test_without_a_driver_the_reason_says_so():
         pytest.skip("libcuda.so.1 loads here: this test is for machines without the NVIDIA driver")
     for device_id in (0, 3):
         assert cuda_absent_reason(device_id) == "no NVIDIA driver (libcuda.so.1 not found)"
+
+
+def test_a_preprocess_result_without_failures_has_an_empty_error_map_of_its_own():
+    from engine.preprocess.result import PreprocessResult
+
+    first = PreprocessResult(ok=[0], views={}, sizes=[(8, 8)])
+    second = PreprocessResult(ok=[0], views={}, sizes=[(8, 8)])
+    assert first.errors == {} and first.errors is not second.errors

@@ -433,3 +433,69 @@ def test_a_published_file_that_does_not_batch_cleanly_runs_one_image_at_a_time(t
     _redeclared(baked, input_dims=["batch", 3, 224, 224], output_dims=["batch", 2])  # declared dynamic
     resolved = resolve_model(GENDER, ModelSource(), cache)
     assert resolved.weights is WeightsKind.PUBLISHED and resolved.info.input.fixed_batch == 1
+
+
+# ---------------------------------------------------------------- hashes, cache names and what is logged
+
+
+def test_the_source_hash_is_read_from_the_file_where_resolving_did_not_read_it(tmp_path, tiny_exports):
+    from builders.manifest import onnx_sha256
+
+    exported = resolve_model(GENDER, ModelSource(random_weights=True), tmp_path / "cache")
+    assert exported.known_sha256 is None  # our own export is not batch-checked: no hash read yet
+    assert exported.source_sha256 == onnx_sha256(exported.onnx_path)
+    path = make_tiny_classifier(tmp_path / "m.onnx", size=224)
+    user = resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    assert user.source_sha256 == onnx_sha256(user.onnx_path)
+
+
+def test_exports_of_specs_that_differ_only_in_input_size_do_not_share_a_cache_file(tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="an export's file name carries the torch version")
+    from builders.export import META_OUTPUT_KIND, META_WEIGHTS, META_WEIGHTS_DETAIL, WEIGHTS_RANDOM, random_weights_detail
+
+    def sized_export(spec, path, *, checkpoint=None, random_seed=None):
+        return make_tiny_classifier(path, size=spec.preprocess.size, classes=spec.num_classes, metadata={
+            META_OUTPUT_KIND: "logits", META_WEIGHTS: WEIGHTS_RANDOM,
+            META_WEIGHTS_DETAIL: random_weights_detail(random_seed)})
+
+    monkeypatch.setattr(models, "export_onnx", sized_export)
+    big = dataclasses.replace(GENDER, variant="big", preprocess=dataclasses.replace(GENDER.preprocess, size=256))
+    small_model = resolve_model(GENDER, ModelSource(random_weights=True), tmp_path / "cache")
+    big_model = resolve_model(big, ModelSource(random_weights=True), tmp_path / "cache")
+    assert big_model.onnx_path != small_model.onnx_path
+    assert big_model.info.input.shape == (None, 3, 256, 256)
+
+
+def test_a_user_onnx_without_engine_metadata_resolves_without_a_warning(tmp_path, caplog):
+    path = make_tiny_classifier(tmp_path / "plain.onnx", size=224, classes=2)
+    with caplog.at_level("WARNING", logger="engine.models"):
+        resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_a_user_onnx_of_random_weights_reports_its_own_seed(tmp_path):
+    from builders.export import META_WEIGHTS, META_WEIGHTS_DETAIL, WEIGHTS_RANDOM, random_weights_detail
+
+    path = make_tiny_classifier(tmp_path / "r7.onnx", size=224, classes=2, metadata={
+        META_WEIGHTS: WEIGHTS_RANDOM, META_WEIGHTS_DETAIL: random_weights_detail(7)})
+    resolved = resolve_model(GENDER, ModelSource(onnx=path), tmp_path / "cache")
+    assert resolved.is_random and resolved.weights_detail == random_weights_detail(7)
+
+
+def test_a_cache_dir_argument_expands_a_tilde(tmp_path, monkeypatch, tiny_exports):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    resolved = resolve_model(GENDER, ModelSource(random_weights=True), "~/cache")
+    assert resolved.onnx_path.parent == tmp_path / "cache" / "exports"
+
+
+def test_random_weights_are_never_used_silently(tmp_path, caplog, tiny_exports):
+    with caplog.at_level("WARNING", logger="engine.models"):
+        resolve_model(GENDER, ModelSource(random_weights=True), tmp_path / "cache")
+    assert "gender/alpha runs with RANDOM weights (random weights, seed 0 - NOT the published model)" in caplog.text
+
+
+def test_an_export_that_cannot_be_written_is_one_line_naming_the_cache_variable(tmp_path, tiny_exports):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be\n")
+    with pytest.raises(ModelError, match=r"^cannot write the exported model to .* \(set ENGINE_CACHE_DIR\)$"):
+        resolve_model(GENDER, ModelSource(random_weights=True), blocked)

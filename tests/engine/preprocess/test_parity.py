@@ -303,3 +303,28 @@ def test_references_refuse_a_truncated_file_as_an_image_decode_error(library):
         reference_view(png[: len(png) // 2], QUALITY.preprocess, library)
     with pytest.raises(ImageDecodeError, match="empty file"):
         reference_view(b"", QUALITY.preprocess, library)
+
+
+# -- what the OpenCV reference refuses ---------------------------------------------------
+
+
+@NEEDS_CV2
+def test_opencv_reference_refuses_float_samples_it_cannot_composite():
+    import cv2
+
+    from engine.preprocess.decode import ImageDecodeError
+
+    ok, tiff = cv2.imencode(".tiff", np.full((4, 4, 3), 0.5, np.float32))
+    assert ok
+    with pytest.raises(ImageDecodeError, match="unsupported sample type float32"):
+        reference_view(tiff.tobytes(), _same_size_spec(4, AlphaMode.WHITE), "opencv")
+
+
+@NEEDS_CV2
+@pytest.mark.parametrize("alpha", list(AlphaMode))
+def test_opencv_reference_refuses_a_truncated_file_in_every_alpha_mode(alpha):
+    from engine.preprocess.decode import ImageDecodeError
+
+    png = encode(photo("chelsea"), "PNG")
+    with pytest.raises(ImageDecodeError):
+        reference_view(png[: len(png) // 2], dataclasses.replace(GENDER.preprocess, alpha=alpha), "opencv")
